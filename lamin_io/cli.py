@@ -1,0 +1,185 @@
+"""The ``lamin-io`` command line.
+
+Exit codes: 0 success, 1 a lamin-io error (message on stderr), 2 bad usage, 3 nothing
+matched (unknown key), 4 storage or registry temporarily unreachable or locked (retry).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from lamin_io import errors
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from lamin_io.registry import Artifact
+
+EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_RETRY = 1, 2, 3, 4
+
+_EPILOG = ("Exit codes: 0 ok, 1 error, 2 bad usage, 3 not found, "
+           "4 unreachable or locked (retry).")
+
+
+def _exit_code(exc: errors.LaminIOError) -> int:
+    if isinstance(exc, errors.ArtifactNotFoundError | errors.PathNotFoundError):
+        return EXIT_NOT_FOUND
+    if isinstance(exc, errors.StorageUnreachableError | errors.RegistryLockedError):
+        return EXIT_RETRY
+    return EXIT_ERROR
+
+
+def _run(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn lamin-io errors into a one-line message and an exit code a shell can act on."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except errors.LaminIOError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(_exit_code(exc))
+
+    return wrapper
+
+
+def _get(key: str, version: str | None) -> Artifact:
+    from lamin_io.registry import Artifact
+
+    if len(key) == 16 and "/" not in key and "." not in key:
+        found = Artifact.filter(uid=key)
+        if found:
+            return found[0]
+    return Artifact.get(key=key, version=version)
+
+
+@click.group(epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log what happens.")
+@click.version_option(package_name="lamin-io")
+def cli(verbose: bool) -> None:  # noqa: FBT001
+    """Register, find and fetch scientific files, locally and on S3."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(message)s")
+
+
+@cli.command(epilog=_EPILOG)
+@click.option("--registry", help="SQLite file or postgresql:// URL.")
+@click.option("--storage", help="Local directory or s3://bucket/prefix for uploads.")
+@click.option("--endpoint-url", help="S3-compatible endpoint (e.g. http://127.0.0.1:9000).")
+@click.option("--anon", is_flag=True, help="Anonymous S3 access (public buckets).")
+@_run
+def connect(registry: str | None, storage: str | None, endpoint_url: str | None,
+            anon: bool) -> None:  # noqa: FBT001
+    """Connect to a registry and storage, and remember them for later commands."""
+    from lamin_io.registry import connect as _connect
+    from lamin_io.registry._connection import save_settings
+
+    conn = _connect(registry, storage, endpoint_url=endpoint_url, anon=anon)
+    path = save_settings({"registry": conn.db.url, "storage": conn.settings.root,
+                          "endpoint_url": conn.settings.endpoint_url, "anon": anon})
+    click.echo(f"registry: {conn.registry}\nstorage:  {conn.settings.root}\n"
+               f"saved to {path}")
+
+
+@cli.command(epilog=_EPILOG)
+@click.argument("path")
+@click.option("--key", help="Registry key, e.g. project/pbmc.h5ad (suffix must match).")
+@click.option("--description", help="Free text.")
+@click.option("--revises", help="Key of the artifact this is a new version of.")
+@click.option("--mute", is_flag=True, help="No progress bars.")
+@_run
+def save(path: str, key: str | None, description: str | None, revises: str | None,
+         mute: bool) -> None:  # noqa: FBT001
+    """Hash, upload and register PATH (a file, a folder, or an s3:// URL)."""
+    from lamin_io.registry import Artifact
+
+    previous = Artifact.get(key=revises) if revises else None
+    artifact = Artifact(path, key=key, description=description, revises=previous)
+    artifact.save(mute=mute)
+    click.echo(repr(artifact))
+
+
+@cli.command("ls", epilog=_EPILOG)
+@click.argument("prefix", required=False, default="")
+@click.option("--all-versions", is_flag=True, help="Show every version, not only the latest.")
+@_run
+def ls(prefix: str, all_versions: bool) -> None:  # noqa: FBT001
+    """List artifacts whose key starts with PREFIX."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lamin_io.registry import Artifact
+    from lamin_io.registry._artifact import format_size
+
+    lookups: dict[str, Any] = {"key__startswith": prefix} if prefix else {}
+    if not all_versions:
+        lookups["is_latest"] = True
+    found = Artifact.filter(**lookups)
+    table = Table("key", "version", "size", "suffix", "uid", "created", box=None)
+    for a in found:
+        table.add_row(a.key or "-", a.version, format_size(a.size), a.suffix or "-", a.uid,
+                      f"{a.created_at:%Y-%m-%d %H:%M}")
+    Console(width=200).print(table)
+    click.echo(f"{len(found)} artifact(s)", err=True)
+
+
+@cli.command(epilog=_EPILOG)
+@click.argument("key")
+@click.option("--version", "version", help="Version label (default: latest).")
+@_run
+def describe(key: str, version: str | None) -> None:
+    """Describe the artifact KEY (or uid)."""
+    _get(key, version).describe()
+
+
+@cli.command(epilog=_EPILOG)
+@click.argument("key")
+@click.option("--version", "version", help="Version label (default: latest).")
+@click.option("--mute", is_flag=True, help="No progress bars.")
+@_run
+def cache(key: str, version: str | None, mute: bool) -> None:  # noqa: FBT001
+    """Download KEY into the local cache (once) and print its local path."""
+    click.echo(str(_get(key, version).cache(mute=mute)))
+
+
+@cli.command(epilog=_EPILOG)
+@click.argument("key")
+@click.option("--version", "version", help="Version label (default: latest).")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@_run
+def delete(key: str, version: str | None, yes: bool) -> None:  # noqa: FBT001
+    """Delete the artifact KEY: its record and, if lamin-io uploaded it, its object."""
+    artifact = _get(key, version)
+    if not yes:
+        if not sys.stdin.isatty():
+            click.echo("error: refusing to delete without --yes when not on a terminal",
+                       err=True)
+            sys.exit(EXIT_USAGE)
+        click.confirm(f"delete {artifact!r}?", abort=True)
+    artifact.delete()
+    click.echo(f"deleted {key} (version {artifact.version if artifact._row else version})")
+
+
+@cli.command(epilog=_EPILOG)
+@click.option("--older-than", default=3600.0, show_default=True, type=float,
+              help="Seconds: leave younger pending saves alone.")
+@click.option("--dry-run", is_flag=True, help="Only report.")
+@_run
+def gc(older_than: float, dry_run: bool) -> None:  # noqa: FBT001
+    """Remove what killed saves and deletes left behind."""
+    from lamin_io.registry import gc as _gc
+
+    report = _gc(older_than=older_than, dry_run=dry_run)
+    for line in report.records + report.objects:
+        click.echo(("would remove " if dry_run else "removed ") + line)
+    click.echo(str(report))
+
+
+def main() -> None:
+    """Entry point of the ``lamin-io`` script."""
+    cli()

@@ -1,0 +1,104 @@
+"""The exceptions lamin-io raises.
+
+Every error is a :class:`LaminIOError`. Each subclass also inherits the builtin a caller
+would naturally catch (``except FileNotFoundError`` still works for a missing path), and its
+message says what failed, where, and what to do about it. Messages never carry secrets.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ArtifactNotFoundError",
+    "CorruptArtifactError",
+    "InvalidArgumentError",
+    "InvalidKeyError",
+    "LaminIOError",
+    "MissingDependencyError",
+    "MultipleResultsError",
+    "ObjectExistsError",
+    "PathNotFoundError",
+    "RegistryError",
+    "RegistryLockedError",
+    "SchemaVersionError",
+    "SourceChangedError",
+    "StorageError",
+    "StorageModifiedError",
+    "StorageObjectMissingError",
+    "StorageUnreachableError",
+    "UnsupportedFormatError",
+]
+
+
+class LaminIOError(Exception):
+    """Root of every error lamin-io raises."""
+
+
+class InvalidArgumentError(LaminIOError, ValueError):
+    """An argument has a value that cannot be used (wrong type, unknown option, bad range)."""
+
+
+class InvalidKeyError(LaminIOError, ValueError):
+    """A registry key is unsafe, reserved, or its suffix does not match the file's.
+
+    Unsafe means: a ``..`` component, absolute, a backslash, or empty.
+    """
+
+
+class PathNotFoundError(LaminIOError, FileNotFoundError):
+    """A local path or remote URL given by the user does not exist."""
+
+
+class UnsupportedFormatError(LaminIOError, ValueError):
+    """No reader is registered for a file's suffix or encoding."""
+
+
+class MissingDependencyError(LaminIOError, ImportError):
+    """An optional dependency is needed; the message names the extra to install."""
+
+
+class ArtifactNotFoundError(LaminIOError, LookupError):
+    """No registry record matches the query."""
+
+
+class MultipleResultsError(LaminIOError, LookupError):
+    """A query that must select one record matched several."""
+
+
+class RegistryError(LaminIOError):
+    """The registry database cannot be used as asked."""
+
+
+class RegistryLockedError(RegistryError, TimeoutError):
+    """The registry database stayed locked by another writer past the busy timeout."""
+
+
+class SchemaVersionError(RegistryError):
+    """The registry was written by a newer lamin-io than the one running."""
+
+
+class StorageError(LaminIOError, OSError):
+    """Base for errors of the storage layer (local disk or object store)."""
+
+
+class StorageUnreachableError(StorageError, ConnectionError):
+    """The storage endpoint did not answer after bounded retries."""
+
+
+class StorageObjectMissingError(StorageError, FileNotFoundError):
+    """A registered artifact's stored object is gone from storage."""
+
+
+class StorageModifiedError(StorageError):
+    """A stored object no longer matches its record (overwritten behind the registry's back)."""
+
+
+class CorruptArtifactError(StorageError):
+    """A stored object's bytes are damaged or incomplete (a folder lacks a file it lists)."""
+
+
+class SourceChangedError(StorageError):
+    """The file or folder being saved changed while it was hashed and uploaded."""
+
+
+class ObjectExistsError(StorageError, FileExistsError):
+    """A conditional create found an object already at the target key."""

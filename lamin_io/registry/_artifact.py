@@ -1,0 +1,510 @@
+"""Artifacts: registered files and folders, with versions, caching, loading and deletion.
+
+Saving is crash-safe. The record is written first as *pending*, the bytes are uploaded to
+their final key with a conditional create, and only then is the record marked *ready*;
+readers see ready records only. A save killed in between leaves a pending record (and maybe
+a partial object) that ``lamin-io gc`` removes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from sqlalchemy import delete, select, update
+
+from lamin_io.errors import (
+    CorruptArtifactError,
+    InvalidArgumentError,
+    InvalidKeyError,
+    ObjectExistsError,
+    PathNotFoundError,
+    RegistryError,
+    StorageModifiedError,
+    StorageObjectMissingError,
+)
+from lamin_io.registry import _schema as s
+from lamin_io.registry._connection import Connection, current
+from lamin_io.registry._keys import RESERVED_PREFIX, object_key, validate_key
+from lamin_io.registry._record import (
+    DELETING,
+    PENDING,
+    READY,
+    Record,
+    RecordSet,
+    family_of,
+    new_uid,
+    next_version,
+    refresh_latest,
+)
+from lamin_io.storage import (
+    Manifest,
+    cached_copy,
+    fingerprint,
+    hash_path,
+    is_local,
+    remove,
+    storage_errors,
+    suffix_of,
+    to_upath,
+    upload,
+)
+
+if TYPE_CHECKING:
+    from sqlalchemy import Row
+    from upath import UPath
+
+    from lamin_io.storage import PathLike
+
+__all__ = ["Artifact", "ArtifactSet", "format_size"]
+
+logger = logging.getLogger(__name__)
+
+
+def format_size(n: int) -> str:
+    """Return a byte count for humans (``"1.5 MB"``)."""
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+def _pending_wait() -> float:
+    return float(os.environ.get("LAMIN_IO_PENDING_WAIT", "600"))
+
+
+class Artifact(Record):
+    """A file or folder in the registry.
+
+    Parameters
+    ----------
+    path
+        Local path or URL (``s3://...``) of a file or a folder (``.zarr``, sharded parquet,
+        ``.tiledbsoma``).
+    key
+        A relative path naming it in the registry, e.g. ``"pbmc/raw.h5ad"``; its suffix must
+        match the file's. Saving another file under an existing key makes a new version.
+    description
+        Free text.
+    revises
+        A saved artifact this one is a new version of.
+    version
+        A version label; default: the next integer in the family.
+    storage_options
+        fsspec options for reading ``path`` (default: those of the connection).
+
+    Examples
+    --------
+    >>> import lamin_io as ln                                             # doctest: +SKIP
+    >>> artifact = ln.Artifact("pbmc.h5ad", key="pbmc/raw.h5ad").save()
+    >>> ln.Artifact.get(key="pbmc/raw.h5ad").load()
+    """
+
+    _table: ClassVar = s.artifact
+    _kind: ClassVar[str] = "artifact"
+    _fields: ClassVar[tuple[str, ...]] = (
+        "uid", "key", "description", "suffix", "size", "hash", "version", "is_latest",
+        "created_at", "n_files", "family_uid", "storage_key", "managed",
+    )
+
+    def __init__(self, path: PathLike, *, key: str | None = None,
+                 description: str | None = None, revises: Artifact | None = None,
+                 version: str | None = None,
+                 storage_options: dict[str, Any] | None = None) -> None:
+        conn = current()
+        self._row = None
+        text = os.fspath(path) if not hasattr(path, "protocol") else str(path)
+        options = storage_options
+        if options is None and "://" in text and not text.startswith("file://"):
+            options = conn.path_options(text)
+        source = to_upath(path, options)
+        with storage_errors(str(source), conn.settings.endpoint_url):
+            exists = source.exists()
+        if not exists:
+            msg = f"path {source} does not exist: check the path, or the bucket and prefix"
+            raise PathNotFoundError(msg)
+        self._source = source
+        self._suffix = suffix_of(source.name)
+        if key is not None:
+            validate_key(key, suffix=self._suffix)
+        if revises is not None and (not isinstance(revises, Artifact) or revises._row is None):
+            msg = "revises= must be a saved Artifact (for example Artifact.get(key=...))"
+            raise InvalidArgumentError(msg)
+        self._key = key
+        self._description = description
+        self._revises = revises
+        self._version_label = None if version is None else str(version)
+
+    # -- saving ----------------------------------------------------------------------------
+
+    def save(self, *, mute: bool = False) -> Artifact:
+        """Hash, upload (unless already inside a storage root) and register.
+
+        Saving content that is already registered returns the existing record (with a
+        warning when it is registered under another key); the bytes are never stored twice.
+
+        Parameters
+        ----------
+        mute
+            Hide progress bars.
+        """
+        if self._row is not None:
+            return self
+        conn = current()
+        source = self._source
+        located = conn.locate(source)
+        if located is not None and located[1].split("/")[0] == RESERVED_PREFIX:
+            msg = (f"{source} is an object lamin-io manages under {RESERVED_PREFIX!r}; "
+                   f"get its artifact with Artifact.get(...) instead of registering it again")
+            raise InvalidKeyError(msg)
+        key = self._key
+        if key is None and located is not None:
+            key = validate_key(located[1], suffix=self._suffix)
+        with storage_errors(str(source), conn.settings.endpoint_url):
+            digest, size, manifest = hash_path(source, mute=mute)
+
+        deadline = time.monotonic() + _pending_wait()
+        while True:
+            state, row = self._claim(conn, digest, size, manifest, key, located)
+            if state != "busy":
+                break
+            if time.monotonic() > deadline:
+                msg = (f"another save of the same content (artifact {row.uid}) has been "
+                       f"pending since {row.created_at}; if that process died, run "
+                       f"`lamin-io gc` and save again")
+                raise RegistryError(msg)
+            time.sleep(0.2)
+        if state == "existing":
+            if key is not None and row.key != key:
+                logger.warning("content of %s is already registered as %r (uid %s); "
+                               "returning that artifact, the bytes are not stored twice",
+                               source, row.key, row.uid)
+            self._row = row
+            return self
+        if row.status == READY:  # registered in place, nothing to upload
+            self._row = row
+            return self
+        self._row = self._upload_and_publish(conn, row, mute=mute)
+        return self
+
+    def _claim(self, conn: Connection, digest: str, size: int, manifest: Manifest | None,
+               key: str | None, located: tuple[int, str] | None) -> tuple[str, Row[Any]]:
+        """Find the record of this content, or insert one (pending, or ready if in place)."""
+        t = s.artifact
+        with conn.db.write() as c:
+            row = c.execute(select(t).where(t.c.hash == digest)).one_or_none()
+            if row is not None:
+                return ("existing" if row.status == READY else "busy"), row
+            if located is not None:
+                clash = c.execute(select(t).where(t.c.storage_id == located[0],
+                                                  t.c.storage_key == located[1])).one_or_none()
+                if clash is not None:
+                    msg = (f"{self._source} is registered as artifact {clash.key!r} "
+                           f"(uid {clash.uid}) with other content: the file changed behind "
+                           f"the registry's back; write the new content to a new path")
+                    raise StorageModifiedError(msg)
+            uid = new_uid()
+            family = family_of(c, t, key, self._revises) or uid
+            label, index = next_version(c, t, family, self._version_label)
+            in_place = located is not None
+            values = {
+                "uid": uid, "key": key, "description": self._description,
+                "suffix": self._suffix, "size": size, "hash": digest,
+                "n_files": None if manifest is None else len(manifest.entries),
+                "manifest": None if manifest is None else json.dumps(manifest.to_json()),
+                "storage_id": located[0] if in_place else conn.storage_id,  # type: ignore[index]
+                "storage_key": located[1] if in_place else object_key(uid, self._suffix),  # type: ignore[index]
+                "managed": not in_place,
+                "status": READY if in_place else PENDING,
+                "family_uid": family, "version": label, "version_index": index,
+                "is_latest": False,
+                "fingerprint": None,
+                "created_at": datetime.now(UTC),
+            }
+            if in_place and manifest is None:
+                with storage_errors(str(self._source), conn.settings.endpoint_url):
+                    values["fingerprint"] = json.dumps(fingerprint(self._source))
+            c.execute(t.insert().values(**values))
+            if in_place:
+                refresh_latest(c, t, family)
+            return "new", c.execute(select(t).where(t.c.uid == uid)).one()
+
+    def _upload_and_publish(self, conn: Connection, row: Row[Any], *, mute: bool) -> Row[Any]:
+        t = s.artifact
+        dest = _stored_path(conn, row)
+        endpoint = conn.settings_for(row.storage_id).endpoint_url
+        try:
+            with storage_errors(str(dest), endpoint):
+                upload(self._source, dest, sha256=row.hash, manifest=manifest_of(row),
+                       mute=mute)
+                fp = None if row.manifest else json.dumps(fingerprint(dest))
+        except BaseException as exc:
+            # Nothing may stay behind: drop the pending record and any partial object
+            # (but never an object that existed before: that one is not ours).
+            if not isinstance(exc, ObjectExistsError):
+                _quietly(remove, dest)
+            _quietly(_delete_row, conn, row.id)
+            raise
+        try:
+            with conn.db.write() as c:
+                c.execute(update(t).where(t.c.id == row.id).values(status=READY, fingerprint=fp))
+                refresh_latest(c, t, row.family_uid)
+                return c.execute(select(t).where(t.c.id == row.id)).one()
+        except BaseException:
+            _quietly(remove, dest)
+            _quietly(_delete_row, conn, row.id)
+            raise
+
+    # -- reading ---------------------------------------------------------------------------
+
+    @property
+    def suffix(self) -> str:
+        """File suffix, e.g. ``".h5ad"``; ``""`` for a folder without one."""
+        return str(self._saved().suffix) if self._row is not None else self._suffix
+
+    @property
+    def size(self) -> int:
+        """Size in bytes (all files, for a folder)."""
+        return int(self._saved().size)
+
+    @property
+    def hash(self) -> str:
+        """Full-content SHA-256 (of the manifest, for a folder)."""
+        return str(self._saved().hash)
+
+    @property
+    def n_files(self) -> int | None:
+        """Number of files of a folder artifact; ``None`` for a single file."""
+        return self._saved().n_files
+
+    @property
+    def manifest(self) -> Manifest | None:
+        """The folder's ``(relative path, size, sha256)`` entries; ``None`` for a file."""
+        return manifest_of(self._saved())
+
+    @property
+    def is_managed(self) -> bool:
+        """Whether lamin-io uploaded the bytes (``False``: registered in place)."""
+        return bool(self._saved().managed)
+
+    @property
+    def storage_root(self) -> str:
+        """The storage root holding the bytes."""
+        return current().settings_for(self._saved().storage_id).root
+
+    @property
+    def path(self) -> UPath:
+        """Where the bytes are stored, as a ``UPath`` carrying the storage's settings."""
+        return _stored_path(current(), self._saved())
+
+    def _what(self) -> str:
+        row = self._saved()
+        return f"artifact {row.key or row.uid!r} (uid {row.uid})"
+
+    def verify(self) -> UPath:
+        """Check that the stored object still matches the record; return its path.
+
+        Raises
+        ------
+        StorageObjectMissingError
+            The stored object is gone.
+        StorageModifiedError
+            It was changed behind the registry's back.
+        CorruptArtifactError
+            A folder lacks a file its manifest lists (never read as fill values).
+        """
+        conn = current()
+        row = self._saved()
+        path = _stored_path(conn, row)
+        with storage_errors(str(path), conn.settings_for(row.storage_id).endpoint_url):
+            if row.manifest is not None:
+                self._verify_folder(path)
+            else:
+                self._verify_file(path)
+        return path
+
+    def _verify_file(self, path: UPath) -> None:
+        row = self._saved()
+        try:
+            now = fingerprint(path)
+        except StorageObjectMissingError as exc:
+            msg = (f"{self._what()}: its stored object {path} is missing; restore it or "
+                   f"remove the record with `lamin-io delete {row.key or row.uid}`")
+            raise StorageObjectMissingError(msg) from exc
+        recorded = json.loads(row.fingerprint or "{}")
+        changed = now["size"] != row.size or (
+            "etag" in recorded and now.get("etag") != recorded["etag"])
+        if not changed and "mtime_ns" in recorded and now["mtime_ns"] != recorded["mtime_ns"]:
+            changed = hash_path(path, mute=True)[0] != row.hash
+        if changed:
+            msg = (f"{self._what()}: the stored object {path} no longer matches the record "
+                   f"(overwritten or truncated outside lamin-io); save the new content as a "
+                   f"new version")
+            raise StorageModifiedError(msg)
+
+    def _verify_folder(self, path: UPath) -> None:
+        root = path.path.rstrip("/")
+        listing = {name[len(root) + 1 :]: int(info.get("size") or 0)
+                   for name, info in path.fs.find(root, detail=True, withdirs=False).items()}
+        if not listing:
+            msg = f"{self._what()}: its stored folder {path} is missing"
+            raise StorageObjectMissingError(msg)
+        manifest = self.manifest
+        assert manifest is not None  # noqa: S101 (folder rows always carry one)
+        for rel, size, _ in manifest.entries:
+            if rel not in listing:
+                msg = (f"{self._what()}: file {rel!r} listed in its manifest is missing from "
+                       f"{path}; the folder is incomplete and is not read")
+                raise CorruptArtifactError(msg)
+            if listing[rel] != size:
+                msg = (f"{self._what()}: file {rel!r} in {path} has {listing[rel]} bytes, "
+                       f"the record says {size}; it was modified outside lamin-io")
+                raise StorageModifiedError(msg)
+
+    def cache(self, *, mute: bool = False) -> Path:
+        """Return a local path to the content, downloading S3 objects once.
+
+        The local copy is kept per content hash and fetched again when it no longer matches
+        the record (missing, edited). Local storage returns the stored path itself.
+        """
+        path = self.verify()
+        if is_local(path):
+            return Path(path.path)
+        row = self._saved()
+        name = PurePosixPath(row.key).name if row.key else f"{row.uid}{row.suffix}"
+        with storage_errors(str(path), current().settings_for(row.storage_id).endpoint_url):
+            return cached_copy(path, sha256=row.hash, name=name, manifest=self.manifest,
+                               what=self._what(), mute=mute)
+
+    def load(self, **kwargs: Any) -> Any:
+        """Load into memory: AnnData for ``.h5ad``/``.zarr``, DataFrame for tables.
+
+        Extra keyword arguments go to the reader (``anndata.read_h5ad``, ``pandas.read_*``).
+        """
+        from lamin_io.accessors import format_for
+
+        loader = format_for(self.suffix).resolve("load")
+        return loader(to_upath(self.cache()), **kwargs)
+
+    # -- deleting --------------------------------------------------------------------------
+
+    def delete(self, *, storage: bool | None = None) -> None:
+        """Delete the record and, for managed artifacts, the stored object.
+
+        Parameters
+        ----------
+        storage
+            Also delete the stored object. Default: ``True`` for objects lamin-io uploaded,
+            ``False`` for files registered in place.
+        """
+        conn = current()
+        row = self._saved()
+        t = s.artifact
+        with conn.db.write() as c:
+            used = c.execute(select(s.collection.c.key, s.collection.c.uid)
+                             .join(s.collection_artifact,
+                                   s.collection_artifact.c.collection_id == s.collection.c.id)
+                             .where(s.collection_artifact.c.artifact_id == row.id)).all()
+            if used:
+                names = ", ".join(repr(u.key or u.uid) for u in used)
+                msg = f"{self._what()} belongs to collection(s) {names}: delete those first"
+                raise RegistryError(msg)
+            c.execute(update(t).where(t.c.id == row.id).values(status=DELETING, is_latest=False))
+            refresh_latest(c, t, row.family_uid)
+        if storage if storage is not None else row.managed:
+            path = _stored_path(conn, row)
+            try:
+                with storage_errors(str(path), conn.settings_for(row.storage_id).endpoint_url):
+                    remove(path)
+            except BaseException:
+                with conn.db.write() as c:
+                    c.execute(update(t).where(t.c.id == row.id).values(status=READY))
+                    refresh_latest(c, t, row.family_uid)
+                raise
+        _delete_row(conn, row.id)
+        self._row = None
+
+    # -- display ---------------------------------------------------------------------------
+
+    def _summary(self) -> dict[str, Any]:
+        row = self._saved()
+        return {"uid": row.uid, "key": row.key, "version": row.version,
+                "is_latest": bool(row.is_latest), "suffix": row.suffix, "size": row.size,
+                "hash": row.hash, "description": row.description,
+                "created_at": row.created_at}
+
+    def describe(self) -> str:
+        """Print and return a readable summary of the record."""
+        row = self._saved()
+        n_versions = len(self.versions)
+        lines = [
+            f"Artifact {row.key or '(no key)'}",
+            f"  uid          {row.uid}",
+            f"  version      {row.version} of {n_versions}"
+            + ("  (latest)" if row.is_latest else ""),
+            f"  suffix       {row.suffix or '(none)'}",
+            f"  size         {format_size(row.size)}"
+            + (f" in {row.n_files} files" if row.n_files is not None else ""),
+            f"  sha256       {row.hash}",
+            f"  storage      {self.storage_root}",
+            f"  stored at    {row.storage_key}"
+            + ("" if row.managed else "  (registered in place)"),
+            f"  created_at   {row.created_at:%Y-%m-%d %H:%M:%S}",
+        ]
+        if row.description:
+            lines.append(f"  description  {row.description}")
+        text = "\n".join(lines)
+        print(text)
+        return text
+
+    def __repr__(self) -> str:
+        if self._row is None:
+            return f"Artifact(path={str(self._source)!r}, key={self._key!r}, unsaved)"
+        r = self._row
+        return (f"Artifact(key={r.key!r}, uid={r.uid!r}, version={r.version!r}, "
+                f"suffix={r.suffix!r}, size={format_size(r.size)!r}, "
+                f"hash={r.hash[:12]!r}, is_latest={bool(r.is_latest)})")
+
+
+class ArtifactSet(RecordSet[Artifact]):
+    """A list-like result of :meth:`Artifact.filter`."""
+
+    def cache(self, *, mute: bool = False) -> list[Path]:
+        """Return local paths of every artifact, in order."""
+        return [a.cache(mute=mute) for a in self]
+
+
+Artifact._set = ArtifactSet
+
+
+def manifest_of(row: Row[Any]) -> Manifest | None:
+    """Return the manifest stored in an artifact row, ``None`` for a single file."""
+    return None if row.manifest is None else Manifest.from_json(json.loads(row.manifest))
+
+
+def _stored_path(conn: Connection, row: Row[Any]) -> UPath:
+    settings = conn.settings_for(row.storage_id)
+    return to_upath(f"{settings.root}/{row.storage_key}", settings.fsspec_options())
+
+
+def _delete_row(conn: Connection, row_id: int) -> None:
+    t = s.artifact
+    with conn.db.write() as c:
+        family = c.execute(select(t.c.family_uid).where(t.c.id == row_id)).scalar()
+        c.execute(delete(t).where(t.c.id == row_id))
+        if family is not None:
+            refresh_latest(c, t, family)
+
+
+def _quietly(fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        logger.exception("cleanup step %s failed; `lamin-io gc` will retry it", fn.__name__)

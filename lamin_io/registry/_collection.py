@@ -1,0 +1,174 @@
+"""Collections: ordered groups of artifacts, versioned like artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from sqlalchemy import delete, select
+
+from lamin_io.errors import InvalidArgumentError
+from lamin_io.registry import _schema as s
+from lamin_io.registry._artifact import Artifact, ArtifactSet, format_size
+from lamin_io.registry._connection import current
+from lamin_io.registry._keys import validate_key
+from lamin_io.registry._record import (
+    READY,
+    Record,
+    RecordSet,
+    family_of,
+    new_uid,
+    next_version,
+    refresh_latest,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from pathlib import Path
+
+__all__ = ["Collection"]
+
+logger = logging.getLogger(__name__)
+
+
+class Collection(Record):
+    """An ordered group of saved artifacts.
+
+    Parameters
+    ----------
+    artifacts
+        Saved artifacts, in the order the collection keeps.
+    key
+        A name such as ``"atlas/train"``; saving other artifacts under the same key makes a
+        new version.
+    description
+        Free text.
+    revises
+        A saved collection this one is a new version of.
+    version
+        A version label; default: the next integer in the family.
+
+    Examples
+    --------
+    >>> c = ln.Collection([a1, a2], key="atlas/train").save()             # doctest: +SKIP
+    >>> [a.key for a in c.artifacts]
+    """
+
+    _table: ClassVar = s.collection
+    _kind: ClassVar[str] = "collection"
+    _fields: ClassVar[tuple[str, ...]] = (
+        "uid", "key", "description", "hash", "version", "is_latest", "created_at",
+        "family_uid",
+    )
+
+    def __init__(self, artifacts: Iterable[Artifact], *, key: str,
+                 description: str | None = None, revises: Collection | None = None,
+                 version: str | None = None) -> None:
+        self._row = None
+        members = list(artifacts)
+        if not members:
+            msg = "a collection needs at least one artifact"
+            raise InvalidArgumentError(msg)
+        for a in members:
+            if not isinstance(a, Artifact) or a._row is None:
+                msg = f"collection members must be saved artifacts; got {a!r}: call .save() first"
+                raise InvalidArgumentError(msg)
+        validate_key(key, suffix=None)
+        if revises is not None and (not isinstance(revises, Collection) or revises._row is None):
+            msg = "revises= must be a saved Collection"
+            raise InvalidArgumentError(msg)
+        self._members = members
+        self._key = key
+        self._description = description
+        self._revises = revises
+        self._version_label = None if version is None else str(version)
+
+    def save(self) -> Collection:
+        """Register the collection; the same artifacts in the same order return the existing one."""
+        if self._row is not None:
+            return self
+        digest = hashlib.sha256("\n".join(a.hash for a in self._members).encode()).hexdigest()
+        t = s.collection
+        with current().db.write() as c:
+            row = c.execute(select(t).where(t.c.hash == digest)).one_or_none()
+            if row is None:
+                uid = new_uid()
+                family = family_of(c, t, self._key, self._revises) or uid
+                label, index = next_version(c, t, family, self._version_label)
+                res = c.execute(t.insert().values(
+                    uid=uid, key=self._key, description=self._description, hash=digest,
+                    status=READY, family_uid=family, version=label, version_index=index,
+                    is_latest=False, created_at=datetime.now(UTC)))
+                cid = int(res.inserted_primary_key[0])  # type: ignore[index]
+                c.execute(s.collection_artifact.insert(), [
+                    {"collection_id": cid, "position": i, "artifact_id": a._saved().id}
+                    for i, a in enumerate(self._members)])
+                refresh_latest(c, t, family)
+                row = c.execute(select(t).where(t.c.id == cid)).one()
+            elif row.key != self._key:
+                logger.warning("these artifacts already form collection %r (uid %s); "
+                               "returning it", row.key, row.uid)
+        self._row = row
+        return self
+
+    @property
+    def artifacts(self) -> ArtifactSet:
+        """The member artifacts, in order."""
+        a, ca = s.artifact, s.collection_artifact
+        with current().db.read() as c:
+            rows = c.execute(select(a).join(ca, ca.c.artifact_id == a.c.id)
+                             .where(ca.c.collection_id == self._saved().id)
+                             .order_by(ca.c.position)).all()
+        return ArtifactSet([Artifact._from_row(r) for r in rows])
+
+    def cache(self, *, mute: bool = False) -> list[Path]:
+        """Return local paths of every member, in order (downloading S3 objects once)."""
+        return self.artifacts.cache(mute=mute)
+
+    def delete(self) -> None:
+        """Delete the collection record; its artifacts stay."""
+        row = self._saved()
+        t = s.collection
+        with current().db.write() as c:
+            c.execute(delete(s.collection_artifact)
+                      .where(s.collection_artifact.c.collection_id == row.id))
+            c.execute(delete(t).where(t.c.id == row.id))
+            refresh_latest(c, t, row.family_uid)
+        self._row = None
+
+    def _summary(self) -> dict[str, Any]:
+        row = self._saved()
+        return {"uid": row.uid, "key": row.key, "version": row.version,
+                "is_latest": bool(row.is_latest), "n_artifacts": len(self.artifacts),
+                "description": row.description, "created_at": row.created_at}
+
+    def describe(self) -> str:
+        """Print and return a readable summary, members included."""
+        row = self._saved()
+        members = self.artifacts
+        lines = [f"Collection {row.key}",
+                 f"  uid          {row.uid}",
+                 f"  version      {row.version}" + ("  (latest)" if row.is_latest else ""),
+                 f"  artifacts    {len(members)}, {format_size(sum(a.size for a in members))}"]
+        lines += [f"    {i:>3}. {a.key or a.uid} (v{a.version})" for i, a in enumerate(members)]
+        if row.description:
+            lines.append(f"  description  {row.description}")
+        text = "\n".join(lines)
+        print(text)
+        return text
+
+    def __repr__(self) -> str:
+        if self._row is None:
+            return f"Collection(key={self._key!r}, n_artifacts={len(self._members)}, unsaved)"
+        r = self._row
+        return (f"Collection(key={r.key!r}, uid={r.uid!r}, version={r.version!r}, "
+                f"is_latest={bool(r.is_latest)})")
+
+
+class CollectionSet(RecordSet[Collection]):
+    """A list-like result of :meth:`Collection.filter`."""
+
+
+Collection._set = CollectionSet

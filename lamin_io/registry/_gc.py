@@ -1,0 +1,112 @@
+"""Garbage collection: finish or undo what killed saves and deletes left behind."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import delete, or_, select
+
+from lamin_io.registry import _schema as s
+from lamin_io.registry._connection import current
+from lamin_io.registry._keys import RESERVED_PREFIX
+from lamin_io.registry._record import DELETING, PENDING, refresh_latest
+from lamin_io.storage import remove, storage_errors, to_upath
+
+if TYPE_CHECKING:
+    from upath import UPath
+
+__all__ = ["GcReport", "gc"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GcReport:
+    """What :func:`gc` removed (or would remove, with ``dry_run``)."""
+
+    records: list[str] = field(default_factory=list)
+    objects: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (f"{len(self.records)} unfinished record(s), "
+                f"{len(self.objects)} orphan object(s)")
+
+
+def _age_seconds(info: dict[str, Any]) -> float:
+    stamp = info.get("LastModified") or info.get("mtime") or info.get("created")
+    if isinstance(stamp, datetime):
+        return (datetime.now(UTC) - stamp.astimezone(UTC)).total_seconds()
+    if isinstance(stamp, int | float):
+        return time.time() - float(stamp)
+    return float("inf")
+
+
+def gc(*, older_than: float = 3600.0, dry_run: bool = False) -> GcReport:
+    """Remove what interrupted saves and deletes left behind.
+
+    * *pending* records older than ``older_than`` seconds (a save that never finished), with
+      their partial objects;
+    * records stuck in *deleting* (a delete that never finished), with their objects;
+    * objects under ``<root>/.lamin-io/objects/`` that no record points to, older than
+      ``older_than`` seconds.
+
+    Parameters
+    ----------
+    older_than
+        Leave younger pending work alone: another process may still be saving it.
+    dry_run
+        Report without removing anything.
+    """
+    conn = current()
+    t = s.artifact
+    report = GcReport()
+    cutoff = datetime.now(UTC) - timedelta(seconds=older_than)
+    with conn.db.read() as c:
+        stale = c.execute(select(t).where(or_(
+            t.c.status == DELETING,
+            (t.c.status == PENDING) & (t.c.created_at < cutoff.replace(tzinfo=None))
+            if conn.db.dialect == "sqlite" else
+            (t.c.status == PENDING) & (t.c.created_at < cutoff)))).all()
+    for row in stale:
+        settings = conn.settings_for(row.storage_id)
+        path = to_upath(f"{settings.root}/{row.storage_key}", settings.fsspec_options())
+        report.records.append(f"{row.status} {row.key or row.uid} (uid {row.uid})")
+        if dry_run:
+            continue
+        if row.managed:
+            with storage_errors(str(path), settings.endpoint_url):
+                remove(path)
+        with conn.db.write() as c:
+            c.execute(delete(t).where(t.c.id == row.id))
+            refresh_latest(c, t, row.family_uid)
+
+    objects_dir = to_upath(f"{conn.settings.root}/{RESERVED_PREFIX}/objects",
+                           conn.settings.fsspec_options())
+    with storage_errors(str(objects_dir), conn.settings.endpoint_url):
+        entries = _listing(objects_dir)
+    with conn.db.read() as c:
+        known = set(c.execute(select(t.c.storage_key)
+                              .where(t.c.storage_id == conn.storage_id)).scalars())
+    for name, info in entries.items():
+        key = f"{RESERVED_PREFIX}/objects/{name}"
+        if key in known or _age_seconds(info) < older_than:
+            continue
+        report.objects.append(key)
+        if not dry_run:
+            with storage_errors(key, conn.settings.endpoint_url):
+                remove(to_upath(f"{conn.settings.root}/{key}", conn.settings.fsspec_options()))
+    logger.info("gc: %s", report)
+    return report
+
+
+def _listing(directory: UPath) -> dict[str, dict[str, Any]]:
+    fs, root = directory.fs, directory.path.rstrip("/")
+    try:
+        items = fs.ls(root, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {item["name"].rstrip("/").rsplit("/", 1)[-1]: item for item in items}

@@ -1,0 +1,55 @@
+"""Django-style lookups (``key__startswith="proj/"``) turned into SQL conditions."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from lamin_io.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from sqlalchemy import ColumnElement, Table
+
+__all__ = ["conditions"]
+
+_OPS = ("exact", "iexact", "contains", "icontains", "startswith", "endswith", "gt", "gte",
+        "lt", "lte", "in", "isnull")
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def conditions(table: Table, fields: tuple[str, ...],
+               lookups: dict[str, Any]) -> list[ColumnElement[bool]]:
+    """Translate ``{"field__op": value}`` into SQLAlchemy conditions on ``table``."""
+    out = []
+    for name, value in lookups.items():
+        field, _, op = name.partition("__")
+        op = op or "exact"
+        if field not in fields:
+            msg = f"cannot filter on {field!r}; fields: {', '.join(fields)}"
+            raise InvalidArgumentError(msg)
+        if op not in _OPS:
+            msg = f"unknown lookup {op!r} in {name!r}; lookups: {', '.join(_OPS)}"
+            raise InvalidArgumentError(msg)
+        col = table.c[field]
+        if op == "exact":
+            out.append(col.is_(None) if value is None else col == value)
+        elif op == "iexact":
+            out.append(col.ilike(_escape(str(value)), escape="\\"))
+        elif op in ("contains", "icontains"):
+            pattern = f"%{_escape(str(value))}%"
+            out.append(col.like(pattern, escape="\\") if op == "contains"
+                       else col.ilike(pattern, escape="\\"))
+        elif op == "startswith":
+            out.append(col.like(f"{_escape(str(value))}%", escape="\\"))
+        elif op == "endswith":
+            out.append(col.like(f"%{_escape(str(value))}", escape="\\"))
+        elif op == "in":
+            out.append(col.in_(list(value)))
+        elif op == "isnull":
+            out.append(col.is_(None) if value else col.is_not(None))
+        else:
+            out.append({"gt": col > value, "gte": col >= value,
+                        "lt": col < value, "lte": col <= value}[op])
+    return out

@@ -1,0 +1,264 @@
+"""What artifacts and collections share: uids, versions, queries and list-like results."""
+
+from __future__ import annotations
+
+import secrets
+import string
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Self, TypeVar, overload
+
+from sqlalchemy import func, select, update
+
+from lamin_io.errors import ArtifactNotFoundError, InvalidArgumentError, MultipleResultsError
+from lamin_io.registry._connection import current
+from lamin_io.registry._query import conditions
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    import pandas as pd
+    from sqlalchemy import Connection, Row, Table
+
+__all__ = ["READY", "Record", "RecordSet", "new_uid"]
+
+READY, PENDING, DELETING = "ready", "pending", "deleting"
+_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_uid() -> str:
+    """Return a random 16-character base62 uid."""
+    return "".join(secrets.choice(_ALPHABET) for _ in range(16))
+
+
+class Record:
+    """Base of :class:`Artifact` and :class:`Collection`: one ready row of a table."""
+
+    _table: ClassVar[Table]
+    _kind: ClassVar[str]
+    _fields: ClassVar[tuple[str, ...]]
+    _row: Row[Any] | None
+    _set: ClassVar[type[RecordSet[Any]]]
+
+    @classmethod
+    def _from_row(cls, row: Row[Any]) -> Self:
+        obj = cls.__new__(cls)
+        obj._row = row
+        return obj
+
+    def _saved(self) -> Row[Any]:
+        if self._row is None:
+            msg = f"this {self._kind} is not saved yet: call .save() first"
+            raise InvalidArgumentError(msg)
+        return self._row
+
+    @property
+    def uid(self) -> str:
+        """Unique id of this record."""
+        return str(self._saved().uid)
+
+    @property
+    def key(self) -> str | None:
+        """The key, a relative path such as ``"project/pbmc.h5ad"``."""
+        return self._saved().key
+
+    @property
+    def description(self) -> str | None:
+        """Free text given at save."""
+        return self._saved().description
+
+    @property
+    def version(self) -> str:
+        """Version label within the family (``"1"``, ``"2"``, ... unless given)."""
+        return str(self._saved().version)
+
+    @property
+    def is_latest(self) -> bool:
+        """Whether this is the newest version of its family."""
+        self._refresh()
+        return bool(self._saved().is_latest)
+
+    @property
+    def created_at(self) -> datetime:
+        """When the record was written (UTC)."""
+        return self._saved().created_at
+
+    @property
+    def versions(self) -> RecordSet[Self]:
+        """All ready versions of this record's family, oldest first."""
+        t = self._table
+        with current().db.read() as conn:
+            rows = conn.execute(select(t).where(t.c.family_uid == self._saved().family_uid,
+                                                t.c.status == READY)
+                                .order_by(t.c.version_index)).all()
+        return self._set([type(self)._from_row(r) for r in rows])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Record) or other._table is not self._table:
+            return NotImplemented
+        if self._row is None or other._row is None:
+            return self is other
+        return bool(self._row.uid == other._row.uid)
+
+    def __hash__(self) -> int:
+        return hash(self._row.uid) if self._row is not None else id(self)
+
+    def _refresh(self) -> None:
+        if self._row is None:
+            return
+        t = self._table
+        with current().db.read() as conn:
+            row = conn.execute(select(t).where(t.c.id == self._row.id)).one_or_none()
+        if row is not None:
+            self._row = row
+
+    # -- queries ---------------------------------------------------------------------------
+
+    @classmethod
+    def _select(cls, lookups: dict[str, Any]) -> list[Self]:
+        t = cls._table
+        stmt = select(t).where(t.c.status == READY,
+                               *conditions(t, cls._fields, lookups)).order_by(t.c.id)
+        with current().db.read() as conn:
+            return [cls._from_row(r) for r in conn.execute(stmt).all()]
+
+    @classmethod
+    def filter(cls, **lookups: Any) -> RecordSet[Self]:
+        """Return the records matching Django-style lookups.
+
+        Examples
+        --------
+        >>> Artifact.filter(key__startswith="proj/", suffix=".h5ad", is_latest=True)
+        ... # doctest: +SKIP
+        """
+        return cls._set(cls._select(lookups))
+
+    @classmethod
+    def get(cls, uid: str | None = None, *, key: str | None = None,
+            version: str | None = None, **lookups: Any) -> Self:
+        """Return one record: by ``uid``, or by ``key`` (latest version unless ``version``).
+
+        Raises
+        ------
+        ArtifactNotFoundError
+            Nothing matches.
+        MultipleResultsError
+            The lookups match several records of different families.
+        """
+        if uid is not None:
+            lookups["uid"] = uid
+        if key is not None:
+            lookups["key"] = key
+        if version is not None:
+            lookups["version"] = str(version)
+        if not lookups:
+            msg = f"{cls.__name__}.get() needs a uid, a key or lookups"
+            raise InvalidArgumentError(msg)
+        found = cls._select(lookups)
+        if not found:
+            shown = ", ".join(f"{k}={v!r}" for k, v in lookups.items())
+            msg = f"no {cls._kind} matches {shown}; list what exists with `lamin-io ls`"
+            raise ArtifactNotFoundError(msg)
+        if len(found) > 1 and version is None and uid is None:
+            latest = [r for r in found if r._saved().is_latest]
+            families = {r._saved().family_uid for r in found}
+            if len(families) == 1 and latest:
+                return latest[0]
+            if len(latest) == 1 and key is not None:
+                return latest[0]
+            msg = (f"{len(found)} {cls._kind}s of {len(families)} families match; "
+                   f"narrow the query (uid=, version=)")
+            raise MultipleResultsError(msg)
+        return found[-1]
+
+
+def next_version(conn: Connection, table: Table, family_uid: str,
+                 version: str | None) -> tuple[str, int]:
+    """Return ``(version label, version index)`` for a new member of a family."""
+    max_index = conn.execute(select(func.max(table.c.version_index))
+                             .where(table.c.family_uid == family_uid)).scalar()
+    index = int(max_index or 0) + 1
+    label = str(index) if version is None else str(version)
+    taken = conn.execute(select(table.c.id).where(table.c.family_uid == family_uid,
+                                                  table.c.version == label)).first()
+    if taken is not None:
+        msg = f"version {label!r} already exists in this family: choose another label"
+        raise InvalidArgumentError(msg)
+    return label, index
+
+
+def refresh_latest(conn: Connection, table: Table, family_uid: str) -> None:
+    """Mark the ready member with the highest version index as the family's latest."""
+    newest = conn.execute(select(func.max(table.c.version_index))
+                          .where(table.c.family_uid == family_uid,
+                                 table.c.status == READY)).scalar()
+    conn.execute(update(table).where(table.c.family_uid == family_uid)
+                 .values(is_latest=(table.c.version_index == (newest or -1))
+                         & (table.c.status == READY)))
+
+
+def family_of(conn: Connection, table: Table, key: str | None,
+              revises: Record | None) -> str | None:
+    """Return the family a new record joins: ``revises``'s, or that of its key's latest."""
+    if revises is not None:
+        return str(revises._saved().family_uid)
+    if key is None:
+        return None
+    row = conn.execute(select(table.c.family_uid)
+                       .where(table.c.key == key, table.c.status == READY)
+                       .order_by(table.c.is_latest.desc(), table.c.id.desc())).first()
+    return None if row is None else str(row.family_uid)
+
+
+T = TypeVar("T", bound=Record)
+
+
+class RecordSet(Sequence[T], Generic[T]):
+    """A list-like query result with a few conveniences (``df()``, ``one()``, ``first()``)."""
+
+    def __init__(self, records: list[T]) -> None:
+        self._records = records
+
+    @overload
+    def __getitem__(self, i: int) -> T: ...
+    @overload
+    def __getitem__(self, i: slice) -> Self: ...
+    def __getitem__(self, i: int | slice) -> T | Self:
+        if isinstance(i, slice):
+            return type(self)(self._records[i])
+        return self._records[i]
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, RecordSet):
+            return [r.uid for r in self] == [r.uid for r in other]
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def first(self) -> T | None:
+        """Return the first record, or ``None`` when empty."""
+        return self._records[0] if self._records else None
+
+    def one(self) -> T:
+        """Return the only record; raise if there are none or several."""
+        if len(self._records) != 1:
+            cls = ArtifactNotFoundError if not self._records else MultipleResultsError
+            msg = f"expected exactly one record, found {len(self._records)}"
+            raise cls(msg)
+        return self._records[0]
+
+    def df(self) -> pd.DataFrame:
+        """Return the records as a pandas DataFrame indexed by uid."""
+        import pandas as pd
+
+        rows = [r._summary() for r in self._records]  # type: ignore[attr-defined]
+        return pd.DataFrame(rows).set_index("uid") if rows else pd.DataFrame()
+
+    def __repr__(self) -> str:
+        if not self._records:
+            return f"{type(self).__name__}([])"
+        inner = "\n  ".join(repr(r) for r in self._records[:20])
+        more = f"\n  ... {len(self) - 20} more" if len(self) > 20 else ""
+        return f"{type(self).__name__}([\n  {inner}{more}\n])"

@@ -1,0 +1,115 @@
+"""Registry tables, the schema version, and the migrations between versions.
+
+Schema history:
+
+1. storages, artifacts (with folder manifests and versions), collections.
+2. ``artifact.fingerprint``: the stored object's ETag/version id (S3) or size and
+   modification time (local) seen at save, so a later read detects an object changed
+   behind the registry's back without re-reading it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from sqlalchemy import Connection
+
+SCHEMA_VERSION = 2
+
+metadata = MetaData()
+
+meta = Table(
+    "lamin_io_meta", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+storage = Table(
+    "storage", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("root", Text, nullable=False, unique=True),
+    Column("settings", Text, nullable=False, default="{}"),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+artifact = Table(
+    "artifact", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("uid", String(16), nullable=False, unique=True),
+    Column("key", Text, nullable=True),
+    Column("description", Text, nullable=True),
+    Column("suffix", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False, unique=True),
+    Column("n_files", Integer, nullable=True),
+    Column("manifest", Text, nullable=True),
+    Column("storage_id", Integer, ForeignKey("storage.id"), nullable=False),
+    Column("storage_key", Text, nullable=False),
+    Column("managed", Boolean, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("family_uid", String(16), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("version_index", Integer, nullable=False),
+    Column("is_latest", Boolean, nullable=False, default=False),
+    Column("fingerprint", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("family_uid", "version_index"),
+    UniqueConstraint("family_uid", "version"),
+    UniqueConstraint("storage_id", "storage_key"),
+    Index("ix_artifact_key", "key"),
+    Index("ix_artifact_family", "family_uid"),
+)
+
+collection = Table(
+    "collection", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("uid", String(16), nullable=False, unique=True),
+    Column("key", Text, nullable=True),
+    Column("description", Text, nullable=True),
+    Column("hash", String(64), nullable=False, unique=True),
+    Column("status", String(16), nullable=False),
+    Column("family_uid", String(16), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("version_index", Integer, nullable=False),
+    Column("is_latest", Boolean, nullable=False, default=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("family_uid", "version_index"),
+    UniqueConstraint("family_uid", "version"),
+    Index("ix_collection_key", "key"),
+)
+
+collection_artifact = Table(
+    "collection_artifact", metadata,
+    Column("collection_id", Integer, ForeignKey("collection.id", ondelete="CASCADE"),
+           primary_key=True),
+    Column("position", Integer, primary_key=True),
+    Column("artifact_id", Integer, ForeignKey("artifact.id"), nullable=False),
+    Index("ix_collection_artifact_artifact", "artifact_id"),
+)
+
+
+def _v1_to_v2(conn: Connection) -> None:
+    conn.execute(text("ALTER TABLE artifact ADD COLUMN fingerprint TEXT"))
+
+
+#: ``MIGRATIONS[n]`` upgrades a registry from schema ``n`` to ``n + 1``.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2}

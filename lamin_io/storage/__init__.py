@@ -1,0 +1,35 @@
+"""Storage: paths, filesystems, credentials, transfer, cache, hashing and progress.
+
+This layer knows files and objects only: no registry records and no formats.
+"""
+
+from lamin_io.storage._cache import cache_dir, cached_copy
+from lamin_io.storage._filesystem import refresh_if_credentials_changed, storage_errors
+from lamin_io.storage._hashing import Manifest, hash_path, manifest_hash
+from lamin_io.storage._options import StorageOptions, StorageSettings, resolve_endpoint
+from lamin_io.storage._paths import PathLike, is_local, relative_key, suffix_of, to_upath
+from lamin_io.storage._progress import ProgressCallback
+from lamin_io.storage._transfer import download, fingerprint, remove, upload
+
+__all__ = [
+    "Manifest",
+    "PathLike",
+    "ProgressCallback",
+    "StorageOptions",
+    "StorageSettings",
+    "cache_dir",
+    "cached_copy",
+    "download",
+    "fingerprint",
+    "hash_path",
+    "is_local",
+    "manifest_hash",
+    "refresh_if_credentials_changed",
+    "relative_key",
+    "remove",
+    "resolve_endpoint",
+    "storage_errors",
+    "suffix_of",
+    "to_upath",
+    "upload",
+]

@@ -1,0 +1,70 @@
+"""The local cache: one verified copy per content hash.
+
+Layout: ``<cache dir>/<sha256>/<name>`` plus a ``.stat.json`` sidecar recording the size and
+modification times seen right after the verified download. A copy whose files no longer
+match the sidecar (missing, edited, truncated) is fetched again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lamin_io.storage._transfer import download
+
+if TYPE_CHECKING:
+    from upath import UPath
+
+    from lamin_io.storage._hashing import Manifest
+
+__all__ = ["cache_dir", "cached_copy"]
+
+SIDECAR = ".stat.json"
+
+
+def cache_dir() -> Path:
+    """Return the cache directory: ``$LAMIN_IO_CACHE_DIR`` or the platform's user cache."""
+    env = os.environ.get("LAMIN_IO_CACHE_DIR")
+    if env:
+        return Path(env).expanduser().resolve()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("lamin-io"))
+
+
+def _stat_tree(path: Path) -> dict[str, Any]:
+    if path.is_file():
+        st = path.stat()
+        return {"": [st.st_size, st.st_mtime_ns]}
+    out = {}
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            out[p.relative_to(path).as_posix()] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def _is_valid(local: Path) -> bool:
+    sidecar = local.parent / SIDECAR
+    if not local.exists() or not sidecar.exists():
+        return False
+    try:
+        recorded = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(recorded == _stat_tree(local))
+
+
+def cached_copy(src: UPath, *, sha256: str, name: str, manifest: Manifest | None,
+                what: str, mute: bool = False) -> Path:
+    """Return a verified local copy of ``src``, downloading it only when needed."""
+    local = cache_dir() / sha256 / name
+    if _is_valid(local):
+        return local
+    local.parent.mkdir(parents=True, exist_ok=True)
+    download(src, local, sha256=None if manifest else sha256, manifest=manifest,
+             what=what, mute=mute)
+    (local.parent / SIDECAR).write_text(json.dumps(_stat_tree(local)))
+    return local

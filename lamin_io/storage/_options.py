@@ -1,0 +1,150 @@
+"""Storage settings: one description of a storage root that every reader translates from.
+
+``StorageSettings`` is built once per storage root by :func:`lamin_io.connect` and handed
+down to fsspec (``fsspec_options``), pyarrow, polars and tiledbsoma, so all of them see the
+same endpoint, region and credentials. Secrets stay in memory: they are masked in every repr
+and never written to the registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypedDict
+
+__all__ = ["S3_DEFAULTS", "StorageOptions", "StorageSettings", "credential_fingerprint"]
+
+#: Keys whose values are secrets and are never shown or stored.
+SECRET_KEYS = frozenset({"key", "secret", "token", "password", "aws_secret_access_key",
+                         "aws_access_key_id", "aws_session_token", "session_token"})
+
+#: Bounded retries and timeouts so an unreachable endpoint fails in seconds, not minutes.
+S3_DEFAULTS: dict[str, Any] = {
+    "config_kwargs": {
+        "connect_timeout": 5,
+        "read_timeout": 60,
+        "retries": {"max_attempts": 2, "mode": "standard"},
+    },
+}
+
+_CREDENTIAL_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+)
+
+
+class StorageOptions(TypedDict, total=False):
+    """fsspec storage options understood for S3 roots (any other s3fs option passes through)."""
+
+    endpoint_url: str
+    anon: bool
+    key: str
+    secret: str
+    token: str
+    profile: str
+    client_kwargs: dict[str, Any]
+    config_kwargs: dict[str, Any]
+
+
+def credential_fingerprint() -> str:
+    """Return a digest of the ambient AWS credential sources (environment and config files).
+
+    The digest changes whenever credentials change, without ever holding them in clear.
+    """
+    h = hashlib.sha256()
+    for name in _CREDENTIAL_ENV:
+        h.update(f"{name}={os.environ.get(name, '')}\0".encode())
+    for env, default in (("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+                         ("AWS_CONFIG_FILE", "~/.aws/config")):
+        p = Path(os.environ.get(env, default)).expanduser()
+        try:
+            st = p.stat()
+            h.update(f"{p}:{st.st_mtime_ns}:{st.st_size}\0".encode())
+        except OSError:
+            h.update(f"{p}:-\0".encode())
+    return h.hexdigest()
+
+
+def mask(options: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``options`` with secret values replaced by ``'***'``."""
+    out: dict[str, Any] = {}
+    for k, v in options.items():
+        if k.lower() in SECRET_KEYS:
+            out[k] = "***"
+        elif isinstance(v, dict):
+            out[k] = mask(v)
+        else:
+            out[k] = v
+    return out
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """How to reach one storage root.
+
+    Parameters
+    ----------
+    root
+        ``/abs/local/dir`` or ``s3://bucket/prefix`` (no trailing slash).
+    endpoint_url
+        S3-compatible endpoint; defaults to ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``.
+    anon
+        Anonymous access, for public buckets.
+    region
+        AWS region, if it must be given explicitly.
+    options
+        Further fsspec options (may hold secrets; never persisted, never shown).
+    """
+
+    root: str
+    endpoint_url: str | None = None
+    anon: bool = False
+    region: str | None = None
+    options: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def protocol(self) -> str:
+        """``'file'`` for local roots, otherwise the URL scheme (``'s3'``)."""
+        return self.root.split("://", 1)[0] if "://" in self.root else "file"
+
+    @property
+    def is_remote(self) -> bool:
+        """Whether the root lives in an object store."""
+        return self.protocol != "file"
+
+    def public_dict(self) -> dict[str, Any]:
+        """Return the non-secret settings, safe to persist in the registry."""
+        return {"endpoint_url": self.endpoint_url, "anon": self.anon, "region": self.region}
+
+    def fsspec_options(self) -> dict[str, Any]:
+        """Return the options for ``fsspec.filesystem(protocol, **options)``."""
+        if not self.is_remote:
+            return {}
+        opts: dict[str, Any] = {"anon": self.anon}
+        if self.endpoint_url:
+            opts["endpoint_url"] = self.endpoint_url
+        if self.region:
+            opts.setdefault("client_kwargs", {})["region_name"] = self.region
+        opts.update(self.options)
+        return opts
+
+    def __repr__(self) -> str:
+        extra = f", options={mask(self.options)}" if self.options else ""
+        return (f"StorageSettings(root={self.root!r}, endpoint_url={self.endpoint_url!r}, "
+                f"anon={self.anon}, region={self.region!r}{extra})")
+
+
+def resolve_endpoint(endpoint_url: str | None) -> str | None:
+    """Return ``endpoint_url`` or the endpoint the standard AWS variables name."""
+    return (endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL") or None)

@@ -1,0 +1,92 @@
+"""The one place that turns user input into a :class:`upath.UPath`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from upath import UPath
+
+from lamin_io.errors import InvalidArgumentError
+from lamin_io.storage._filesystem import refresh_if_credentials_changed
+from lamin_io.storage._options import S3_DEFAULTS
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = ["PathLike", "is_local", "relative_key", "suffix_of", "to_upath"]
+
+PathLike = str | os.PathLike[str] | UPath
+
+#: Compression suffixes that belong to the suffix before them (``.h5ad.gz``, ``.csv.gz``).
+COMPRESSION_SUFFIXES = frozenset({".gz", ".bz2", ".xz", ".zst", ".lz4"})
+
+
+def _merge_defaults(options: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(options)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = {**v, **out[k]}
+    return out
+
+
+def to_upath(path: PathLike, storage_options: Mapping[str, Any] | None = None) -> UPath:
+    """Normalize a path or URL (``str``, ``Path``, ``UPath``) into an absolute ``UPath``.
+
+    Local paths are expanded and made absolute; ``s3://`` URLs get bounded retries and
+    timeouts unless ``storage_options`` override them. Filesystem instances are shared per
+    (protocol, options) through fsspec's instance cache, which is cleared when the ambient
+    AWS credentials change.
+    """
+    if isinstance(path, UPath) and not storage_options:
+        if path.protocol in ("", "file", "local"):
+            return UPath(Path(path.path).expanduser().resolve())
+        return path
+    if not isinstance(path, str | os.PathLike):
+        msg = f"expected a path or URL string, got {type(path).__name__}: {path!r}"
+        raise InvalidArgumentError(msg)
+    s = os.fspath(path)
+    if not s:
+        msg = "empty path: give a local path or a URL such as s3://bucket/key"
+        raise InvalidArgumentError(msg)
+    if "://" not in s or s.startswith("file://"):
+        local = s.removeprefix("file://")
+        return UPath(Path(local).expanduser().resolve())
+    protocol = s.split("://", 1)[0].lower()
+    options = dict(storage_options or {})
+    if protocol in ("s3", "s3a"):
+        options = _merge_defaults(options, S3_DEFAULTS)
+    refresh_if_credentials_changed(protocol)
+    return UPath(s.rstrip("/"), **options)
+
+
+def is_local(path: UPath) -> bool:
+    """Whether ``path`` is on the local filesystem."""
+    return path.protocol in ("", "file", "local")
+
+
+def suffix_of(name: str) -> str:
+    """Return a file name's suffix, keeping a compression suffix with the one before it.
+
+    >>> suffix_of("pbmc.h5ad.gz"), suffix_of("x/y.zarr"), suffix_of("table")
+    ('.h5ad.gz', '.zarr', '')
+    """
+    suffixes = PurePosixPath(name.rstrip("/")).suffixes
+    if not suffixes:
+        return ""
+    if suffixes[-1].lower() in COMPRESSION_SUFFIXES and len(suffixes) >= 2:
+        return "".join(suffixes[-2:])
+    return suffixes[-1]
+
+
+def relative_key(path: UPath, root: UPath) -> str | None:
+    """Return ``path`` relative to ``root`` as a POSIX key, or ``None`` if it lies outside."""
+    if path.protocol != root.protocol and not (is_local(path) and is_local(root)):
+        return None
+    p, r = str(path.path).rstrip("/"), str(root.path).rstrip("/")
+    if p.startswith(r + "/"):
+        return p[len(r) + 1 :]
+    return None

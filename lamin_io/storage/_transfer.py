@@ -1,0 +1,189 @@
+"""Moving bytes: conditional uploads, verified downloads, removal and stored-object checks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from lamin_io.errors import (
+    CorruptArtifactError,
+    ObjectExistsError,
+    SourceChangedError,
+    StorageModifiedError,
+    StorageObjectMissingError,
+)
+from lamin_io.storage._hashing import BLOCK_SIZE, Manifest, hash_stream
+from lamin_io.storage._paths import is_local
+from lamin_io.storage._progress import ProgressCallback
+
+if TYPE_CHECKING:
+    from upath import UPath
+
+__all__ = ["download", "fingerprint", "remove", "upload"]
+
+UPLOAD_BLOCK = 64 * 2**20  # multipart part size for S3 uploads
+
+
+def _is_precondition_failure(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}"
+    return "PreconditionFailed" in text or "412" in text or isinstance(exc, FileExistsError)
+
+
+def _copy_verified(src_fs: Any, src: str, fout: BinaryIO, expected: str,
+                   cb: ProgressCallback) -> None:
+    try:
+        with src_fs.open(src, "rb", block_size=BLOCK_SIZE) as fin:
+            digest, _ = hash_stream(fin, cb, sink=fout)
+    except FileNotFoundError as exc:
+        msg = f"{src} disappeared while it was being saved: save again"
+        raise SourceChangedError(msg) from exc
+    if digest != expected:
+        msg = f"{src} changed while it was being saved (its hash moved): save again"
+        raise SourceChangedError(msg)
+
+
+def upload(src: UPath, dest: UPath, *, sha256: str, manifest: Manifest | None,
+           mute: bool = False) -> None:
+    """Copy exactly the hashed content of ``src`` to ``dest``, never overwriting anything.
+
+    Every byte is hashed again while it streams and must match ``sha256`` (a file) or the
+    ``manifest`` (a folder), so a source edited between hashing and upload is refused with
+    :class:`SourceChangedError`. Local targets are assembled under a temporary name and
+    published with ``link``/``rename``; S3 targets are written with a conditional create
+    (``If-None-Match: *``), so two writers cannot overwrite each other. On failure a
+    partially written S3 target may remain: the caller removes it (its key is unique).
+    """
+    entries = [("", 0, sha256)] if manifest is None else list(manifest.entries)
+    src_fs, src_root = src.fs, src.path.rstrip("/")
+    total = manifest.size if manifest is not None else int(src_fs.info(src_root)["size"])
+    with ProgressCallback(f"uploading {src.name}", mute=mute) as cb:
+        cb.set_size(total)
+        if is_local(dest):
+            _publish_local(src_fs, src_root, entries, Path(dest.path), cb)
+            return
+        fs, root = dest.fs, dest.path.rstrip("/")
+        for rel, _, digest in entries:
+            target = f"{root}/{rel}" if rel else root
+            try:
+                with fs.open(target, "xb", block_size=UPLOAD_BLOCK) as fout:
+                    _copy_verified(src_fs, f"{src_root}/{rel}" if rel else src_root,
+                                   fout, digest, cb)
+            except SourceChangedError:
+                raise
+            except Exception as exc:
+                if _is_precondition_failure(exc):
+                    msg = f"refusing to overwrite existing object {dest.protocol}://{target}"
+                    raise ObjectExistsError(msg) from exc
+                raise
+
+
+def _publish_local(src_fs: Any, src_root: str, entries: list[tuple[str, int, str]],
+                   dest: Path, cb: ProgressCallback) -> None:
+    """Assemble a verified copy beside ``dest``, then publish it without overwriting."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex}"
+    try:
+        for rel, _, digest in entries:
+            target = tmp / rel if rel else tmp
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with target.open("wb") as fout:
+                _copy_verified(src_fs, f"{src_root}/{rel}" if rel else src_root,
+                               fout, digest, cb)
+        try:
+            if rel:  # a folder: rename fails when dest exists and is not empty
+                os.rename(tmp, dest)
+            else:  # a file: link is an atomic create-if-absent
+                os.link(tmp, dest)
+        except OSError as exc:
+            msg = f"refusing to overwrite existing {dest}"
+            raise ObjectExistsError(msg) from exc
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def fingerprint(path: UPath) -> dict[str, Any]:
+    """Return what identifies a stored object's current state cheaply (no content read).
+
+    S3: size and ETag (and version id where the bucket keeps versions); local: size and
+    modification time. Raises :class:`StorageObjectMissingError` when the object is gone.
+    """
+    try:
+        info = path.fs.info(path.path)
+    except FileNotFoundError as exc:
+        msg = f"stored object {path} is missing"
+        raise StorageObjectMissingError(msg) from exc
+    fp: dict[str, Any] = {"size": int(info.get("size") or 0)}
+    if is_local(path):
+        fp["mtime_ns"] = os.stat(path.path).st_mtime_ns
+    else:
+        etag = info.get("ETag") or info.get("etag")
+        if etag:
+            fp["etag"] = str(etag).strip('"')
+        if info.get("VersionId") not in (None, "null"):
+            fp["version_id"] = info["VersionId"]
+    return fp
+
+
+def _download_file(src_fs: Any, src: str, dest: Path, expected: str | None,
+                   cb: ProgressCallback, what: str) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with src_fs.open(src, "rb", block_size=BLOCK_SIZE) as fin, dest.open("wb") as fout:
+            digest, _ = hash_stream(fin, cb, sink=fout)
+    except FileNotFoundError as exc:
+        msg = f"{what}: stored file {src} is missing"
+        raise CorruptArtifactError(msg) from exc
+    if expected is not None and digest != expected:
+        msg = (f"{what}: stored bytes at {src} no longer match the registry record "
+               f"(sha256 {digest[:12]}... != {expected[:12]}...); the object was modified "
+               f"behind the registry's back: save it again as a new version")
+        raise StorageModifiedError(msg)
+
+
+def download(src: UPath, dest: Path, *, sha256: str | None, manifest: Manifest | None,
+             what: str, mute: bool = False) -> None:
+    """Download a file or folder to ``dest``, verifying every byte against the record.
+
+    The copy is written beside ``dest`` and swapped in only when complete and verified, so
+    a failed or mismatching download leaves any previous ``dest`` untouched.
+    """
+    tmp = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex}"
+    fs, root = src.fs, src.path.rstrip("/")
+    try:
+        with ProgressCallback(f"downloading {dest.name}", mute=mute) as cb:
+            if manifest is None:
+                cb.set_size(int(fs.info(root).get("size") or 0))
+                _download_file(fs, root, tmp, sha256, cb, what)
+            else:
+                cb.set_size(manifest.size)
+                tmp.mkdir(parents=True)
+                for rel, _, digest in manifest.entries:
+                    _download_file(fs, f"{root}/{rel}", tmp / rel, digest, cb, what)
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        elif dest.exists():
+            dest.unlink()
+        os.replace(tmp, dest)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def remove(path: UPath) -> None:
+    """Delete a stored file or folder; a missing one is not an error."""
+    fs = path.fs
+    try:
+        if path.is_dir():
+            fs.rm(path.path.rstrip("/"), recursive=True)
+        else:
+            fs.rm_file(path.path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,145 @@
+"""Shared fixtures: a real S3-protocol server on loopback, isolated registries and storage."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+BUCKET = "lamin-io-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """Start moto's S3 server on 127.0.0.1 at a free port, with one bucket."""
+    from moto.server import ThreadedMotoServer
+
+    os.environ.update({
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    })
+    os.environ.pop("AWS_PROFILE", None)
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
+        Bucket=BUCKET)
+    yield endpoint
+    server.stop()
+
+
+def _postgres_database(base_url: str) -> Iterator[str]:
+    """Create a throw-away database on the test server; drop it afterwards."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    name = f"lamin_io_test_{uuid.uuid4().hex[:12]}"
+    url = make_url(base_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield url.set(database=name).set(drivername="postgresql").render_as_string(
+        hide_password=False)
+    from lamin_io.registry import disconnect
+
+    disconnect()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Keep every test's data, cache and settings inside its own tmp_path."""
+    for name in ("LAMIN_IO_REGISTRY", "LAMIN_IO_STORAGE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LAMIN_IO_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("LAMIN_IO_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LAMIN_IO_CONFIG_DIR", str(tmp_path / "config"))
+    yield
+    from lamin_io.registry import disconnect
+
+    disconnect()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh registry: a SQLite file, or a database on LAMIN_IO_TEST_POSTGRES."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "registry.db")
+        return
+    base = os.environ.get("LAMIN_IO_TEST_POSTGRES")
+    if not base:
+        pytest.skip("LAMIN_IO_TEST_POSTGRES is not set")
+    yield from _postgres_database(base)
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def storage_root(storage_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A fresh storage root: a local directory or a unique prefix in the test bucket."""
+    if storage_kind == "local":
+        return str(tmp_path / "storage")
+    request.getfixturevalue("s3_endpoint")
+    return f"s3://{BUCKET}/{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def conn(storage_root: str, tmp_path: Path, request: pytest.FixtureRequest) -> Any:
+    """A connection to a fresh SQLite registry and a fresh local or S3 storage root."""
+    import lamin_io as ln
+
+    endpoint = request.getfixturevalue("s3_endpoint") if storage_root.startswith("s3") else None
+    return ln.connect(tmp_path / "registry.db", storage_root, endpoint_url=endpoint)
+
+
+@pytest.fixture
+def conn_any_db(storage_root: str, registry_url: str, request: pytest.FixtureRequest) -> Any:
+    """Like ``conn`` but over every registry backend (SQLite, and PostgreSQL when set)."""
+    import lamin_io as ln
+
+    endpoint = request.getfixturevalue("s3_endpoint") if storage_root.startswith("s3") else None
+    return ln.connect(registry_url, storage_root, endpoint_url=endpoint)
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def snapshot(conn: Any) -> tuple[list[tuple[Any, ...]], list[str]]:
+    """The registry rows and the stored object names: to check that nothing changed."""
+    from sqlalchemy import select
+
+    from lamin_io.registry import _schema as s
+
+    with conn.db.read() as c:
+        rows = sorted(tuple(r) for r in c.execute(select(s.artifact)).all())
+        rows += sorted(tuple(r) for r in c.execute(select(s.collection)).all())
+    root = conn.root
+    try:
+        names = sorted(str(p) for p in root.fs.find(root.path))
+    except FileNotFoundError:
+        names = []
+    return rows, names
