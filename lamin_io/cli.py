@@ -183,3 +183,7 @@ def gc(older_than: float, dry_run: bool) -> None:  # noqa: FBT001
 def main() -> None:
     """Entry point of the ``lamin-io`` script."""
     cli()
+
+
+if __name__ == "__main__":
+    main()

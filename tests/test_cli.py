@@ -1,0 +1,69 @@
+"""The lamin-io command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import write_bytes
+
+
+@pytest.fixture
+def cli_env(tmp_path):
+    env = os.environ.copy()
+    env.update(LAMIN_IO_CONFIG_DIR=str(tmp_path / "config"),
+               LAMIN_IO_DATA_DIR=str(tmp_path / "data"),
+               LAMIN_IO_CACHE_DIR=str(tmp_path / "cache"))
+    for name in ("LAMIN_IO_REGISTRY", "LAMIN_IO_STORAGE"):
+        env.pop(name, None)
+    return env
+
+
+def run(env, *args, check_rc=0):
+    proc = subprocess.run([sys.executable, "-m", "lamin_io.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == check_rc, (proc.stdout, proc.stderr)
+    return proc
+
+
+def test_cli_round_trip(cli_env, tmp_path):
+    out = run(cli_env, "connect", "--registry", str(tmp_path / "r.db"),
+              "--storage", str(tmp_path / "store")).stdout
+    assert "r.db" in out
+    f = write_bytes(tmp_path / "t.csv", b"a\n1\n")
+    assert "t.csv" in run(cli_env, "save", str(f), "--key", "proj/t.csv").stdout
+    listing = run(cli_env, "ls", "proj/").stdout
+    assert "proj/t.csv" in listing
+    assert "sha256" in run(cli_env, "describe", "proj/t.csv").stdout
+    path = run(cli_env, "cache", "proj/t.csv").stdout.strip()
+    assert open(path, "rb").read() == b"a\n1\n"  # noqa: PTH123
+    run(cli_env, "delete", "proj/t.csv", check_rc=2)  # no --yes off a terminal
+    run(cli_env, "delete", "proj/t.csv", "--yes")
+    assert "proj/t.csv" not in run(cli_env, "ls").stdout
+    assert "0 unfinished" in run(cli_env, "gc").stdout
+
+
+def test_cli_errors_and_help(cli_env, tmp_path):
+    run(cli_env, "connect", "--registry", str(tmp_path / "r.db"),
+        "--storage", str(tmp_path / "store"))
+    err = run(cli_env, "describe", "missing.csv", check_rc=3).stderr
+    assert err.startswith("error: no artifact matches")
+    assert "Traceback" not in err
+    assert "does not exist" in run(cli_env, "save", str(tmp_path / "nope.csv"),
+                                   check_rc=3).stderr
+    f = write_bytes(tmp_path / "t.csv", b"a\n1\n")
+    assert "unsafe key" in run(cli_env, "save", str(f), "--key", "../t.csv",
+                               check_rc=1).stderr
+    for cmd in ("connect", "save", "ls", "describe", "cache", "delete", "gc"):
+        assert "Usage:" in run(cli_env, cmd, "--help").stdout
+    assert "Exit codes" in run(cli_env, "--help").stdout
+    run(cli_env, "frobnicate", check_rc=2)
+
+
+def test_import_is_light():
+    code = ("import sys, lamin_io; heavy = {'sqlalchemy', 'anndata', 'pandas', 's3fs', "
+            "'zarr', 'h5py', 'pyarrow', 'torch', 'polars'} & set(sys.modules); "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
