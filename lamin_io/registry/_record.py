@@ -203,8 +203,9 @@ def family_of(conn: Connection, table: Table, key: str | None,
         return str(revises._saved().family_uid)
     if key is None:
         return None
+    # pending rows count too: a concurrent first save of this key already chose the family
     row = conn.execute(select(table.c.family_uid)
-                       .where(table.c.key == key, table.c.status == READY)
+                       .where(table.c.key == key, table.c.status.in_((READY, PENDING)))
                        .order_by(table.c.is_latest.desc(), table.c.id.desc())).first()
     return None if row is None else str(row.family_uid)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,8 @@ COMPRESSION_SUFFIXES = frozenset({".gz", ".bz2", ".xz", ".zst", ".lz4"})
 
 
 def _merge_defaults(options: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    # deep copies: botocore rewrites the retries dict it is given in place
+    defaults = copy.deepcopy(dict(defaults))
     out = dict(options)
     for k, v in defaults.items():
         if k not in out:
