@@ -27,6 +27,7 @@ __all__ = [
     "disconnect",
     "errors",
     "gc",
+    "open",
 ]
 
 _LAZY = {
@@ -36,9 +37,11 @@ _LAZY = {
     "connect": "lamin_io.registry",
     "disconnect": "lamin_io.registry",
     "gc": "lamin_io.registry",
+    "open": "lamin_io.accessors",
 }
 
 if TYPE_CHECKING:
+    from lamin_io.accessors import open
     from lamin_io.registry import Artifact, ArtifactSet, Collection, connect, disconnect, gc
 
 

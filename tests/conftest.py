@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -16,33 +15,20 @@ if TYPE_CHECKING:
 BUCKET = "lamin-io-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[Any]:
+    """moto's S3 server on 127.0.0.1 at a free port, with one bucket, counting traffic."""
+    from lamin_io.testing import S3Server
+
+    os.environ.pop("AWS_PROFILE", None)
+    with S3Server(BUCKET) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """Start moto's S3 server on 127.0.0.1 at a free port, with one bucket."""
-    from moto.server import ThreadedMotoServer
-
-    os.environ.update({
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    })
-    os.environ.pop("AWS_PROFILE", None)
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
-        Bucket=BUCKET)
-    yield endpoint
-    server.stop()
+def s3_endpoint(s3_server: Any) -> str:
+    """The endpoint URL of the session's S3 server."""
+    return str(s3_server.endpoint)
 
 
 def _postgres_database(base_url: str) -> Iterator[str]:

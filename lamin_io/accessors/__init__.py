@@ -1,5 +1,21 @@
 """Lazy readers, one module per family of formats, dispatched through the format table."""
 
-from lamin_io.accessors._formats import Format, format_for, formats, register_format
+from lamin_io.accessors._formats import (
+    Format,
+    format_for,
+    formats,
+    register_format,
+    supported_suffixes,
+)
+from lamin_io.accessors._open import open
+from lamin_io.accessors._tables import open_many
 
-__all__ = ["Format", "format_for", "formats", "register_format"]
+__all__ = [
+    "Format",
+    "format_for",
+    "formats",
+    "open",
+    "open_many",
+    "register_format",
+    "supported_suffixes",
+]

@@ -18,7 +18,7 @@ from lamin_io.errors import MissingDependencyError, UnsupportedFormatError
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["Format", "format_for", "formats", "register_format"]
+__all__ = ["Format", "format_for", "formats", "register_format", "supported_suffixes"]
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,12 @@ class Format:
     load
         ``"module:function"`` taking ``(path, **kwargs)`` and returning an in-memory object.
     open
-        ``"module:function"`` returning a lazy accessor, or ``None`` if not supported yet.
+        ``"module:function"`` taking ``(path, *, mode, on_close, **kwargs)`` and returning a
+        lazy accessor; ``None`` if the format cannot be opened lazily.
+    can_open
+        ``"module:function"`` taking ``(path)`` and returning whether this format owns the
+        stored object, for suffixes several formats share (``.zarr``, ``.h5``). Formats with a
+        probe are asked first, in registration order; one without a probe is the fallback.
     extra
         The ``lamin-io[...]`` extra that provides the reader's dependencies, if any.
     """
@@ -43,10 +48,11 @@ class Format:
     suffixes: tuple[str, ...]
     load: str | None = None
     open: str | None = None
+    can_open: str | None = None
     extra: str | None = None
 
     def resolve(self, what: str) -> Callable[..., Any]:
-        """Import and return the reader named by attribute ``what`` (``"load"``/``"open"``)."""
+        """Import and return the function named by attribute ``what``."""
         target = getattr(self, what)
         if target is None:
             supported = ", ".join(f.name for f in formats() if getattr(f, what))
@@ -64,21 +70,31 @@ class Format:
 
 
 _BY_NAME: dict[str, Format] = {}
-_BY_SUFFIX: dict[str, Format] = {}
+_BY_SUFFIX: dict[str, list[Format]] = {}
 _entry_points_loaded = False
 
 
 def register_format(fmt: Format, *, override: bool = False) -> None:
-    """Add a format to the table; claiming a suffix another format owns is an error."""
-    if not override:
+    """Add a format to the table.
+
+    Several formats may share a suffix when all but one carry a ``can_open`` probe; two
+    formats without a probe claiming the same suffix is an error (unless ``override``).
+    """
+    if fmt.name in _BY_NAME and not override:
+        msg = f"format {fmt.name!r} is already registered"
+        raise ValueError(msg)
+    if fmt.can_open is None and not override:
         for s in fmt.suffixes:
-            owner = _BY_SUFFIX.get(s)
-            if owner is not None and owner.name != fmt.name:
-                msg = f"suffix {s!r} is already registered by format {owner.name!r}"
-                raise ValueError(msg)
+            for owner in _BY_SUFFIX.get(s, []):
+                if owner.can_open is None and owner.name != fmt.name:
+                    msg = f"suffix {s!r} is already registered by format {owner.name!r}"
+                    raise ValueError(msg)
     _BY_NAME[fmt.name] = fmt
     for s in fmt.suffixes:
-        _BY_SUFFIX[s] = fmt
+        owners = [f for f in _BY_SUFFIX.get(s, []) if f.name != fmt.name]
+        owners.append(fmt)
+        # probed formats first, in registration order; the probe-less fallback last
+        _BY_SUFFIX[s] = sorted(owners, key=lambda f: f.can_open is None)
 
 
 def _load_entry_points() -> None:
@@ -99,23 +115,41 @@ def formats() -> list[Format]:
     return list(_BY_NAME.values())
 
 
-def format_for(suffix: str) -> Format:
-    """Return the format claiming ``suffix``, or raise :class:`UnsupportedFormatError`."""
+def supported_suffixes() -> list[str]:
+    """Return every suffix some format claims."""
     _load_entry_points()
-    fmt = _BY_SUFFIX.get(suffix.lower())
-    if fmt is None:
-        supported = ", ".join(sorted(_BY_SUFFIX))
+    return sorted(_BY_SUFFIX)
+
+
+def format_for(suffix: str, path: Any = None, *, what: str = "load") -> Format:
+    """Return the format for ``suffix``, probing ``path`` where several formats share it.
+
+    Raises :class:`UnsupportedFormatError` listing the supported suffixes.
+    """
+    _load_entry_points()
+    candidates = [f for f in _BY_SUFFIX.get(suffix.lower(), []) if getattr(f, what)]
+    if not candidates:
         shown = repr(suffix) if suffix else "no suffix"
-        msg = f"no reader for {shown}; supported suffixes: {supported}"
+        able = sorted(s for s, fs in _BY_SUFFIX.items() if any(getattr(f, what) for f in fs))
+        msg = f"cannot {what} {shown}; supported suffixes: {', '.join(able)}"
         raise UnsupportedFormatError(msg)
-    return fmt
+    for fmt in candidates:
+        if fmt.can_open is None or path is None or fmt.resolve("can_open")(path):
+            return fmt
+    return candidates[-1]
 
 
 _A = "lamin_io.accessors._anndata"
+_B = "lamin_io.accessors._backed"
+_S = "lamin_io.accessors._spatialdata"
 _T = "lamin_io.accessors._tables"
 for _fmt in (
-    Format("h5ad", (".h5ad", ".h5ad.gz", ".h5", ".hdf5"), load=f"{_A}:load_anndata"),
-    Format("zarr", (".zarr",), load=f"{_A}:load_anndata"),
+    Format("spatialdata", (".zarr",), open=f"{_S}:open_spatialdata",
+           can_open=f"{_S}:is_spatialdata"),
+    Format("anndata", (".h5ad", ".h5ad.gz", ".h5", ".hdf5", ".zarr"), load=f"{_A}:load_anndata",
+           open=f"{_A}:open_anndata", can_open=f"{_A}:is_anndata"),
+    Format("hdf5", (".h5", ".hdf5"), open=f"{_B}:open_backed"),
+    Format("zarr", (".zarr",), open=f"{_B}:open_backed"),
     Format("parquet", (".parquet", ".pq"), load=f"{_T}:load_table"),
     Format("csv", (".csv", ".csv.gz", ".tsv", ".tsv.gz"), load=f"{_T}:load_table"),
 ):

@@ -25,3 +25,33 @@ def load_table(path: UPath, **kwargs: Any) -> pd.DataFrame:
     if suffix.startswith(".tsv"):
         kwargs.setdefault("sep", "\t")
     return pd.read_csv(target, storage_options=options, **kwargs)
+
+
+def _pyarrow_format(suffix: str) -> str:
+    from lamin_io.errors import UnsupportedFormatError
+
+    formats = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "csv"}
+    fmt = formats.get(suffix.lower())
+    if fmt is None:
+        msg = f"pyarrow cannot open {suffix!r} as a dataset; supported: {', '.join(formats)}"
+        raise UnsupportedFormatError(msg)
+    return fmt
+
+
+def open_many(paths: list[UPath], *, engine: str = "pyarrow", **kwargs: Any) -> Any:
+    """Open several table files of one format as one ``pyarrow.dataset.Dataset``."""
+    import pyarrow.dataset as ds
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    from lamin_io.errors import InvalidArgumentError, UnsupportedFormatError
+
+    if engine != "pyarrow":
+        msg = f"engine {engine!r} is not supported; engines: 'pyarrow'"
+        raise InvalidArgumentError(msg)
+    suffixes = {suffix_of(p.name).lower() for p in paths}
+    if len(suffixes) != 1:
+        msg = f"cannot open mixed formats {sorted(suffixes)} as one dataset"
+        raise UnsupportedFormatError(msg)
+    fs = PyFileSystem(FSSpecHandler(paths[0].fs))
+    return ds.dataset([p.path for p in paths], format=_pyarrow_format(suffixes.pop()),
+                      filesystem=fs, **kwargs)

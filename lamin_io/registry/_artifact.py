@@ -393,6 +393,44 @@ class Artifact(Record):
         loader = format_for(self.suffix).resolve("load")
         return loader(to_upath(self.cache()), **kwargs)
 
+    def open(self, mode: str = "r", **kwargs: Any) -> Any:
+        """Open lazily where the bytes lie (see :func:`lamin_io.open`).
+
+        ``mode="r+"`` on an AnnData ``.zarr`` works on a private copy; closing the accessor
+        saves that copy as a new version of this artifact (the registered version stays
+        immutable: the record is the truth).
+        """
+        from lamin_io.accessors import open as open_path
+
+        path = self.verify()
+        if mode == "r" or self.suffix.lower() != ".zarr":
+            return open_path(path, mode, **kwargs)
+        return self._open_writable_copy(mode, **kwargs)
+
+    def _open_writable_copy(self, mode: str, **kwargs: Any) -> Any:
+        import shutil
+        import tempfile
+
+        from lamin_io.accessors import open as open_path
+
+        staging = Path(tempfile.mkdtemp(prefix="lamin-io-edit-"))
+        copy = staging / PurePosixPath(self.key or f"{self.uid}{self.suffix}").name
+        shutil.copytree(self.cache(), copy)
+        previous = self
+
+        def save_new_version() -> Artifact:
+            try:
+                return Artifact(copy, key=previous.key, description=previous.description,
+                                revises=previous).save()
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+
+        try:
+            return open_path(copy, mode, on_close=save_new_version, **kwargs)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
     # -- deleting --------------------------------------------------------------------------
 
     def delete(self, *, storage: bool | None = None) -> None:
@@ -479,6 +517,18 @@ class ArtifactSet(RecordSet[Artifact]):
     def cache(self, *, mute: bool = False) -> list[Path]:
         """Return local paths of every artifact, in order."""
         return [a.cache(mute=mute) for a in self]
+
+    def open(self, *, engine: str = "pyarrow", **kwargs: Any) -> Any:
+        """Open all artifacts as one dataset: a pyarrow ``Dataset`` or a polars ``LazyFrame``.
+
+        Mixed formats, or files on filesystems the engine cannot combine, raise a clear error.
+        """
+        from lamin_io.accessors import open_many
+
+        if not self:
+            msg = "no artifacts to open: the query matched nothing"
+            raise InvalidArgumentError(msg)
+        return open_many([a.verify() for a in self], engine=engine, **kwargs)
 
 
 Artifact._set = ArtifactSet

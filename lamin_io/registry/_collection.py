@@ -127,6 +127,10 @@ class Collection(Record):
         """Return local paths of every member, in order (downloading S3 objects once)."""
         return self.artifacts.cache(mute=mute)
 
+    def open(self, *, engine: str = "pyarrow", **kwargs: Any) -> Any:
+        """Open all member artifacts as one dataset (see :meth:`ArtifactSet.open`)."""
+        return self.artifacts.open(engine=engine, **kwargs)
+
     def delete(self) -> None:
         """Delete the collection record; its artifacts stay."""
         row = self._saved()
