@@ -10,11 +10,14 @@ from __future__ import annotations
 __all__ = [
     "ArtifactNotFoundError",
     "CorruptArtifactError",
+    "AccessorClosedError",
+    "IndexOutOfRangeError",
     "InvalidArgumentError",
     "InvalidKeyError",
     "LaminIOError",
     "MissingDependencyError",
     "MultipleResultsError",
+    "NameNotFoundError",
     "ObjectExistsError",
     "PathNotFoundError",
     "RegistryError",
@@ -26,6 +29,7 @@ __all__ = [
     "StorageObjectMissingError",
     "StorageUnreachableError",
     "UnsupportedFormatError",
+    "WriteNotSupportedError",
 ]
 
 
@@ -102,3 +106,22 @@ class SourceChangedError(StorageError):
 
 class ObjectExistsError(StorageError, FileExistsError):
     """A conditional create found an object already at the target key."""
+
+
+class IndexOutOfRangeError(LaminIOError, IndexError):
+    """A positional index lies outside an axis."""
+
+
+class NameNotFoundError(LaminIOError, KeyError):
+    """An obs/var name or an element key does not exist."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
+class AccessorClosedError(LaminIOError, ValueError):
+    """An accessor was used after ``close()``."""
+
+
+class WriteNotSupportedError(LaminIOError, ValueError):
+    """A write mode was asked of a format or store that cannot be written back."""

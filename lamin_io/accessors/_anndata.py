@@ -1,17 +1,139 @@
-"""AnnData stored as ``.h5ad`` (HDF5) or ``.zarr``."""
+"""AnnData stored as ``.h5ad`` (HDF5) or ``.zarr``: lazy access and whole loads.
+
+:class:`AnnDataAccessor` mirrors AnnData's surface without reading anything until an
+element is asked for. Subsets (``a[mask, genes]``) are cheap selections; their elements are
+read through :func:`lamin_io.accessors._rows.read_matrix`, which reads only the rows that
+hold the selection.
+"""
 
 from __future__ import annotations
 
 import gzip
-from typing import TYPE_CHECKING, Any
+import logging
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
+
+from lamin_io.accessors import _elements as el
+from lamin_io.accessors._index import Selection, length, resolve, split_key
+from lamin_io.accessors._rows import read_matrix
+from lamin_io.errors import (
+    AccessorClosedError,
+    CorruptArtifactError,
+    InvalidArgumentError,
+    NameNotFoundError,
+    UnsupportedFormatError,
+    WriteNotSupportedError,
+)
 from lamin_io.storage import is_local, suffix_of
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import anndata as ad
+    import pandas as pd
     from upath import UPath
 
-__all__ = ["load_anndata"]
+__all__ = ["AnnDataAccessor", "is_anndata", "load_anndata", "open_anndata"]
+
+logger = logging.getLogger(__name__)
+
+_ELEMENTS = ("X", "obs", "var", "layers", "obsm", "varm", "obsp", "varp", "uns", "raw")
+
+
+# -- opening -------------------------------------------------------------------------------
+
+def _open_hdf5(path: UPath, mode: str) -> tuple[Any, list[Any], Any]:
+    """Return ``(h5py.File, handles to close, RangeFile or None)``."""
+    import h5py
+
+    from lamin_io.storage._rangefile import RangeFile
+
+    gz = suffix_of(path.name).lower().endswith(".gz")
+    if is_local(path) and not gz:
+        try:
+            return h5py.File(path.path, mode), [], None
+        except OSError as exc:
+            msg = f"{path} is not a readable HDF5 file (truncated or damaged?): {exc}"
+            raise CorruptArtifactError(msg) from exc
+    raw: Any = path.fs.open(path.path, "rb") if is_local(path) else RangeFile(path)
+    handles = [raw]
+    fileobj = raw
+    if gz:
+        fileobj = gzip.GzipFile(fileobj=raw, mode="rb")
+        handles.insert(0, fileobj)
+    try:
+        return h5py.File(fileobj, mode), handles, None if gz else raw
+    except OSError as exc:
+        for h in handles:
+            h.close()
+        msg = f"{path} is not a readable HDF5 file (truncated or damaged?): {exc}"
+        raise CorruptArtifactError(msg) from exc
+
+
+def open_zarr_group(path: UPath, mode: Literal["r", "r+"]) -> Any:
+    """Open a zarr group (format 2 or 3, consolidated or not), locally or remotely."""
+    import zarr
+
+    try:
+        if is_local(path):
+            return zarr.open_group(path.path, mode=mode)
+        from zarr.storage import FsspecStore
+
+        store = FsspecStore.from_url(str(path), storage_options=dict(path.storage_options),
+                                     read_only=mode == "r")
+        return zarr.open_group(store, mode=mode)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
+        msg = f"{path} is not a readable zarr group (corrupt or missing metadata?): {exc}"
+        raise CorruptArtifactError(msg) from exc
+
+
+def _is_anndata_group(group: Any) -> bool:
+    if el.encoding(group) == "anndata":
+        return True
+    keys = set(group.keys())
+    return "obs" in keys and "var" in keys
+
+
+def is_anndata(path: UPath) -> bool:
+    """Probe whether ``path`` holds an AnnData (encoding attribute, or obs and var)."""
+    try:
+        if suffix_of(path.name).lower() == ".zarr":
+            return _is_anndata_group(open_zarr_group(path, "r"))
+        file, handles, _ = _open_hdf5(path, "r")
+    except CorruptArtifactError:
+        return suffix_of(path.name).lower().startswith(".h5ad")  # let the opener report it
+    try:
+        return _is_anndata_group(file)
+    finally:
+        file.close()
+        for h in handles:
+            h.close()
+
+
+def open_anndata(path: UPath, *, mode: str = "r",
+                 on_close: Callable[[], Any] | None = None) -> AnnDataAccessor:
+    """Open an AnnData ``.h5ad``/``.zarr`` lazily (the format table's opener)."""
+    suffix = suffix_of(path.name).lower()
+    is_zarr = suffix == ".zarr"
+    if mode != "r" and not (is_zarr and mode == "r+"):
+        what = "an AnnData .zarr store" if is_zarr else f"{suffix or 'this'} file"
+        msg = (f"cannot open {what} in mode {mode!r}: h5ad is read-only here; open a .zarr "
+               f"store with mode='r+' to add columns")
+        raise WriteNotSupportedError(msg)
+    if is_zarr:
+        group = open_zarr_group(path, "r+" if mode == "r+" else "r")
+        store = _Store(group, handles=[], path=str(path), mode=mode, on_close=on_close)
+    else:
+        file, handles, rangefile = _open_hdf5(path, "r")
+        store = _Store(file, handles=[file, *handles], path=str(path), mode="r",
+                       rangefile=rangefile)
+    if not _is_anndata_group(store.group):
+        store.close()
+        msg = f"{path} holds no AnnData (no obs/var); open it with lamin_io.open() as generic"
+        raise UnsupportedFormatError(msg)
+    return AnnDataAccessor(store)
 
 
 def load_anndata(path: UPath, **kwargs: Any) -> ad.AnnData:
@@ -29,3 +151,501 @@ def load_anndata(path: UPath, **kwargs: Any) -> ad.AnnData:
         return ad.read_h5ad(path.path, **kwargs)
     with path.open("rb") as f:
         return ad.read_h5ad(f, **kwargs)
+
+
+# -- the shared store ----------------------------------------------------------------------
+
+class _Store:
+    """An open file or group shared by an accessor and every subset made from it."""
+
+    def __init__(self, group: Any, *, handles: list[Any], path: str, mode: str,
+                 on_close: Callable[[], Any] | None = None, rangefile: Any = None,
+                 prefix: str = "") -> None:
+        self.group = group
+        self.handles = handles
+        self.path = path
+        self.mode = mode
+        self.on_close = on_close
+        self.rangefile = rangefile
+        self.closed = False
+        self.modified = False
+        self._cache: dict[str, Any] = {}
+
+    def check(self) -> None:
+        if self.closed:
+            msg = f"the accessor of {self.path} is closed"
+            raise AccessorClosedError(msg)
+
+    def has(self, key: str) -> bool:
+        self.check()
+        return key in self.group
+
+    def get(self, key: str) -> Any:
+        self.check()
+        if key not in self.group:
+            msg = f"{self.path} has no element {key!r}"
+            raise NameNotFoundError(msg)
+        return self.group[key]
+
+    def cached(self, key: str, make: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def invalidate(self) -> None:
+        self._cache.clear()
+
+    def matrix(self, key: str) -> Any:
+        """Return the on-disk matrix at ``key``: dense array or ``SparseParts`` (cached)."""
+        return self.cached(f"matrix:{key}", lambda: el.matrix(self.get(key)))
+
+    def uns_group(self) -> Any:
+        return self.group["uns"] if "uns" in self.group else None
+
+    def dataframe(self, key: str) -> pd.DataFrame:
+        return self.cached(f"df:{key}", lambda: el.read_dataframe(self.get(key),
+                                                                   self.uns_group()))
+
+    def axis_names(self, key: str) -> pd.Index:
+        return self.cached(f"names:{key}", lambda: _index_of(self.get(key), self, key))
+
+    def axis_length(self, key: str) -> int:
+        return self.cached(f"len:{key}", lambda: _length_of(self.get(key)))
+
+    def read(self, key: str, rows: Selection | None, cols: Selection | None) -> Any:
+        """Read ``key[rows, cols]`` through the batched read path."""
+        parts = self.matrix(key)
+        prefetch = None if self.rangefile is None else self._prefetch
+        return read_matrix(parts, rows, cols, prefetch=prefetch)
+
+    def _prefetch(self, requests: list[tuple[Any, np.ndarray, np.ndarray]]) -> None:
+        from lamin_io.accessors._hdf5_ranges import byte_ranges
+
+        ranges: list[tuple[int, int]] = []
+        for arr, starts, stops in requests:
+            ranges.extend(byte_ranges(arr, starts, stops, self._cache))
+        self.rangefile.prefetch(ranges)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self.modified:
+                import zarr
+
+                zarr.consolidate_metadata(self.group.store)
+        finally:
+            for handle in self.handles:
+                try:
+                    handle.close()
+                except Exception:  # noqa: BLE001 (closing must go on)
+                    logger.debug("closing %r failed", handle, exc_info=True)
+        if self.on_close is not None and self.modified:
+            self.on_close()
+
+
+def _length_of(elem: Any) -> int:
+    if not el.is_group(elem):
+        return int(elem.shape[0])
+    index_key = el.attr(elem, "_index", "_index")
+    if index_key in elem:
+        return int(elem[index_key].shape[0])
+    first = next(iter(elem.keys()), None)
+    if first is None:
+        return 0
+    return _length_of(elem[first])
+
+
+def _index_of(elem: Any, store: _Store, key: str) -> pd.Index:
+    import pandas as pd
+
+    if el.is_group(elem) and el.encoding(elem) == "dataframe":
+        index_key = el.attr(elem, "_index", "_index")
+        values = el.read_element(elem[index_key])
+        return pd.Index(values, name=None if index_key == "_index" else index_key)
+    return store.dataframe(key).index
+
+
+# -- the accessor --------------------------------------------------------------------------
+
+class _ElementMap(Mapping[str, Any]):
+    """``layers``, ``obsm``, ... of an accessor: keys are listed, values read on access."""
+
+    def __init__(self, owner: AnnDataAccessor, name: str) -> None:
+        self._owner = owner
+        self._name = name
+
+    def _group(self) -> Any:
+        store = self._owner._store
+        return store.get(self._name) if store.has(self._name) else None
+
+    def __getitem__(self, key: str) -> Any:
+        group = self._group()
+        if group is None or key not in group:
+            msg = f"{self._name} has no key {key!r}; keys: {list(self)}"
+            raise NameNotFoundError(msg)
+        return self._owner._read_element(f"{self._name}/{key}", self._name)
+
+    def __iter__(self) -> Iterator[str]:
+        group = self._group()
+        return iter(sorted(group.keys())) if group is not None else iter(())
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+    def __repr__(self) -> str:
+        return f"{self._name} with keys: {', '.join(self) or '(none)'}"
+
+
+class AnnDataAccessor:
+    """Lazy, subsettable view of an AnnData stored in ``.h5ad`` or ``.zarr``.
+
+    Create it with :func:`lamin_io.open` or :meth:`Artifact.open`. Indexing takes what
+    AnnData takes (slices, integer arrays in any order with repeats, boolean masks, names,
+    ``(obs, var)`` tuples) and returns another accessor; elements of an accessor
+    (``.X``, ``.obs``, ``.layers[k]``, ...) are in-memory numpy/scipy/pandas objects holding
+    only the selection.
+
+    Examples
+    --------
+    >>> with ln.open("pbmc.h5ad") as adata:                                 # doctest: +SKIP
+    ...     b_cells = adata[adata.obs["cell_type"] == "B"]
+    ...     counts = b_cells[:, ["CD19", "MS4A1"]].X
+    """
+
+    def __init__(self, store: _Store, obs: Selection | None = None,
+                 var: Selection | None = None, *, prefix: str = "") -> None:
+        self._store = store
+        self._prefix = prefix
+        n_obs = store.axis_length(self._key("obs"))
+        n_vars = store.axis_length(self._key("var"))
+        self._obs_sel: Selection = obs if obs is not None else slice(0, n_obs, 1)
+        self._var_sel: Selection = var if var is not None else slice(0, n_vars, 1)
+        self._n_obs_file = n_obs
+        self._n_vars_file = n_vars
+
+    def _key(self, name: str) -> str:
+        return f"{self._prefix}{name}"
+
+    # -- shape and names --------------------------------------------------------------
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n_obs, n_vars)`` of this selection."""
+        return (length(self._obs_sel, self._n_obs_file), length(self._var_sel, self._n_vars_file))
+
+    @property
+    def n_obs(self) -> int:
+        """Number of observations (cells)."""
+        return self.shape[0]
+
+    @property
+    def n_vars(self) -> int:
+        """Number of variables (genes)."""
+        return self.shape[1]
+
+    @property
+    def is_subset(self) -> bool:
+        """Whether this accessor selects less than the whole file."""
+        return self.shape != (self._n_obs_file, self._n_vars_file) or not (
+            isinstance(self._obs_sel, slice) and isinstance(self._var_sel, slice))
+
+    @property
+    def obs_names(self) -> pd.Index:
+        """Observation names of the selection."""
+        names = self._store.axis_names(self._key("obs"))
+        return names[self._obs_sel] if not self._full(self._obs_sel, self._n_obs_file) \
+            else names
+
+    @property
+    def var_names(self) -> pd.Index:
+        """Variable names of the selection."""
+        names = self._store.axis_names(self._key("var"))
+        return names[self._var_sel] if not self._full(self._var_sel, self._n_vars_file) \
+            else names
+
+    @staticmethod
+    def _full(sel: Selection, n: int) -> bool:
+        return isinstance(sel, slice) and sel.indices(n) == (0, n, 1)
+
+    # -- subsetting -------------------------------------------------------------------
+
+    def __getitem__(self, key: Any) -> AnnDataAccessor:
+        self._store.check()
+        obs_key, var_key = split_key(key)
+        obs = resolve(obs_key, self._obs_sel, self._n_obs_file, self.obs_names, "obs")
+        var = resolve(var_key, self._var_sel, self._n_vars_file, self.var_names, "var")
+        return AnnDataAccessor(self._store, obs, var, prefix=self._prefix)
+
+    def _rows(self, sel: Selection, n: int) -> Selection | None:
+        return None if self._full(sel, n) else sel
+
+    # -- elements ---------------------------------------------------------------------
+
+    @property
+    def X(self) -> Any:  # noqa: N802 (AnnData's name)
+        """The data matrix of the selection (numpy array or scipy sparse matrix)."""
+        if not self._store.has(self._key("X")):
+            return None
+        return self._store.read(self._key("X"), self._rows(self._obs_sel, self._n_obs_file),
+                                self._rows(self._var_sel, self._n_vars_file))
+
+    @property
+    def obs(self) -> pd.DataFrame:
+        """Observation annotations of the selection."""
+        return el.subset_rows(self._store.dataframe(self._key("obs")),
+                              self._rows(self._obs_sel, self._n_obs_file)).copy()
+
+    @property
+    def var(self) -> pd.DataFrame:
+        """Variable annotations of the selection."""
+        return el.subset_rows(self._store.dataframe(self._key("var")),
+                              self._rows(self._var_sel, self._n_vars_file)).copy()
+
+    @property
+    def layers(self) -> _ElementMap:
+        """Layers: matrices shaped like ``X``."""
+        return _ElementMap(self, self._key("layers"))
+
+    @property
+    def obsm(self) -> _ElementMap:
+        """Multi-dimensional observation annotations."""
+        return _ElementMap(self, self._key("obsm"))
+
+    @property
+    def varm(self) -> _ElementMap:
+        """Multi-dimensional variable annotations."""
+        return _ElementMap(self, self._key("varm"))
+
+    @property
+    def obsp(self) -> _ElementMap:
+        """Pairwise observation annotations (``n_obs x n_obs``)."""
+        return _ElementMap(self, self._key("obsp"))
+
+    @property
+    def varp(self) -> _ElementMap:
+        """Pairwise variable annotations (``n_vars x n_vars``)."""
+        return _ElementMap(self, self._key("varp"))
+
+    @property
+    def uns(self) -> dict[str, Any]:
+        """Unstructured annotations (read whole, never subset)."""
+        key = self._key("uns")
+        if not self._store.has(key):
+            return {}
+        value = self._store.cached(f"uns:{key}", lambda: el.read_element(self._store.get(key)))
+        if not el.encoding(self._store.get(self._key("obs"))) and isinstance(value, dict):
+            # old layouts keep categories in uns; AnnData moves them into obs/var
+            obs_cols = set(self._store.dataframe(self._key("obs")).columns)
+            var_cols = set(self._store.dataframe(self._key("var")).columns)
+            value = {k: v for k, v in value.items() if not (
+                k.endswith("_categories") and k[:-11] in obs_cols | var_cols)}
+        return dict(value)
+
+    @property
+    def raw(self) -> RawAccessor | None:
+        """The ``raw`` part (all of its variables, the selected observations), if any."""
+        if not self._store.has(self._key("raw")):
+            return None
+        return RawAccessor(self)
+
+    def _read_element(self, key: str, kind: str) -> Any:
+        store = self._store
+        obs_rows = self._rows(self._obs_sel, self._n_obs_file)
+        var_rows = self._rows(self._var_sel, self._n_vars_file)
+        elem = store.get(key)
+        base = kind[len(self._prefix):]
+        rows = {"layers": obs_rows, "obsm": obs_rows, "obsp": obs_rows,
+                "varm": var_rows, "varp": var_rows}[base]
+        if el.is_group(elem) and el.encoding(elem) in ("dataframe", "") and \
+                el.attr(elem, "h5sparse_format") is None:
+            return el.subset_rows(store.dataframe(key), rows).copy()
+        if base == "layers":
+            return store.read(key, obs_rows, var_rows)
+        if base in ("obsp", "varp"):
+            return store.read(key, rows, rows)
+        if el.is_group(elem) and el.encoding(elem) not in ("csr_matrix", "csc_matrix") \
+                and el.attr(elem, "h5sparse_format") is None:
+            return el.subset_rows(el.read_element(elem), rows)  # e.g. awkward arrays
+        return store.read(key, rows, None)
+
+    # -- whole objects ----------------------------------------------------------------
+
+    def to_memory(self) -> ad.AnnData:
+        """Return the selection as an in-memory ``AnnData``.
+
+        Equal to loading the whole file and subsetting it the same way.
+        """
+        import anndata as ad
+
+        obs, var, uns = self.obs, self.var, self.uns
+        if self.is_subset:
+            el.trim_colors(uns, self._store.dataframe(self._key("obs")), obs)
+            el.trim_colors(uns, self._store.dataframe(self._key("var")), var)
+        adata = ad.AnnData(
+            X=self.X, obs=obs, var=var,
+            layers={k: self.layers[k] for k in self.layers},
+            obsm={k: self.obsm[k] for k in self.obsm},
+            varm={k: self.varm[k] for k in self.varm},
+            obsp={k: self.obsp[k] for k in self.obsp},
+            varp={k: self.varp[k] for k in self.varp},
+            uns=uns,
+        )
+        raw = self.raw
+        if raw is not None:
+            adata.raw = ad.AnnData(X=raw.X, var=raw.var, obs=adata.obs,
+                                   varm={k: raw.varm[k] for k in raw.varm})
+        return adata
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return every element of the selection in memory, keyed by element name."""
+        out: dict[str, Any] = {"X": self.X, "obs": self.obs, "var": self.var}
+        for name in ("layers", "obsm", "varm", "obsp", "varp"):
+            mapping = getattr(self, name)
+            out[name] = {k: mapping[k] for k in mapping}
+        out["uns"] = self.uns
+        raw = self.raw
+        if raw is not None:
+            out["raw"] = {"X": raw.X, "var": raw.var,
+                          "varm": {k: raw.varm[k] for k in raw.varm}}
+        return out
+
+    # -- writing back -----------------------------------------------------------------
+
+    def add_column(self, where: str, col_name: str, col: Any) -> None:
+        """Add a column to ``obs`` or ``var`` of a ``.zarr`` store opened with ``mode="r+"``.
+
+        Parameters
+        ----------
+        where
+            ``"obs"`` or ``"var"``.
+        col_name
+            Column name; must not exist yet.
+        col
+            Values, one per observation/variable: numeric, strings or categorical.
+        """
+        import pandas as pd
+        from anndata.io import write_elem
+
+        store = self._store
+        store.check()
+        if store.mode != "r+":
+            msg = (f"{store.path} is open read-only; open an AnnData .zarr store with "
+                   f"mode='r+' to add columns")
+            raise WriteNotSupportedError(msg)
+        if where not in ("obs", "var"):
+            msg = f"where must be 'obs' or 'var', got {where!r}"
+            raise InvalidArgumentError(msg)
+        if self.is_subset:
+            msg = "add columns on the whole store, not on a subset"
+            raise InvalidArgumentError(msg)
+        group = store.get(self._key(where))
+        n = self.n_obs if where == "obs" else self.n_vars
+        if isinstance(col, pd.Series | pd.Index):
+            col = col.to_numpy() if not isinstance(col.dtype, pd.CategoricalDtype) \
+                else pd.Categorical(col)
+        elif not isinstance(col, np.ndarray | pd.Categorical):
+            col = np.asarray(col)
+            if col.dtype.kind == "U":
+                col = col.astype(object)
+        if len(col) != n:
+            msg = f"column {col_name!r} has {len(col)} values, {where} has {n}"
+            raise InvalidArgumentError(msg)
+        if col_name in group or col_name == el.attr(group, "_index"):
+            msg = f"{where} already has a column {col_name!r}"
+            raise InvalidArgumentError(msg)
+        write_elem(group, col_name, col)
+        order = list(el.attr(group, "column-order") or [])
+        group.attrs["column-order"] = [*order, col_name]
+        store.modified = True
+        store.invalidate()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._store.closed
+
+    def close(self) -> None:
+        """Close the file (and, after edits through an artifact, save the new version)."""
+        self._store.close()
+
+    @property
+    def storage(self) -> Any:
+        """The underlying ``h5py.File`` or ``zarr.Group``."""
+        return self._store.group
+
+    def __enter__(self) -> AnnDataAccessor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return f"AnnDataAccessor of {self._store.path} (closed)"
+        n_obs, n_vars = self.shape
+        kind = "subset of " if self.is_subset else ""
+        lines = [f"AnnDataAccessor {kind}{self._store.path}",
+                 f"    n_obs x n_vars = {n_obs} x {n_vars}"]
+        for name in ("obs", "var"):
+            group = self._store.get(self._key(name))
+            cols = [c for c in (group.keys() if el.is_group(group) else group.dtype.names or ())
+                    if c != el.attr(group, "_index", "_index")]
+            if cols:
+                lines.append(f"    {name}: {', '.join(repr(c) for c in sorted(cols))}")
+        for name in ("layers", "obsm", "varm", "obsp", "varp"):
+            keys = list(getattr(self, name))
+            if keys:
+                lines.append(f"    {name}: {', '.join(repr(k) for k in keys)}")
+        if self._store.has(self._key("uns")):
+            uns_keys = self._store.get(self._key("uns"))
+            lines.append(f"    uns: {', '.join(repr(k) for k in uns_keys)}")
+        if self._store.has(self._key("raw")):
+            lines.append("    raw: X, var")
+        return "\n".join(lines)
+
+
+class RawAccessor:
+    """``adata.raw`` of an accessor: the selected observations, all raw variables."""
+
+    def __init__(self, owner: AnnDataAccessor) -> None:
+        self._owner = owner
+        self._store = owner._store
+        self._key = owner._key("raw/")
+
+    @property
+    def var(self) -> pd.DataFrame:
+        """Raw variable annotations."""
+        return self._store.dataframe(f"{self._key}var").copy()
+
+    @property
+    def var_names(self) -> pd.Index:
+        """Raw variable names."""
+        return self._store.axis_names(f"{self._key}var")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n_obs, n_raw_vars)``."""
+        return (self._owner.n_obs, self._store.axis_length(f"{self._key}var"))
+
+    @property
+    def X(self) -> Any:  # noqa: N802 (AnnData's name)
+        """Raw matrix of the selected observations."""
+        owner = self._owner
+        return self._store.read(f"{self._key}X", owner._rows(owner._obs_sel,
+                                                              owner._n_obs_file), None)
+
+    @property
+    def varm(self) -> dict[str, Any]:
+        """Raw ``varm`` (read whole)."""
+        key = f"{self._key}varm"
+        if not self._store.has(key):
+            return {}
+        return {k: el.read_element(self._store.get(f"{key}/{k}"))
+                for k in self._store.get(key)}
+
+    def __repr__(self) -> str:
+        return f"RawAccessor with n_obs x n_vars = {self.shape[0]} x {self.shape[1]}"

@@ -1,0 +1,165 @@
+"""Reading AnnData's on-disk elements from HDF5 (h5py) and zarr groups.
+
+Modern elements carry an ``encoding-type`` attribute and are read with anndata's public
+``anndata.io.read_elem``. Old h5ad layouts are handled here: data frames stored as
+structured (compound) arrays with categories kept in ``uns["<column>_categories"]``, and
+sparse matrices described only by ``h5sparse_format`` / ``h5sparse_shape``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lamin_io.accessors._rows import SparseParts
+from lamin_io.errors import CorruptArtifactError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["attr", "encoding", "is_group", "matrix", "read_dataframe", "read_element",
+           "subset_rows", "trim_colors"]
+
+SPARSE_ENCODINGS = {"csr_matrix": "csr", "csc_matrix": "csc"}
+
+
+def attr(elem: Any, name: str, default: Any = None) -> Any:
+    """Return an attribute as a plain Python value (bytes decoded)."""
+    value = elem.attrs.get(name, default)
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray) and value.dtype.kind in "SO":
+        return [v.decode() if isinstance(v, bytes) else v for v in value.tolist()]
+    return value
+
+
+def encoding(elem: Any) -> str:
+    """Return the ``encoding-type`` of an element, ``""`` when it has none (old layouts)."""
+    return str(attr(elem, "encoding-type", "") or "")
+
+
+def is_group(elem: Any) -> bool:
+    """Whether ``elem`` is a group (h5py or zarr), as opposed to an array."""
+    return hasattr(elem, "keys") and not hasattr(elem, "dtype")
+
+
+def matrix(elem: Any) -> Any:
+    """Return a dense on-disk array as is, or a sparse group as :class:`SparseParts`."""
+    if not is_group(elem):
+        return elem
+    fmt = SPARSE_ENCODINGS.get(encoding(elem)) or attr(elem, "h5sparse_format")
+    if fmt not in ("csr", "csc") or not {"data", "indices", "indptr"} <= set(elem.keys()):
+        msg = f"element {elem.name} is not a matrix (encoding {encoding(elem)!r})"
+        raise CorruptArtifactError(msg)
+    shape = attr(elem, "shape")
+    if shape is None:
+        shape = attr(elem, "h5sparse_shape")
+    indptr = np.asarray(elem["indptr"][:], dtype=np.int64)
+    n_major = int(shape[0] if fmt == "csr" else shape[1])
+    if len(indptr) != n_major + 1:
+        msg = (f"sparse matrix {elem.name} is damaged: indptr has {len(indptr)} entries "
+               f"for {n_major} {'rows' if fmt == 'csr' else 'columns'}")
+        raise CorruptArtifactError(msg)
+    return SparseParts(elem["data"], elem["indices"], indptr,
+                       (int(shape[0]), int(shape[1])), fmt)
+
+
+def read_element(elem: Any) -> Any:
+    """Read a whole element into memory (anndata's reader for encoded elements)."""
+    from anndata.io import read_elem
+
+    if not is_group(elem) and elem.dtype.names is not None:
+        return read_dataframe(elem)
+    if not encoding(elem) and is_group(elem):
+        if attr(elem, "h5sparse_format"):
+            parts = matrix(elem)
+            from lamin_io.accessors._rows import read_sparse
+
+            return read_sparse(parts, None, None)
+        return {k: read_element(elem[k]) for k in elem}
+    return read_elem(elem)
+
+
+def _decode(values: np.ndarray) -> np.ndarray:
+    if values.dtype.kind == "S":
+        return values.astype(str).astype(object)
+    if values.dtype.kind == "O":
+        return np.array([v.decode() if isinstance(v, bytes) else v for v in values],
+                        dtype=object)
+    return values
+
+
+def read_dataframe(elem: Any, uns: Any = None) -> pd.DataFrame:
+    """Read ``obs``/``var`` (modern dataframe, or an old structured array)."""
+    import pandas as pd
+
+    if is_group(elem):
+        if encoding(elem) == "dataframe" or not encoding(elem):
+            if encoding(elem):
+                return read_element(elem)
+            return _legacy_group_dataframe(elem)
+        msg = f"element {elem.name} is not a data frame (encoding {encoding(elem)!r})"
+        raise CorruptArtifactError(msg)
+    records = elem[()]
+    names = list(records.dtype.names or ())
+    if not names:
+        msg = f"element {elem.name} holds no data frame"
+        raise CorruptArtifactError(msg)
+    columns = {n: _decode(records[n]) for n in names}
+    index_name = names[0]
+    df = pd.DataFrame({n: columns[n] for n in names[1:]},
+                      index=pd.Index(columns[index_name].astype(str)))
+    if uns is not None:
+        for col in list(df.columns):
+            key = f"{col}_categories"
+            if key in uns:
+                categories = _decode(np.asarray(uns[key][()]))
+                df[col] = pd.Categorical.from_codes(df[col].to_numpy().astype(int), categories)
+    return df
+
+
+def _legacy_group_dataframe(group: Any) -> pd.DataFrame:
+    """Read a data frame group that has no encoding attributes (one array per column)."""
+    import pandas as pd
+
+    index_key = attr(group, "_index", "_index")
+    index = _decode(np.asarray(group[index_key][()])) if index_key in group else None
+    order = attr(group, "column-order")
+    names = list(order) if order is not None else [k for k in group if k != index_key]
+    data = {n: _decode(np.asarray(group[n][()])) for n in names if not is_group(group[n])}
+    return pd.DataFrame(data, index=None if index is None else pd.Index(index.astype(str)))
+
+
+def subset_rows(value: Any, rows: Any) -> Any:
+    """Select rows of an in-memory frame, array or sparse matrix (``None``: all).
+
+    Categorical columns of a subset frame drop unused categories, as AnnData does.
+    """
+    import pandas as pd
+
+    if rows is None:
+        return value
+    if isinstance(value, pd.DataFrame):
+        out = value.iloc[rows].copy()
+        for col in out.columns:
+            if isinstance(out[col].dtype, pd.CategoricalDtype):
+                out[col] = out[col].cat.remove_unused_categories()
+        return out
+    return value[rows]
+
+
+def trim_colors(uns: dict[str, Any], full: pd.DataFrame, subset: pd.DataFrame) -> None:
+    """Keep ``uns["<col>_colors"]`` in step with categories dropped from a subset."""
+    import pandas as pd
+
+    for col in subset.columns:
+        key = f"{col}_colors"
+        if key not in uns or not isinstance(subset[col].dtype, pd.CategoricalDtype):
+            continue
+        before = list(full[col].cat.categories)
+        colors = uns[key]
+        if len(colors) != len(before):
+            continue
+        kept = np.isin(np.asarray(before, dtype=object), list(subset[col].cat.categories))
+        uns[key] = np.asarray(colors)[kept]
