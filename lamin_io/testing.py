@@ -13,6 +13,7 @@ Needs ``moto[server]`` (in the ``test`` extra).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -31,6 +32,8 @@ class S3Stats:
 
     requests: int = 0
     bytes_sent: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
     log: list[tuple[str, str, str | None, int]] = field(default_factory=list)
 
     def gets(self) -> list[tuple[str, str, str | None, int]]:
@@ -46,10 +49,17 @@ class _Counting:
         self.app, self.stats, self.lock = app, stats, lock
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        body = self.app(environ, start_response)
-        chunks = list(body)
-        if hasattr(body, "close"):
-            body.close()
+        with self.lock:
+            self.stats.in_flight += 1
+            self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
+        try:
+            body = self.app(environ, start_response)
+            chunks = list(body)
+            if hasattr(body, "close"):
+                body.close()
+        finally:
+            with self.lock:
+                self.stats.in_flight -= 1
         n = sum(len(c) for c in chunks)
         with self.lock:
             self.stats.requests += 1
@@ -89,6 +99,7 @@ class S3Server:
         )
         from werkzeug.serving import make_server
 
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
         for name, value in (("AWS_ACCESS_KEY_ID", "testing"),
                             ("AWS_SECRET_ACCESS_KEY", "testing"),
                             ("AWS_DEFAULT_REGION", "us-east-1")):
@@ -112,6 +123,7 @@ class S3Server:
         with self._lock:
             self.stats.requests = 0
             self.stats.bytes_sent = 0
+            self.stats.max_in_flight = self.stats.in_flight
             self.stats.log.clear()
 
     def stop(self) -> None:

@@ -64,7 +64,11 @@ def _open_hdf5(path: UPath, mode: str) -> tuple[Any, list[Any], Any]:
         fileobj = gzip.GzipFile(fileobj=raw, mode="rb")
         handles.insert(0, fileobj)
     try:
-        return h5py.File(fileobj, mode), handles, None if gz else raw
+        # Remote: no raw-chunk cache, so HDF5 reads unfiltered chunks in part (exactly the
+        # prefetched ranges) instead of pulling whole chunks; filtered chunks are read once
+        # per request anyway (the read path merges ranges that share a chunk).
+        options = {} if is_local(path) else {"rdcc_nbytes": 0}
+        return h5py.File(fileobj, mode, **options), handles, None if gz else raw
     except OSError as exc:
         for h in handles:
             h.close()
@@ -76,14 +80,16 @@ def open_zarr_group(path: UPath, mode: Literal["r", "r+"]) -> Any:
     """Open a zarr group (format 2 or 3, consolidated or not), locally or remotely."""
     import zarr
 
+    # writers bypass consolidated metadata (it is rewritten on close); readers use it if any
+    consolidated = False if mode != "r" else None
     try:
         if is_local(path):
-            return zarr.open_group(path.path, mode=mode)
+            return zarr.open_group(path.path, mode=mode, use_consolidated=consolidated)
         from zarr.storage import FsspecStore
 
         store = FsspecStore.from_url(str(path), storage_options=dict(path.storage_options),
                                      read_only=mode == "r")
-        return zarr.open_group(store, mode=mode)
+        return zarr.open_group(store, mode=mode, use_consolidated=consolidated)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
         msg = f"{path} is not a readable zarr group (corrupt or missing metadata?): {exc}"
         raise CorruptArtifactError(msg) from exc
@@ -197,14 +203,27 @@ class _Store:
 
     def matrix(self, key: str) -> Any:
         """Return the on-disk matrix at ``key``: dense array or ``SparseParts`` (cached)."""
-        return self.cached(f"matrix:{key}", lambda: el.matrix(self.get(key)))
+        def load() -> Any:
+            elem = self.get(key)
+            if self.rangefile is not None and el.is_group(elem) and "indptr" in elem:
+                indptr = elem["indptr"]
+                self._prefetch([(indptr, np.array([0]), np.array([indptr.shape[0]]))])
+            return el.matrix(elem)
+
+        return self.cached(f"matrix:{key}", load)
 
     def uns_group(self) -> Any:
         return self.group["uns"] if "uns" in self.group else None
 
     def dataframe(self, key: str) -> pd.DataFrame:
-        return self.cached(f"df:{key}", lambda: el.read_dataframe(self.get(key),
-                                                                   self.uns_group()))
+        def load() -> pd.DataFrame:
+            elem = self.get(key)
+            if el.is_group(elem) and el.encoding(elem) == "dataframe":
+                # reuse the index if the names were read already; read each column once
+                return el.read_dataframe_columns(elem, self.axis_names(key))
+            return el.read_dataframe(elem, self.uns_group())
+
+        return self.cached(f"df:{key}", load)
 
     def axis_names(self, key: str) -> pd.Index:
         return self.cached(f"names:{key}", lambda: _index_of(self.get(key), self, key))

@@ -18,7 +18,8 @@ from lamin_io.errors import CorruptArtifactError
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["attr", "encoding", "is_group", "matrix", "read_dataframe", "read_element",
+__all__ = ["attr", "encoding", "is_group", "matrix", "read_dataframe",
+           "read_dataframe_columns", "read_element",
            "subset_rows", "trim_colors"]
 
 SPARSE_ENCODINGS = {"csr_matrix": "csr", "csc_matrix": "csc"}
@@ -117,6 +118,16 @@ def read_dataframe(elem: Any, uns: Any = None) -> pd.DataFrame:
                 categories = _decode(np.asarray(uns[key][()]))
                 df[col] = pd.Categorical.from_codes(df[col].to_numpy().astype(int), categories)
     return df
+
+
+def read_dataframe_columns(group: Any, index: pd.Index) -> pd.DataFrame:
+    """Read an encoded data frame's columns (in their stored order) around a known index."""
+    import pandas as pd
+
+    order = attr(group, "column-order")
+    names = list(order) if order is not None else []
+    return pd.DataFrame({n: read_element(group[n]) for n in names}, index=index.copy(),
+                        columns=pd.Index(names, dtype=object))
 
 
 def _legacy_group_dataframe(group: Any) -> pd.DataFrame:

@@ -29,6 +29,10 @@ def byte_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray,
         return [(offset + int(s) * row_bytes, offset + int(e) * row_bytes)
                 for s, e in zip(starts.tolist(), stops.tolist(), strict=True) if e > s]
     rows_per_chunk = int(chunks[0])
+    unfiltered = ds.id.get_create_plist().get_nfilters() == 0
+    rows_whole = all(int(c) == int(n) for c, n in zip(chunks[1:], ds.shape[1:], strict=True))
+    if unfiltered and rows_whole:
+        return _partial_chunk_ranges(ds, starts, stops, rows_per_chunk, row_bytes, cache)
     first = np.asarray(starts) // rows_per_chunk
     last = (np.asarray(stops) - 1) // rows_per_chunk
     lengths = last - first + 1
@@ -48,6 +52,39 @@ def byte_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray,
             where = located[coord]
             if where is not None and where[1] > 0:
                 out.append((where[0], where[0] + where[1]))
+    return out
+
+
+def _chunk_offset(ds: Any, k: int, rows_per_chunk: int, cache: dict[str, Any]) -> int | None:
+    key = f"chunks:{ds.file.filename}:{ds.name}"
+    located: dict[tuple[int, ...], tuple[int, int] | None] = cache.setdefault(key, {})
+    coord = (k * rows_per_chunk,) + (0,) * (len(ds.shape) - 1)
+    if coord not in located:
+        try:
+            info = ds.id.get_chunk_info_by_coord(coord)
+            located[coord] = (int(info.byte_offset), int(info.size))
+        except (ValueError, KeyError, RuntimeError):
+            located[coord] = None
+    where = located[coord]
+    return None if where is None else where[0]
+
+
+def _partial_chunk_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray,
+                          rows_per_chunk: int, row_bytes: int,
+                          cache: dict[str, Any]) -> list[tuple[int, int]]:
+    """Exact byte ranges inside unfiltered chunks that hold whole rows."""
+    out = []
+    for s, e in zip(starts.tolist(), stops.tolist(), strict=True):
+        row = s
+        while row < e:
+            k = row // rows_per_chunk
+            piece_end = min(e, (k + 1) * rows_per_chunk)
+            base = _chunk_offset(ds, k, rows_per_chunk, cache)
+            if base is not None:
+                inner = row - k * rows_per_chunk
+                out.append((base + inner * row_bytes,
+                            base + (inner + piece_end - row) * row_bytes))
+            row = piece_end
     return out
 
 

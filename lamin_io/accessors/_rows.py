@@ -4,9 +4,11 @@
 layers, ``obsm``, and later the training loaders). It
 
 1. sorts and de-duplicates the requested rows (restoring order and repeats at the end),
-2. turns them into element (sparse) or row (dense) ranges and coalesces ranges closer
-   than :data:`MAX_GAP_BYTES` into one read, and ranges touching the same storage chunk
-   into one read, so every chunk is fetched and decoded once per request,
+2. turns them into element (sparse) or row (dense) ranges and coalesces neighbours into
+   one read when the gap between them is small (at most :data:`MAX_GAP_BYTES`, and no
+   larger than the range before it plus :data:`SLACK_BYTES`, so a request never reads
+   more than about twice the bytes it needs), and always when they touch the same
+   storage chunk, so every chunk is fetched and decoded once per request,
 3. reads in batches of at most :data:`BATCH_BYTES`, selecting columns in memory per
    batch, so peak memory follows the selection, not the file.
 
@@ -34,8 +36,10 @@ if TYPE_CHECKING:
 __all__ = ["BATCH_BYTES", "MAX_GAP_BYTES", "SparseParts", "coalesce", "read_dense",
            "read_matrix", "read_sparse"]
 
-#: Two reads separated by fewer bytes than this become one read.
+#: Two reads separated by more bytes than this stay two reads.
 MAX_GAP_BYTES = 1 << 20
+#: A gap up to this size is always worth reading through (a page of a local file).
+SLACK_BYTES = 4096
 #: Upper bound on the bytes one batch reads before columns are selected.
 BATCH_BYTES = 64 << 20
 
@@ -52,24 +56,35 @@ class SparseParts:
 
 
 def _chunk_len(arr: Any) -> int | None:
+    """Rows per chunk when a chunk must be decoded whole, else ``None``.
+
+    zarr chunks are always encoded; HDF5 chunks only when a filter (compression, shuffle,
+    checksum) is set; unfiltered HDF5 chunks can be read in part at no extra cost.
+    """
     chunks = getattr(arr, "chunks", None)
     if not chunks:
+        return None
+    plist = getattr(getattr(arr, "id", None), "get_create_plist", None)
+    if plist is not None and plist().get_nfilters() == 0:
         return None
     return int(chunks[0])
 
 
-def coalesce(starts: np.ndarray, stops: np.ndarray, *, max_gap: int,
+def coalesce(starts: np.ndarray, stops: np.ndarray, *, max_gap: int, slack: int = 0,
              chunk: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Merge sorted, non-overlapping, non-empty ranges into fewer reads.
 
-    Two neighbours merge when the gap between them is at most ``max_gap`` elements or when
-    they touch the same chunk of ``chunk`` elements. Returns ``(run_starts, run_stops,
-    run_of)``, where ``run_of[i]`` is the run holding range ``i``.
+    Two neighbours merge when the gap between them is at most ``max_gap`` elements and at
+    most the length of the range before it plus ``slack`` (so the gaps read add up to no
+    more than the ranges themselves, plus slack), or when they touch the same chunk of
+    ``chunk`` elements. Returns ``(run_starts, run_stops, run_of)``, where ``run_of[i]`` is
+    the run holding range ``i``.
     """
     if len(starts) == 0:
         empty = np.empty(0, dtype=np.int64)
         return empty, empty, empty
-    merge = (starts[1:] - stops[:-1]) <= max_gap
+    gaps = starts[1:] - stops[:-1]
+    merge = (gaps <= max_gap) & (gaps <= (stops - starts)[:-1] + slack)
     if chunk:
         merge |= (starts[1:] // chunk) <= ((stops[:-1] - 1) // chunk)
     breaks = np.flatnonzero(~merge)
@@ -183,7 +198,8 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
     chunk = _chunk_len(parts.data)
     ne_starts = starts[nonempty]
     run_starts, run_stops, run_of = coalesce(ne_starts, ne_starts + lengths[nonempty],
-                                             max_gap=max_gap, chunk=chunk)
+                                             max_gap=max_gap, slack=SLACK_BYTES // item,
+                                             chunk=chunk)
     # group runs into batches of bounded size
     run_sizes = run_stops - run_starts
     batch_of_run = (np.cumsum(run_sizes) - run_sizes) // max(1, BATCH_BYTES // item)
@@ -307,7 +323,8 @@ def _dense_blocks(positions: np.ndarray, row_bytes: int,
     if len(positions) == 0:
         return []
     run_starts, _, run_of = coalesce(positions, positions + 1,
-                                     max_gap=max(1, MAX_GAP_BYTES // row_bytes), chunk=chunk)
+                                     max_gap=max(1, MAX_GAP_BYTES // row_bytes),
+                                     slack=SLACK_BYTES // row_bytes, chunk=chunk)
     window = (positions - run_starts[run_of]) // max(1, BATCH_BYTES // row_bytes)
     key = run_of * (int(window.max()) + 1) + window
     bounds = np.flatnonzero(np.diff(key)) + 1

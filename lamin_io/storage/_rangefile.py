@@ -4,7 +4,15 @@ HDF5 reads through a Python file object one small read at a time. When the reade
 which byte ranges a request needs (the accessor computes them from dataset offsets and
 chunk locations), :meth:`RangeFile.prefetch` fetches them all at once with concurrent,
 coalesced range requests; the reads that follow are served from memory. Any other read
-(metadata) goes to an fsspec file with a small block cache.
+(metadata) is served from a small block cache when it is small, and fetched as one exact
+range when it is large.
+
+Reads that HDF5 makes (``readinto``) happen while HDF5 holds its global lock. They must
+never wait on another Python thread: the garbage collector may run in that thread and
+finalize an HDF5 object, which needs the same lock (a deadlock seen with fsspec's IO
+thread). So ``readinto`` fetches synchronously in the calling thread, through pyarrow's
+S3 client, whose IO threads run no Python code. Concurrent prefetches go through fsspec and
+are only made outside HDF5 calls.
 """
 
 from __future__ import annotations
@@ -16,10 +24,44 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from upath import UPath
 
-__all__ = ["METADATA_BLOCK", "RangeFile"]
+__all__ = ["METADATA_BLOCK", "RangeFile", "sync_reader"]
 
-#: Block size of the cache that serves metadata reads.
-METADATA_BLOCK = 256 * 1024
+#: Block size of the cache that serves small (metadata) reads.
+METADATA_BLOCK = 16 * 1024
+#: Reads at least this large bypass the block cache: one exact range request each.
+DIRECT_READ = 64 * 1024
+#: Blocks kept by the metadata cache.
+MAX_BLOCKS = 256
+
+
+def sync_reader(path: UPath) -> Any:
+    """Return a file with ``read_at(n, offset)`` that reads in the calling thread.
+
+    S3 objects open through ``pyarrow.fs.S3FileSystem`` built from the path's fsspec
+    options (endpoint, region, credentials or anonymous access).
+    """
+    from pyarrow import fs as pafs
+
+    options = dict(path.storage_options)
+    client_kwargs = options.get("client_kwargs") or {}
+    kwargs: dict[str, Any] = {}
+    endpoint = options.get("endpoint_url") or client_kwargs.get("endpoint_url")
+    if endpoint:
+        scheme, _, host = str(endpoint).partition("://")
+        kwargs["endpoint_override"] = host.rstrip("/") if host else scheme
+        kwargs["scheme"] = scheme if host else "https"
+    region = client_kwargs.get("region_name") or options.get("region")
+    if region:
+        kwargs["region"] = region
+    if options.get("anon"):
+        kwargs["anonymous"] = True
+    elif options.get("key") and options.get("secret"):
+        kwargs["access_key"] = options["key"]
+        kwargs["secret_key"] = options["secret"]
+        if options.get("token"):
+            kwargs["session_token"] = options["token"]
+    filesystem = pafs.S3FileSystem(**kwargs)
+    return filesystem.open_input_file(path.path)
 
 
 class RangeFile(io.RawIOBase):
@@ -29,15 +71,18 @@ class RangeFile(io.RawIOBase):
         super().__init__()
         self._fs = path.fs
         self._path = path.path
-        self._file = self._fs.open(self._path, "rb", block_size=block_size,
-                                   cache_type="blockcache")
-        self.size = int(self._file.size)
+        self._reader = sync_reader(path)
+        self.size = int(self._reader.size())
+        self._block = block_size
+        self._blocks: dict[int, bytes] = {}
         self._pos = 0
         self._starts: list[int] = []
         self._parts: list[tuple[int, bytes]] = []
 
-    def prefetch(self, ranges: list[tuple[int, int]], *, max_gap: int = 1 << 20) -> int:
+    def prefetch(self, ranges: list[tuple[int, int]], *, max_gap: int = 0) -> int:
         """Fetch ``[(start, stop), ...]`` concurrently, merging ranges closer than ``max_gap``.
+
+        The caller decides what to coalesce; by default only touching ranges merge.
 
         Replaces what an earlier prefetch held. Returns the number of bytes fetched.
         """
@@ -96,15 +141,32 @@ class RangeFile(io.RawIOBase):
         if n == 0:
             return 0
         data = self._from_prefetch(self._pos, n)
-        if data is None:
-            self._file.seek(self._pos)
-            data = self._file.read(n)
+        if data is None and n >= DIRECT_READ:
+            data = self._reader.read_at(n, self._pos)
+        elif data is None:
+            data = self._from_blocks(self._pos, n)
         view[:len(data)] = data
         self._pos += len(data)
         return len(data)
 
+    def _from_blocks(self, start: int, n: int) -> bytes:
+        first, last = start // self._block, (start + n - 1) // self._block
+        missing = [b for b in range(first, last + 1) if b not in self._blocks]
+        if missing:  # one read for the missing span
+            lo, hi = missing[0] * self._block, min(self.size, (missing[-1] + 1) * self._block)
+            blob = self._reader.read_at(hi - lo, lo)
+            for b in range(missing[0], missing[-1] + 1):
+                self._blocks[b] = blob[(b - missing[0]) * self._block:
+                                       (b - missing[0] + 1) * self._block]
+            while len(self._blocks) > MAX_BLOCKS:
+                self._blocks.pop(next(iter(self._blocks)))
+        data = b"".join(self._blocks[b] for b in range(first, last + 1))
+        offset = start - first * self._block
+        return data[offset:offset + n]
+
     def close(self) -> None:  # noqa: D102
         if not self.closed:
-            self._file.close()
+            self._reader.close()
+            self._blocks.clear()
             self.release()
         super().close()
