@@ -17,7 +17,7 @@ import numpy as np
 
 from lamin_io.accessors import _elements as el
 from lamin_io.accessors._index import Selection, length, resolve, split_key
-from lamin_io.accessors._rows import read_matrix
+from lamin_io.accessors._rows import NO_HOOKS, ReadHooks, read_matrix
 from lamin_io.errors import (
     AccessorClosedError,
     CorruptArtifactError,
@@ -51,9 +51,13 @@ def _open_hdf5(path: UPath, mode: str) -> tuple[Any, list[Any], Any]:
     from lamin_io.storage._rangefile import RangeFile
 
     gz = suffix_of(path.name).lower().endswith(".gz")
+    # No raw-chunk cache: HDF5 then reads unfiltered chunks in part (exactly the rows asked
+    # for) instead of pulling whole chunks; filtered chunks are still decoded once per
+    # request, because the read path merges ranges that share such a chunk.
+    options = {"rdcc_nbytes": 0}
     if is_local(path) and not gz:
         try:
-            return h5py.File(path.path, mode), [], None
+            return h5py.File(path.path, mode, **options), [], path.path
         except OSError as exc:
             msg = f"{path} is not a readable HDF5 file (truncated or damaged?): {exc}"
             raise CorruptArtifactError(msg) from exc
@@ -64,10 +68,6 @@ def _open_hdf5(path: UPath, mode: str) -> tuple[Any, list[Any], Any]:
         fileobj = gzip.GzipFile(fileobj=raw, mode="rb")
         handles.insert(0, fileobj)
     try:
-        # Remote: no raw-chunk cache, so HDF5 reads unfiltered chunks in part (exactly the
-        # prefetched ranges) instead of pulling whole chunks; filtered chunks are read once
-        # per request anyway (the read path merges ranges that share a chunk).
-        options = {} if is_local(path) else {"rdcc_nbytes": 0}
         return h5py.File(fileobj, mode, **options), handles, None if gz else raw
     except OSError as exc:
         for h in handles:
@@ -132,9 +132,9 @@ def open_anndata(path: UPath, *, mode: str = "r",
         group = open_zarr_group(path, "r+" if mode == "r+" else "r")
         store = _Store(group, handles=[], path=str(path), mode=mode, on_close=on_close)
     else:
-        file, handles, rangefile = _open_hdf5(path, "r")
+        file, handles, source = _open_hdf5(path, "r")
         store = _Store(file, handles=[file, *handles], path=str(path), mode="r",
-                       rangefile=rangefile)
+                       source=source)
     if not _is_anndata_group(store.group):
         store.close()
         msg = f"{path} holds no AnnData (no obs/var); open it with lamin_io.open() as generic"
@@ -165,14 +165,16 @@ class _Store:
     """An open file or group shared by an accessor and every subset made from it."""
 
     def __init__(self, group: Any, *, handles: list[Any], path: str, mode: str,
-                 on_close: Callable[[], Any] | None = None, rangefile: Any = None,
-                 prefix: str = "") -> None:
+                 on_close: Callable[[], Any] | None = None, source: Any = None) -> None:
         self.group = group
         self.handles = handles
         self.path = path
         self.mode = mode
         self.on_close = on_close
-        self.rangefile = rangefile
+        # where HDF5 bytes can be read directly: a local file path or a RangeFile
+        self.rangefile = source if source is not None and not isinstance(source, str) else None
+        self.local_file = source if isinstance(source, str) else None
+        self._fd: int | None = None
         self.closed = False
         self.modified = False
         self._cache: dict[str, Any] = {}
@@ -233,15 +235,64 @@ class _Store:
 
     def read(self, key: str, rows: Selection | None, cols: Selection | None) -> Any:
         """Read ``key[rows, cols]`` through the batched read path."""
-        parts = self.matrix(key)
-        prefetch = None if self.rangefile is None else self._prefetch
-        return read_matrix(parts, rows, cols, prefetch=prefetch)
+        return read_matrix(self.matrix(key), rows, cols, self.hooks())
+
+    def hooks(self) -> ReadHooks:
+        """Read hooks for HDF5 stores: direct byte reads, remote prefetch."""
+        if self.local_file is None and self.rangefile is None:
+            return NO_HOOKS
+        return ReadHooks(prefetch=self._prefetch if self.rangefile is not None else None,
+                         read_runs=self._read_runs)
+
+    def _direct(self, arr: Any) -> bool:
+        """Whether ``arr``'s bytes can be read without HDF5 (1-D, unfiltered, allocated)."""
+        from lamin_io.accessors._hdf5_ranges import is_direct
+
+        return bool(self.cached(f"direct:{arr.name}", lambda: is_direct(arr)))
+
+    def _read_runs(self, arr: Any, starts: np.ndarray, stops: np.ndarray) -> np.ndarray | None:
+        """Read runs of an unfiltered HDF5 array straight from their byte ranges."""
+        from lamin_io.accessors._hdf5_ranges import byte_ranges
+
+        if not self._direct(arr):
+            return None
+        ranges = byte_ranges(arr, starts, stops, self._cache)
+        itemsize = arr.dtype.itemsize
+        expected = int((stops - starts).sum()) * itemsize
+        if sum(e - s for s, e in ranges) != expected:
+            return None  # unallocated chunks read as fill values: let HDF5 do it
+        buffer = bytearray(expected)
+        view = memoryview(buffer)
+        if self.rangefile is not None:
+            offset = 0
+            for blob in self.rangefile.fetch(ranges):
+                view[offset:offset + len(blob)] = blob
+                offset += len(blob)
+        elif self.local_file is not None:
+            import os
+
+            if self._fd is None:
+                self._fd = os.open(self.local_file, os.O_RDONLY)
+            offset = 0
+            for s, e in ranges:
+                n = os.preadv(self._fd, [view[offset:offset + e - s]], s)
+                if n != e - s:
+                    return None
+                offset += n
+        else:
+            return None
+        values = np.frombuffer(buffer, dtype=arr.dtype)
+        return values.astype(arr.dtype.newbyteorder("="), copy=False)
 
     def _prefetch(self, requests: list[tuple[Any, np.ndarray, np.ndarray]]) -> None:
         from lamin_io.accessors._hdf5_ranges import byte_ranges
 
+        if self.rangefile is None:
+            return
         ranges: list[tuple[int, int]] = []
         for arr, starts, stops in requests:
+            if arr.ndim == 1 and self._direct(arr):
+                continue  # read directly by _read_runs
             ranges.extend(byte_ranges(arr, starts, stops, self._cache))
         self.rangefile.prefetch(ranges)
 
@@ -255,6 +306,10 @@ class _Store:
 
                 zarr.consolidate_metadata(self.group.store)
         finally:
+            if self._fd is not None:
+                import os
+
+                os.close(self._fd)
             for handle in self.handles:
                 try:
                     handle.close()

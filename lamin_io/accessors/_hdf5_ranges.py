@@ -6,7 +6,20 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["byte_ranges"]
+__all__ = ["byte_ranges", "is_direct"]
+
+
+def is_direct(ds: Any) -> bool:
+    """Whether a 1-D dataset's bytes can be read straight from the file, without HDF5.
+
+    True for unfiltered datasets stored contiguously, or in chunks, as plain values
+    (fixed-size numbers; not strings or compound types).
+    """
+    if not hasattr(ds, "id") or ds.ndim != 1 or ds.dtype.kind not in "biuf":
+        return False
+    if ds.chunks is None:
+        return ds.id.get_offset() is not None
+    return bool(ds.id.get_create_plist().get_nfilters() == 0)
 
 
 def byte_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray,
@@ -38,7 +51,7 @@ def byte_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray,
     lengths = last - first + 1
     chunk_rows = np.unique(np.repeat(first, lengths) + _ramp(lengths))
     other = [range(0, int(n), int(c)) for n, c in zip(ds.shape[1:], chunks[1:], strict=True)]
-    key = f"chunks:{ds.file.filename}:{ds.name}"
+    key = f"chunks:{ds.name}"
     located: dict[tuple[int, ...], tuple[int, int] | None] = cache.setdefault(key, {})
     out = []
     for k in chunk_rows.tolist():
@@ -55,37 +68,46 @@ def byte_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray,
     return out
 
 
-def _chunk_offset(ds: Any, k: int, rows_per_chunk: int, cache: dict[str, Any]) -> int | None:
-    key = f"chunks:{ds.file.filename}:{ds.name}"
-    located: dict[tuple[int, ...], tuple[int, int] | None] = cache.setdefault(key, {})
-    coord = (k * rows_per_chunk,) + (0,) * (len(ds.shape) - 1)
-    if coord not in located:
-        try:
-            info = ds.id.get_chunk_info_by_coord(coord)
-            located[coord] = (int(info.byte_offset), int(info.size))
-        except (ValueError, KeyError, RuntimeError):
-            located[coord] = None
-    where = located[coord]
-    return None if where is None else where[0]
+def _chunk_offsets(ds: Any, chunk_ids: np.ndarray, rows_per_chunk: int,
+                   cache: dict[str, Any]) -> np.ndarray:
+    """File offsets of the given chunks (``-1`` where a chunk is not allocated)."""
+    located: dict[int, int] = cache.setdefault(f"chunk-offsets:{ds.name}", {})
+    tail = (0,) * (len(ds.shape) - 1)
+    out = np.empty(len(chunk_ids), dtype=np.int64)
+    for i, k in enumerate(chunk_ids.tolist()):
+        offset = located.get(k)
+        if offset is None:
+            try:
+                info = ds.id.get_chunk_info_by_coord((k * rows_per_chunk, *tail))
+                offset = int(info.byte_offset) if info.byte_offset is not None else -1
+            except (ValueError, KeyError, RuntimeError):
+                offset = -1
+            located[k] = offset
+        out[i] = offset
+    return out
 
 
 def _partial_chunk_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray,
                           rows_per_chunk: int, row_bytes: int,
                           cache: dict[str, Any]) -> list[tuple[int, int]]:
-    """Exact byte ranges inside unfiltered chunks that hold whole rows."""
-    out = []
-    for s, e in zip(starts.tolist(), stops.tolist(), strict=True):
-        row = s
-        while row < e:
-            k = row // rows_per_chunk
-            piece_end = min(e, (k + 1) * rows_per_chunk)
-            base = _chunk_offset(ds, k, rows_per_chunk, cache)
-            if base is not None:
-                inner = row - k * rows_per_chunk
-                out.append((base + inner * row_bytes,
-                            base + (inner + piece_end - row) * row_bytes))
-            row = piece_end
-    return out
+    """Exact byte ranges inside unfiltered chunks that hold whole rows (vectorized).
+
+    Unallocated chunks are skipped; callers compare sizes to notice them.
+    """
+    starts, stops = np.asarray(starts, dtype=np.int64), np.asarray(stops, dtype=np.int64)
+    keep = stops > starts
+    starts, stops = starts[keep], stops[keep]
+    first = starts // rows_per_chunk
+    n_pieces = (stops - 1) // rows_per_chunk - first + 1
+    chunk = np.repeat(first, n_pieces) + _ramp(n_pieces)
+    piece_start = np.maximum(np.repeat(starts, n_pieces), chunk * rows_per_chunk)
+    piece_stop = np.minimum(np.repeat(stops, n_pieces), (chunk + 1) * rows_per_chunk)
+    unique, inverse = np.unique(chunk, return_inverse=True)
+    offsets = _chunk_offsets(ds, unique, rows_per_chunk, cache)[inverse]
+    allocated = offsets >= 0
+    begin = offsets + (piece_start - chunk * rows_per_chunk) * row_bytes
+    end = begin + (piece_stop - piece_start) * row_bytes
+    return list(zip(begin[allocated].tolist(), end[allocated].tolist(), strict=True))
 
 
 def _ramp(lengths: np.ndarray) -> np.ndarray:

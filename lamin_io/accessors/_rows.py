@@ -7,8 +7,10 @@ layers, ``obsm``, and later the training loaders). It
 2. turns them into element (sparse) or row (dense) ranges and coalesces neighbours into
    one read when the gap between them is small (at most :data:`MAX_GAP_BYTES`, and no
    larger than the range before it plus :data:`SLACK_BYTES`, so a request never reads
-   more than about twice the bytes it needs), and always when they touch the same
-   storage chunk, so every chunk is fetched and decoded once per request,
+   more than about twice the bytes it needs), and always when they lie in the same or
+   adjacent encoded chunks: every chunk holding selected data is fetched and decoded once
+   per request, in one call per span so the array library decodes them concurrently,
+   and no chunk without selected data is read,
 3. reads in batches of at most :data:`BATCH_BYTES`, selecting columns in memory per
    batch, so peak memory follows the selection, not the file.
 
@@ -30,18 +32,32 @@ if TYPE_CHECKING:
 
     import scipy.sparse as sp
 
-    #: Told ``[(on-disk array, starts, stops), ...]`` in elements/rows before they are read.
-    Prefetch = Callable[[list[tuple[Any, np.ndarray, np.ndarray]]], None]
-
-__all__ = ["BATCH_BYTES", "MAX_GAP_BYTES", "SparseParts", "coalesce", "read_dense",
-           "read_matrix", "read_sparse"]
+__all__ = ["BATCH_BYTES", "MAX_GAP_BYTES", "ReadHooks", "SparseParts", "coalesce",
+           "read_dense", "read_matrix", "read_sparse"]
 
 #: Two reads separated by more bytes than this stay two reads.
 MAX_GAP_BYTES = 1 << 20
 #: A gap up to this size is always worth reading through (a page of a local file).
 SLACK_BYTES = 4096
 #: Upper bound on the bytes one batch reads before columns are selected.
-BATCH_BYTES = 64 << 20
+BATCH_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class ReadHooks:
+    """How a store can speed up reads; every hook is optional.
+
+    ``prefetch`` is told ``[(on-disk array, starts, stops), ...]`` (elements or rows) before
+    they are read, so a remote file can fetch them concurrently. ``read_runs`` may read the
+    runs ``[starts[i], stops[i])`` of a 1-D array itself and return them concatenated, or
+    return ``None`` to leave the read to the array library.
+    """
+
+    prefetch: Callable[[list[tuple[Any, np.ndarray, np.ndarray]]], None] | None = None
+    read_runs: Callable[[Any, np.ndarray, np.ndarray], np.ndarray | None] | None = None
+
+
+NO_HOOKS = ReadHooks()
 
 
 @dataclass(frozen=True)
@@ -71,14 +87,17 @@ def _chunk_len(arr: Any) -> int | None:
 
 
 def coalesce(starts: np.ndarray, stops: np.ndarray, *, max_gap: int, slack: int = 0,
-             chunk: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             chunk: int | None = None,
+             max_run: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Merge sorted, non-overlapping, non-empty ranges into fewer reads.
 
     Two neighbours merge when the gap between them is at most ``max_gap`` elements and at
     most the length of the range before it plus ``slack`` (so the gaps read add up to no
-    more than the ranges themselves, plus slack), or when they touch the same chunk of
-    ``chunk`` elements. Returns ``(run_starts, run_stops, run_of)``, where ``run_of[i]`` is
-    the run holding range ``i``.
+    more than the ranges themselves, plus slack), or when they lie in the same or adjacent
+    chunks of ``chunk`` elements (the gap then holds no whole chunk). Runs are cut so none
+    spans more than ``max_run`` elements (a single range longer than that stays whole).
+    Returns ``(run_starts, run_stops, run_of)``, where ``run_of[i]`` is the run holding
+    range ``i``.
     """
     if len(starts) == 0:
         empty = np.empty(0, dtype=np.int64)
@@ -86,7 +105,15 @@ def coalesce(starts: np.ndarray, stops: np.ndarray, *, max_gap: int, slack: int 
     gaps = starts[1:] - stops[:-1]
     merge = (gaps <= max_gap) & (gaps <= (stops - starts)[:-1] + slack)
     if chunk:
-        merge |= (starts[1:] // chunk) <= ((stops[:-1] - 1) // chunk)
+        merge |= (starts[1:] // chunk) <= ((stops[:-1] - 1) // chunk) + 1
+    if max_run:
+        if chunk:  # cut between chunks, so no chunk is decoded by two runs
+            window = (starts // chunk) // max(1, max_run // chunk)
+        else:
+            run_of = np.concatenate(([0], np.cumsum(~merge)))
+            first_of_run = np.concatenate(([0], np.flatnonzero(~merge) + 1))
+            window = (starts - starts[first_of_run][run_of]) // max_run
+        merge &= window[1:] == window[:-1]
     breaks = np.flatnonzero(~merge)
     run_starts = starts[np.concatenate(([0], breaks + 1))]
     run_stops = stops[np.concatenate((breaks, [len(stops) - 1]))]
@@ -103,8 +130,15 @@ def _expand(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.repeat(shifts, lengths) + np.arange(total, dtype=np.int64)
 
 
-def _read_runs(arr: Any, run_starts: np.ndarray, run_stops: np.ndarray) -> np.ndarray:
+def _read_runs(arr: Any, run_starts: np.ndarray, run_stops: np.ndarray,
+               hooks: ReadHooks = NO_HOOKS) -> np.ndarray:
     """Read every run of a 1-D on-disk array into one contiguous buffer."""
+    if hooks.read_runs is not None:
+        direct = hooks.read_runs(arr, run_starts, run_stops)
+        if direct is not None:
+            return direct
+    if len(run_starts) == 1 and getattr(arr, "read_direct", None) is None:
+        return np.asarray(arr[int(run_starts[0]):int(run_stops[0])])  # no extra copy
     sizes = run_stops - run_starts
     out = np.empty(int(sizes.sum()), dtype=arr.dtype)
     offset = 0
@@ -142,6 +176,7 @@ class _MinorFilter:
         self.n_out = n_minor
         if self.all or sel is None:
             return
+        index_dtype = np.int32 if n_minor < 2**31 else np.int64
         if isinstance(sel, slice) and sel.indices(n_minor)[2] == 1:
             start, stop, _ = sel.indices(n_minor)
             self.slice = (start, max(start, stop))
@@ -149,39 +184,52 @@ class _MinorFilter:
             return
         positions = to_array(sel, n_minor)
         unique, inverse = np.unique(positions, return_inverse=True)
-        if len(unique) == len(positions):
-            order = np.empty(len(positions), dtype=np.int64)  # keep the requested order
-            order[:] = np.arange(len(positions))
-            self.lookup = np.full(n_minor, -1, dtype=np.int64)
-            self.lookup[positions] = order
+        if len(unique) == len(positions):  # new index = position in the request
+            self.lookup = np.full(n_minor, -1, dtype=index_dtype)
+            self.lookup[positions] = np.arange(len(positions))
             self.n_out = len(positions)
         else:  # repeated columns: filter the unique ones, expand at the end
-            self.lookup = np.full(n_minor, -1, dtype=np.int64)
+            self.lookup = np.full(n_minor, -1, dtype=index_dtype)
             self.lookup[unique] = np.arange(len(unique))
             self.inverse = inverse
             self.n_out = len(unique)
 
-    def apply(self, indices: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-        """Return ``(keep mask or None, new indices)`` for a batch of minor indices."""
+    def mask(self, indices: np.ndarray) -> np.ndarray | None:
+        """Return which minor indices are selected (``None``: all of them)."""
         if self.all:
-            return None, indices
+            return None
         if self.slice is not None:
             lo, hi = self.slice
-            keep = (indices >= lo) & (indices < hi)
-            return keep, (indices[keep] - lo).astype(indices.dtype, copy=False)
+            return (indices >= lo) & (indices < hi)
         assert self.lookup is not None  # noqa: S101
-        mapped = self.lookup[indices]
-        keep = mapped >= 0
-        return keep, mapped[keep].astype(indices.dtype, copy=False)
+        return self.lookup[indices] >= 0
+
+    def remap(self, indices: np.ndarray) -> np.ndarray:
+        """Renumber selected minor indices into the output's numbering."""
+        if self.all:
+            return indices
+        if self.slice is not None:
+            return (indices - self.slice[0]).astype(indices.dtype, copy=False)
+        assert self.lookup is not None  # noqa: S101
+        return self.lookup[indices].astype(indices.dtype, copy=False)
+
+
+def _inside_mask(n: int, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Boolean mask of the buffer positions inside ``[starts[i], starts[i] + lengths[i])``."""
+    delta = np.zeros(n + 1, dtype=np.int8)
+    nonzero = lengths > 0
+    np.add.at(delta, starts[nonzero], 1)
+    np.add.at(delta, starts[nonzero] + lengths[nonzero], -1)
+    return np.cumsum(delta[:-1], dtype=np.int8).astype(bool)
 
 
 def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | None,
-                prefetch: Prefetch | None = None) -> sp.spmatrix:
+                hooks: ReadHooks = NO_HOOKS) -> sp.spmatrix:
     """Read a subset of a compressed matrix along its compressed (major) axis.
 
     ``major`` selects rows of a CSR (columns of a CSC) matrix, ``minor`` the other axis.
-    ``prefetch``, if given, is told each batch's element ranges before they are read (a
-    remote file fetches them concurrently).
+    ``hooks`` let the store fetch each batch's element ranges itself (see
+    :class:`ReadHooks`).
     """
     import scipy.sparse as sp
 
@@ -197,12 +245,13 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
     max_gap = max(1, MAX_GAP_BYTES // item)
     chunk = _chunk_len(parts.data)
     ne_starts = starts[nonempty]
+    batch_elements = max(1, BATCH_BYTES // item)
     run_starts, run_stops, run_of = coalesce(ne_starts, ne_starts + lengths[nonempty],
                                              max_gap=max_gap, slack=SLACK_BYTES // item,
-                                             chunk=chunk)
+                                             chunk=chunk, max_run=batch_elements)
     # group runs into batches of bounded size
     run_sizes = run_stops - run_starts
-    batch_of_run = (np.cumsum(run_sizes) - run_sizes) // max(1, BATCH_BYTES // item)
+    batch_of_run = (np.cumsum(run_sizes) - run_sizes) // batch_elements
     ne_rows = np.flatnonzero(nonempty)
 
     data_parts, index_parts = [], []
@@ -210,29 +259,38 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
     for batch in np.unique(batch_of_run):
         runs = np.flatnonzero(batch_of_run == batch)
         r0, r1 = int(runs[0]), int(runs[-1]) + 1
-        if prefetch is not None:
-            prefetch([(parts.data, run_starts[r0:r1], run_stops[r0:r1]),
-                      (parts.indices, run_starts[r0:r1], run_stops[r0:r1])])
-        data_buf = _read_runs(parts.data, run_starts[r0:r1], run_stops[r0:r1])
-        index_buf = _read_runs(parts.indices, run_starts[r0:r1], run_stops[r0:r1])
+        if hooks.prefetch is not None:
+            hooks.prefetch([(parts.data, run_starts[r0:r1], run_stops[r0:r1]),
+                            (parts.indices, run_starts[r0:r1], run_stops[r0:r1])])
+        data_buf = _read_runs(parts.data, run_starts[r0:r1], run_stops[r0:r1], hooks)
+        index_buf = _read_runs(parts.indices, run_starts[r0:r1], run_stops[r0:r1], hooks)
         in_batch = (run_of >= r0) & (run_of < r1)
         sel_rows = ne_rows[in_batch]
         sel_runs = run_of[in_batch]
         buffer_offsets = np.concatenate(([0], np.cumsum(run_sizes[r0:r1])[:-1]))
         local_starts = buffer_offsets[sel_runs - r0] + (starts[sel_rows] - run_starts[sel_runs])
         sel_lengths = lengths[sel_rows]
-        if int(sel_lengths.sum()) != len(data_buf):  # gaps were read: gather the rows
+        n_selected = int(sel_lengths.sum())
+        inside = None
+        if 4 * n_selected < len(data_buf):  # a small selection in a large read: gather it
             gather = _expand(local_starts, sel_lengths)
             data_buf, index_buf = data_buf[gather], index_buf[gather]
-        keep, new_indices = minor_filter.apply(index_buf)
+            local_starts = np.cumsum(sel_lengths) - sel_lengths
+        elif n_selected != len(data_buf):  # gaps were read: mask them out
+            inside = _inside_mask(len(data_buf), local_starts, sel_lengths)
+        keep = minor_filter.mask(index_buf)
+        if inside is not None:
+            keep = inside if keep is None else keep & inside
         if keep is None:
             counts[sel_rows] = sel_lengths
             data_parts.append(data_buf)
+            index_parts.append(minor_filter.remap(index_buf))
         else:
-            row_ids = np.repeat(np.arange(len(sel_rows)), sel_lengths)
-            counts[sel_rows] = np.bincount(row_ids[keep], minlength=len(sel_rows))
+            kept = np.concatenate(([0], np.cumsum(keep, dtype=np.int64 if len(keep) >= 2**31
+                                                  else np.int32)))
+            counts[sel_rows] = kept[local_starts + sel_lengths] - kept[local_starts]
             data_parts.append(data_buf[keep])
-        index_parts.append(new_indices)
+            index_parts.append(minor_filter.remap(index_buf[keep]))
 
     dtype = parts.data.dtype
     data = np.concatenate(data_parts) if data_parts else np.empty(0, dtype=dtype)
@@ -259,7 +317,7 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
 
 
 def read_dense(arr: Any, rows: Selection | None, cols: Selection | None,
-               prefetch: Prefetch | None = None) -> np.ndarray:
+               hooks: ReadHooks = NO_HOOKS) -> np.ndarray:
     """Read a subset of a dense on-disk array (1-D or 2-D) by coalesced row blocks."""
     n_rows = int(arr.shape[0])
     two_d = arr.ndim == 2
@@ -284,8 +342,9 @@ def read_dense(arr: Any, rows: Selection | None, cols: Selection | None,
     fetched_until = 0
     for i, (first, last) in enumerate(blocks):
         s, e = int(positions[first]), int(positions[last - 1]) + 1
-        if prefetch is not None and i >= fetched_until:
-            fetched_until = _prefetch_dense(prefetch, arr, positions, blocks, i, row_bytes)
+        if hooks.prefetch is not None and i >= fetched_until:
+            fetched_until = _prefetch_dense(hooks.prefetch, arr, positions, blocks, i,
+                                            row_bytes)
         if two_d:
             block = arr.oindex[s:e, col_sel] if isinstance(col_sel, np.ndarray) \
                 else arr[s:e, col_sel]
@@ -299,7 +358,8 @@ def read_dense(arr: Any, rows: Selection | None, cols: Selection | None,
     return out
 
 
-def _prefetch_dense(prefetch: Prefetch, arr: Any, positions: np.ndarray,
+def _prefetch_dense(prefetch: Callable[[list[tuple[Any, np.ndarray, np.ndarray]]], None],
+                    arr: Any, positions: np.ndarray,
                     blocks: list[tuple[int, int]], i: int, row_bytes: int) -> int:
     """Prefetch blocks from ``i`` on, up to :data:`BATCH_BYTES`; return the next unfetched."""
     starts, stops, total, j = [], [], 0, i
@@ -334,7 +394,7 @@ def _dense_blocks(positions: np.ndarray, row_bytes: int,
 
 
 def read_matrix(elem: Any, rows: Selection | None, cols: Selection | None,
-                prefetch: Prefetch | None = None) -> Any:
+                hooks: ReadHooks = NO_HOOKS) -> Any:
     """Read ``elem[rows, cols]`` of an on-disk dense array or :class:`SparseParts`.
 
     This is the one read path of lamin-io: accessors and loaders call it with the rows a
@@ -342,6 +402,6 @@ def read_matrix(elem: Any, rows: Selection | None, cols: Selection | None,
     """
     if isinstance(elem, SparseParts):
         if elem.format == "csr":
-            return read_sparse(elem, rows, cols, prefetch)
-        return read_sparse(elem, cols, rows, prefetch)
-    return read_dense(elem, rows, cols, prefetch)
+            return read_sparse(elem, rows, cols, hooks)
+        return read_sparse(elem, cols, rows, hooks)
+    return read_dense(elem, rows, cols, hooks)

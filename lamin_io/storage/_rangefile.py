@@ -104,6 +104,20 @@ class RangeFile(io.RawIOBase):
             self._parts.append((start, bytes(blob)))
         return sum(len(b) for _, b in self._parts)
 
+    def fetch(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """Fetch byte ranges concurrently and return them in order (not kept).
+
+        Call only outside HDF5 calls (see the module docstring).
+        """
+        if not ranges:
+            return []
+        blobs = self._fs.cat_ranges([self._path] * len(ranges), [r[0] for r in ranges],
+                                    [r[1] for r in ranges])
+        for blob in blobs:
+            if isinstance(blob, Exception):
+                raise blob
+        return [bytes(b) for b in blobs]
+
     def release(self) -> None:
         """Drop prefetched bytes."""
         self._starts, self._parts = [], []
