@@ -28,6 +28,7 @@ __all__ = [
     "errors",
     "gc",
     "open",
+    "save_tiledbsoma_experiment",
 ]
 
 _LAZY = {
@@ -38,11 +39,20 @@ _LAZY = {
     "disconnect": "lamin_io.registry",
     "gc": "lamin_io.registry",
     "open": "lamin_io.accessors",
+    "save_tiledbsoma_experiment": "lamin_io.registry",
 }
 
 if TYPE_CHECKING:
     from lamin_io.accessors import open
-    from lamin_io.registry import Artifact, ArtifactSet, Collection, connect, disconnect, gc
+    from lamin_io.registry import (
+        Artifact,
+        ArtifactSet,
+        Collection,
+        connect,
+        disconnect,
+        gc,
+        save_tiledbsoma_experiment,
+    )
 
 
 def __getattr__(name: str) -> Any:

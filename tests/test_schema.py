@@ -9,15 +9,29 @@ from sqlalchemy import create_engine, select
 import lamin_io as ln
 from lamin_io.registry import _schema as s
 
+#: The artifact columns each schema version added, newest last.
+_ADDED = {2: "fingerprint", 3: "n_observations"}
 
-def _create_v1(db: str) -> None:
-    """Write a registry as schema 1 laid it out: today's tables minus artifact.fingerprint."""
+
+def _create_old(db: str, version: int) -> None:
+    """Write a registry as schema ``version`` laid it out: today's tables minus later columns."""
     engine = create_engine(f"sqlite:///{db}")
     s.metadata.create_all(engine)
     engine.dispose()
     with sqlite3.connect(db) as c:
-        c.execute("ALTER TABLE artifact DROP COLUMN fingerprint")
-        c.execute("INSERT INTO lamin_io_meta VALUES ('schema_version', '1')")
+        for added, column in _ADDED.items():
+            if added > version:
+                c.execute(f"ALTER TABLE artifact DROP COLUMN {column}")
+        c.execute(f"INSERT INTO lamin_io_meta VALUES ('schema_version', '{version}')")
+
+
+def _create_v1(db: str) -> None:
+    _create_old(db, 1)
+
+
+def test_every_version_has_a_migration():
+    assert sorted(s.MIGRATIONS) == list(range(1, s.SCHEMA_VERSION))
+    assert max(_ADDED) == s.SCHEMA_VERSION
 
 
 def test_v1_registry_is_migrated(tmp_path):
@@ -35,3 +49,23 @@ def test_v1_registry_is_migrated(tmp_path):
     assert art.cache().read_bytes() == b"a\n1\n"
     with sqlite3.connect(db) as c:
         assert c.execute("SELECT fingerprint FROM artifact").fetchone()[0] is not None
+
+
+def test_v2_registry_is_migrated(tmp_path):
+    db = str(tmp_path / "old.db")
+    _create_old(db, 2)
+    f = tmp_path / "x.csv"
+    f.write_bytes(b"a\n1\n")
+    with sqlite3.connect(db) as c:
+        cols = [r[1] for r in c.execute("PRAGMA table_info(artifact)")]
+    assert "fingerprint" in cols
+    assert "n_observations" not in cols
+    conn = ln.connect(db, tmp_path / "storage")
+    with conn.db.read() as c:
+        assert c.execute(select(s.meta.c.value)).scalar() == str(s.SCHEMA_VERSION)
+    art = ln.Artifact(f, key="x.csv").save()
+    assert art.n_observations is None  # a csv is not counted; the column exists now
+    assert ln.Artifact.filter(n_observations__isnull=True).one() == art
+    with sqlite3.connect(db) as c:
+        cols = [r[1] for r in c.execute("PRAGMA table_info(artifact)")]
+    assert "n_observations" in cols

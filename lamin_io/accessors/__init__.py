@@ -8,10 +8,12 @@ from lamin_io.accessors._formats import (
     supported_suffixes,
 )
 from lamin_io.accessors._open import open
+from lamin_io.accessors._soma import WritableSOMA
 from lamin_io.accessors._tables import open_many
 
 __all__ = [
     "Format",
+    "WritableSOMA",
     "format_for",
     "formats",
     "open",

@@ -42,6 +42,13 @@ class Format:
         probe are asked first, in registration order; one without a probe is the fallback.
     extra
         The ``lamin-io[...]`` extra that provides the reader's dependencies, if any.
+    modes
+        The modes its opener accepts. :meth:`lamin_io.Artifact.open` checks a write mode
+        here before it copies a registered folder to write on (the registered version
+        stays as it was; closing saves the copy as a new version).
+    n_observations
+        ``"module:function"`` taking ``(path)`` and returning the number of observations
+        (cells, rows) stored, or ``None``; recorded on an artifact when it is saved.
     """
 
     name: str
@@ -50,6 +57,8 @@ class Format:
     open: str | None = None
     can_open: str | None = None
     extra: str | None = None
+    modes: tuple[str, ...] = ("r",)
+    n_observations: str | None = None
 
     def resolve(self, what: str) -> Callable[..., Any]:
         """Import and return the function named by attribute ``what``."""
@@ -130,7 +139,8 @@ def format_for(suffix: str, path: Any = None, *, what: str = "load") -> Format:
     candidates = [f for f in _BY_SUFFIX.get(suffix.lower(), []) if getattr(f, what)]
     if not candidates:
         shown = repr(suffix) if suffix else "no suffix"
-        able = sorted(s for s, fs in _BY_SUFFIX.items() if any(getattr(f, what) for f in fs))
+        able = sorted(s for s, fs in _BY_SUFFIX.items()
+                      if s and any(getattr(f, what) for f in fs))
         msg = f"cannot {what} {shown}; supported suffixes: {', '.join(able)}"
         raise UnsupportedFormatError(msg)
     for fmt in candidates:
@@ -142,15 +152,28 @@ def format_for(suffix: str, path: Any = None, *, what: str = "load") -> Format:
 _A = "lamin_io.accessors._anndata"
 _B = "lamin_io.accessors._backed"
 _S = "lamin_io.accessors._spatialdata"
+_SO = "lamin_io.accessors._soma"
 _T = "lamin_io.accessors._tables"
 for _fmt in (
     Format("spatialdata", (".zarr",), open=f"{_S}:open_spatialdata",
            can_open=f"{_S}:is_spatialdata"),
     Format("anndata", (".h5ad", ".h5ad.gz", ".h5", ".hdf5", ".zarr"), load=f"{_A}:load_anndata",
-           open=f"{_A}:open_anndata", can_open=f"{_A}:is_anndata"),
+           open=f"{_A}:open_anndata", can_open=f"{_A}:is_anndata", modes=("r", "r+")),
+    Format("tiledbsoma", (".tiledbsoma",), load=f"{_SO}:load_soma", open=f"{_SO}:open_soma",
+           extra="soma", modes=("r", "w"), n_observations=f"{_SO}:count_observations"),
     Format("hdf5", (".h5", ".hdf5"), open=f"{_B}:open_backed"),
     Format("zarr", (".zarr",), open=f"{_B}:open_backed"),
-    Format("parquet", (".parquet", ".pq"), load=f"{_T}:load_table"),
-    Format("csv", (".csv", ".csv.gz", ".tsv", ".tsv.gz"), load=f"{_T}:load_table"),
+    # tables: one reader pair for every format; _tables.TABLE_FORMATS says which engine
+    # reads which (the names match); a folder without a suffix is probed for its part files
+    Format("parquet", (".parquet", ".pq"), load=f"{_T}:load_table", open=f"{_T}:open_table"),
+    Format("csv", (".csv", ".csv.gz"), load=f"{_T}:load_table", open=f"{_T}:open_table"),
+    Format("tsv", (".tsv", ".tsv.gz"), load=f"{_T}:load_table", open=f"{_T}:open_table"),
+    Format("ipc", (".ipc", ".arrow", ".feather"), load=f"{_T}:load_table",
+           open=f"{_T}:open_table"),
+    Format("json", (".json", ".ndjson", ".jsonl"), load=f"{_T}:load_table",
+           open=f"{_T}:open_table"),
+    Format("orc", (".orc",), load=f"{_T}:load_table", open=f"{_T}:open_table"),
+    Format("table-folder", ("",), load=f"{_T}:load_table", open=f"{_T}:open_table",
+           can_open=f"{_T}:is_table_folder"),
 ):
     register_format(_fmt)

@@ -17,6 +17,15 @@ __all__ = ["MODES", "open"]
 
 MODES = ("r", "r+", "w")
 
+#: What to do when a write mode names a path that does not exist: no mode creates a store.
+_CREATE_HINTS = {
+    "r+": ("mode 'r+' edits an existing store in place and never creates one: write it first "
+           "(e.g. AnnData.write_zarr)"),
+    "w": ("mode 'w' writes into an existing store and never creates one: create it first "
+          "(a TileDB-SOMA experiment with lamin_io.save_tiledbsoma_experiment or "
+          "tiledbsoma.io.from_anndata)"),
+}
+
 
 def open(  # noqa: A001 (mirrors the builtin on purpose, like zarr.open and h5py.File)
     path: PathLike,
@@ -31,7 +40,12 @@ def open(  # noqa: A001 (mirrors the builtin on purpose, like zarr.open and h5py
     Dispatches by suffix through the format table and, where several formats share a
     suffix (``.zarr``, ``.h5``), by what is stored: an AnnData store gives an
     :class:`AnnDataAccessor`, a SpatialData store a :class:`SpatialDataAccessor`, any other
-    HDF5 or zarr store a :class:`BackedAccessor`.
+    HDF5 or zarr store a :class:`BackedAccessor`. A table (``.parquet``, ``.csv``, ``.tsv``,
+    ``.ipc``/``.arrow``/``.feather``, ``.json``/``.ndjson`` as JSON Lines, ``.orc``, or a
+    folder of one of them, sharded or hive-partitioned) gives a ``pyarrow.dataset.Dataset``,
+    or with ``engine="polars"`` a context manager yielding a ``polars.LazyFrame``. A
+    ``.tiledbsoma`` store gives the ``tiledbsoma.Experiment``, ``Measurement`` or
+    ``Collection`` it holds.
 
     Parameters
     ----------
@@ -39,20 +53,25 @@ def open(  # noqa: A001 (mirrors the builtin on purpose, like zarr.open and h5py
         Local path or URL (``s3://bucket/key.h5ad``).
     mode
         ``"r"`` (default); ``"r+"`` where the format supports writing back (AnnData
-        ``.zarr``).
+        ``.zarr``); ``"w"`` for TileDB-SOMA stores. Every mode opens an existing path:
+        a missing one raises :class:`~lamin_io.errors.PathNotFoundError`.
     storage_options
         fsspec options for remote paths (``endpoint_url``, ``anon``, credentials).
     on_close
         Called once when a writable accessor is closed (the registry uses it to save a new
         artifact version).
     **kwargs
-        Passed to the format's opener (e.g. ``engine="polars"`` for tables).
+        Passed to the format's opener: for tables ``engine="pyarrow"|"polars"``,
+        ``use_fsspec=True`` (read through fsspec instead of the engine's own S3 client) and
+        the engine's own options.
 
     Examples
     --------
     >>> import lamin_io as ln                                              # doctest: +SKIP
     >>> with ln.open("s3://bucket/pbmc.h5ad") as adata:
     ...     sub = adata[adata.obs["cell_type"] == "B", ["CD19", "MS4A1"]].to_memory()
+    >>> with ln.open("s3://bucket/sales/", engine="polars") as lf:       # doctest: +SKIP
+    ...     lf.filter(pl.col("year") == 2024).select("id", "total").collect()
     """
     if mode not in MODES:
         msg = f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}"
@@ -61,10 +80,14 @@ def open(  # noqa: A001 (mirrors the builtin on purpose, like zarr.open and h5py
     endpoint = dict(upath.storage_options).get("endpoint_url")
     with storage_errors(str(upath), endpoint):
         exists = upath.exists()
-    if not exists and mode == "r":
+    if not exists:
+        # before the format table: without a stored object to probe, the first format that
+        # claims the suffix would answer (e.g. "SpatialData opens read-only" for a .zarr)
         msg = f"path {upath} does not exist: check the path, or the bucket and prefix"
+        if mode in _CREATE_HINTS:
+            msg += f"; {_CREATE_HINTS[mode]}"
         raise PathNotFoundError(msg)
-    fmt = format_for(suffix_of(upath.name), upath if exists else None, what="open")
+    fmt = format_for(suffix_of(upath.name), upath, what="open")
     opener = fmt.resolve("open")
     with storage_errors(str(upath), endpoint):
         return opener(upath, mode=mode, on_close=on_close, **kwargs)

@@ -1,57 +1,614 @@
-"""Tables: parquet, csv and tsv files."""
+"""Tables: parquet, csv, tsv, Arrow IPC/Feather, JSON Lines and ORC, as files or folders.
+
+``open()`` gives a ``pyarrow.dataset.Dataset`` (the default engine) or, with
+``engine="polars"``, a :class:`PolarsScan`: a context manager yielding a ``polars.LazyFrame``.
+``load()`` gives a pandas DataFrame. Which engine reads which format is the data in
+:data:`TABLE_FORMATS` and :data:`ENGINES`, not a chain of branches.
+
+Folders
+-------
+A folder is one table made of its *data files*: every file below it except those with a
+path component (relative to the folder) that starts with ``.`` or ``_`` (``_SUCCESS``,
+``_metadata``, ``_common_metadata``, ``.crc`` files, ``_temporary/``), as Spark, Hive and
+pyarrow agree. A folder named with a table suffix (``sales.parquet/``) holds that format;
+its data files carry one of that format's suffixes or none. A folder without a suffix
+(``sales/``) takes the one format its data files name by their suffixes (the format table
+routes suffix ``""`` here through the :func:`is_table_folder` probe). Directories named
+``key=value`` make a folder hive-partitioned: each key comes back as a column.
+
+Engines get the explicit, sorted list of data files, never a directory to list again, so
+both see the same files; on S3 pyarrow reads through its native ``S3FileSystem`` and polars
+through its native object store, both configured from the path's storage settings (see
+:mod:`lamin_io.storage._engines`), so scans fetch byte ranges with predicate and projection
+pushdown.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import json
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lamin_io.storage import is_local, suffix_of
+from lamin_io.errors import (
+    InvalidArgumentError,
+    MissingDependencyError,
+    PathNotFoundError,
+    UnsupportedFormatError,
+    WriteNotSupportedError,
+)
+from lamin_io.storage import (
+    is_local,
+    polars_storage_options,
+    pyarrow_filesystem,
+    storage_errors,
+    suffix_of,
+    to_upath,
+)
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Mapping
+
     import pandas as pd
+    import polars as pl
+    import pyarrow.dataset as ds
     from upath import UPath
 
-__all__ = ["load_table"]
+    from lamin_io.storage import PathLike
+
+__all__ = [
+    "ENGINES",
+    "TABLE_FORMATS",
+    "Engine",
+    "PolarsScan",
+    "TableFormat",
+    "TableSource",
+    "is_table_folder",
+    "load_table",
+    "open_many",
+    "open_table",
+    "resolve_table",
+]
+
+#: Path components starting with these are not data (``_SUCCESS``, ``.crc``, ``_metadata``).
+HIDDEN_PREFIXES = (".", "_")
+
+
+@dataclass(frozen=True)
+class TableFormat:
+    """How each engine reads one table format: one row of the support matrix.
+
+    Parameters
+    ----------
+    name
+        The format's name in the format table (``"parquet"``); its suffixes live there.
+    pandas
+        ``pandas`` reader that :func:`load_table` uses for a single file.
+    pyarrow
+        ``pyarrow.dataset`` format name, or ``None`` if pyarrow cannot read it.
+    polars
+        ``polars`` scan function, or ``None`` if polars cannot scan it.
+    delimiter
+        Field separator of delimited text, given to every engine in its own spelling.
+    hive
+        Engines that read hive partitions of this format.
+    polars_options
+        Options always given to the polars scan (user keywords override them).
+    pandas_options
+        Options always given to the pandas reader (user keywords override them).
+    pandas_remote
+        How the pandas reader reads a remote file: given its URL and ``storage_options``
+        (``"storage_options"``), or an open fsspec file (``"file"``).
+    """
+
+    name: str
+    pandas: str
+    pyarrow: str | None = None
+    polars: str | None = None
+    delimiter: str | None = None
+    hive: tuple[str, ...] = ("pyarrow",)
+    polars_options: Mapping[str, Any] = field(default_factory=dict)
+    pandas_options: Mapping[str, Any] = field(default_factory=dict)
+    pandas_remote: str = "storage_options"
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A library that opens tables lazily.
+
+    Parameters
+    ----------
+    name
+        What users pass as ``engine=``.
+    module
+        Imported when the engine is first used.
+    extra
+        The ``lamin-io[...]`` extra that installs it, if it is optional.
+    open
+        ``(sources, *, use_fsspec, kwargs)`` returning the opened table.
+    fsspec_hive
+        Whether it still reads hive partitions with ``use_fsspec=True``.
+    """
+
+    name: str
+    module: str
+    extra: str | None
+    open: Callable[..., Any]
+    fsspec_hive: bool = True
+
+
+def _formats_of(engine: str) -> list[str]:
+    return [f.name for f in TABLE_FORMATS.values() if getattr(f, engine) is not None]
+
+
+def _engines_of(fmt: TableFormat) -> list[str]:
+    return [e for e in ENGINES if getattr(fmt, e) is not None]
+
+
+def _import_engine(engine: str) -> Any:
+    spec = ENGINES.get(engine) if isinstance(engine, str) else None
+    if spec is None:
+        msg = (f"unknown engine {engine!r}; engines: "
+               + "; ".join(f"{e.name!r} ({', '.join(_formats_of(e.name))})"
+                           for e in ENGINES.values()))
+        raise InvalidArgumentError(msg)
+    try:
+        return importlib.import_module(spec.module)
+    except ImportError as exc:
+        hint = f"pip install 'lamin-io[{spec.extra}]'" if spec.extra else "reinstall lamin-io"
+        msg = f"engine {engine!r} needs {exc.name or spec.module}: {hint}"
+        raise MissingDependencyError(msg) from exc
+
+
+# -- what a path holds -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TableSource:
+    """One table file or folder, resolved: its format and its data files.
+
+    Parameters
+    ----------
+    path
+        The file or folder as given.
+    format
+        Its table format.
+    files
+        Data files, as ``path.fs`` spells them (``bucket/key`` on S3), sorted.
+    folder
+        Whether ``path`` is a folder.
+    hive
+        Whether the folder is hive-partitioned (``key=value`` directories).
+    """
+
+    path: UPath
+    format: TableFormat
+    files: tuple[str, ...]
+    folder: bool
+    hive: bool
+
+    @property
+    def root(self) -> str:
+        """The folder (or file) as ``path.fs`` spells it."""
+        return str(self.path.path).rstrip("/")
+
+
+def _table_format(suffix: str) -> TableFormat | None:
+    """Return the table format the format table gives ``suffix``, if it is a table."""
+    from lamin_io.accessors._formats import format_for
+
+    try:
+        fmt = format_for(suffix, what="open")
+    except UnsupportedFormatError:
+        return None
+    return TABLE_FORMATS.get(fmt.name)
+
+
+def _table_suffixes() -> str:
+    from lamin_io.accessors._formats import formats
+
+    return ", ".join(s for f in formats() if f.name in TABLE_FORMATS for s in f.suffixes)
+
+
+def _data_files(path: UPath) -> dict[str, str]:
+    """Return ``{relative path: fs path}`` of the data files below a folder."""
+    root = str(path.path).rstrip("/")
+    out = {}
+    for found in path.fs.find(root, withdirs=False):
+        rel = str(found)[len(root) + 1:]
+        if rel and not any(part.startswith(HIDDEN_PREFIXES) for part in rel.split("/")):
+            out[rel] = str(found)
+    return dict(sorted(out.items()))
+
+
+def _shown(names: Iterable[str], limit: int = 5) -> str:
+    names = list(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(repr(n) for n in names[:limit]) + more
+
+
+def _folder_format(path: UPath, files: dict[str, str]) -> TableFormat:
+    """Return the one format of a folder's data files (the folder's suffix, if it has one)."""
+    named = _table_format(suffix_of(path.name)) if suffix_of(path.name) else None
+    by_format: dict[str, list[str]] = {}
+    for rel in files:
+        suffix = suffix_of(rel.rsplit("/", 1)[-1])
+        fmt = named if (named is not None and not suffix) else _table_format(suffix)
+        name = fmt.name if fmt is not None else f"not a table ({suffix or 'no suffix'})"
+        by_format.setdefault(name, []).append(rel)
+    tables = [name for name in by_format if name in TABLE_FORMATS]
+    if len(by_format) == 1 and tables:
+        return TABLE_FORMATS[tables[0]]
+    listing = "; ".join(f"{name}: {_shown(rels)}" for name, rels in by_format.items())
+    if named is not None:
+        msg = (f"folder {path} is named as {named.name} but holds other files ({listing}); "
+               f"a table folder holds files of one format (files starting with '.' or '_' "
+               f"are skipped)")
+    elif len(tables) > 1:
+        msg = (f"folder {path} mixes table formats ({listing}); a table folder holds files "
+               f"of one format: open each format separately")
+    elif "not a table (no suffix)" in by_format:
+        msg = (f"cannot tell the table format of folder {path}: some files have no suffix "
+               f"({listing}); name the folder with its format's suffix, e.g. 'name.parquet'")
+    else:
+        msg = (f"folder {path} holds files that are not tables ({listing}); table suffixes: "
+               f"{_table_suffixes()}")
+    raise UnsupportedFormatError(msg)
+
+
+def resolve_table(path: UPath) -> TableSource:
+    """Find what a table path holds: its format and data files.
+
+    Parameters
+    ----------
+    path
+        A normalized table file or folder.
+
+    Raises
+    ------
+    PathNotFoundError
+        Nothing is stored at ``path``.
+    UnsupportedFormatError
+        It is not a table, a folder mixes formats, or a folder holds no data files.
+    """
+    with storage_errors(str(path), dict(path.storage_options).get("endpoint_url")):
+        try:
+            info = path.fs.info(path.path)
+        except FileNotFoundError as exc:
+            msg = f"path {path} does not exist: check the path, or the bucket and prefix"
+            raise PathNotFoundError(msg) from exc
+        folder = info.get("type") == "directory"
+        files = _data_files(path) if folder else {path.name: str(path.path)}
+    if not folder:
+        fmt = _table_format(suffix_of(path.name))
+        if fmt is None and not suffix_of(path.name):
+            from lamin_io.accessors._formats import supported_suffixes
+
+            msg = (f"cannot open {path}: a file without a suffix; supported suffixes: "
+                   f"{', '.join(s for s in supported_suffixes() if s)}")
+            raise UnsupportedFormatError(msg)
+        if fmt is None:
+            msg = (f"cannot open {path} ({suffix_of(path.name)!r}) as a table; table "
+                   f"suffixes: {_table_suffixes()}, or a folder of such files")
+            raise UnsupportedFormatError(msg)
+        return TableSource(path, fmt, tuple(files.values()), folder=False, hive=False)
+    suffix = suffix_of(path.name)
+    if suffix and _table_format(suffix) is None:
+        msg = (f"cannot open folder {path} ({suffix!r}) as a table; table suffixes: "
+               f"{_table_suffixes()}, or a folder without a suffix")
+        raise UnsupportedFormatError(msg)
+    if not files:
+        msg = (f"folder {path} holds no data files (files starting with '.' or '_' are "
+               f"skipped); table suffixes: {_table_suffixes()}")
+        raise UnsupportedFormatError(msg)
+    fmt = _folder_format(path, files)
+    hive = any("=" in part for rel in files for part in rel.split("/")[:-1])
+    return TableSource(path, fmt, tuple(files.values()), folder=True, hive=hive)
+
+
+def is_table_folder(path: UPath) -> bool:
+    """Probe for suffix ``""``: whether ``path`` is a folder holding table files."""
+    try:
+        if path.fs.info(path.path).get("type") != "directory":
+            return False
+        return any(_table_format(suffix_of(rel.rsplit("/", 1)[-1])) is not None
+                   for rel in _data_files(path))
+    except (OSError, ValueError):
+        return False
+
+
+# -- engines ---------------------------------------------------------------------------------
+
+
+def _store_key(path: UPath) -> tuple[str, str]:
+    """Return what identifies a filesystem: protocol and options (compared, never shown)."""
+    if is_local(path):
+        return ("file", "")
+    return (path.protocol, json.dumps(dict(path.storage_options), sort_keys=True, default=repr))
+
+
+def _batches(sources: list[TableSource]) -> list[list[TableSource]]:
+    """Group neighbouring sources that one engine call reads: one filesystem, no hive."""
+    batches: list[list[TableSource]] = []
+    for s in sources:
+        last = batches[-1] if batches else None
+        if (last is not None and not s.hive and not last[0].hive
+                and _store_key(last[0].path) == _store_key(s.path)):
+            last.append(s)
+        else:
+            batches.append([s])
+    return batches
+
+
+def _pyarrow_format(fmt: TableFormat) -> Any:
+    import pyarrow.dataset as ds
+
+    if fmt.delimiter is not None:
+        import pyarrow.csv
+
+        return ds.CsvFileFormat(parse_options=pyarrow.csv.ParseOptions(delimiter=fmt.delimiter))
+    return fmt.pyarrow
+
+
+def _open_pyarrow(sources: list[TableSource], *, use_fsspec: bool,
+                  kwargs: dict[str, Any]) -> ds.Dataset:
+    import pyarrow.dataset as ds
+
+    def one(batch: list[TableSource]) -> ds.Dataset:
+        first = batch[0]
+        options: dict[str, Any] = {
+            "format": _pyarrow_format(first.format),
+            "filesystem": pyarrow_filesystem(first.path, use_fsspec=use_fsspec)}
+        if first.hive:
+            options.update(partitioning="hive", partition_base_dir=first.root)
+        options.update(kwargs)
+        return ds.dataset([f for s in batch for f in s.files], **options)
+
+    batches = _batches(sources)
+    if len(batches) == 1:
+        return one(batches[0])
+    return ds.dataset([one(b) for b in batches], schema=kwargs.get("schema"))
+
+
+def _polars_scan(sources: list[TableSource], *, use_fsspec: bool, kwargs: dict[str, Any],
+                 stack: contextlib.ExitStack) -> pl.LazyFrame:
+    import polars as pl
+
+    fmt = sources[0].format
+    scan = getattr(pl, str(fmt.polars))
+
+    def one(batch: list[TableSource]) -> pl.LazyFrame:
+        first = batch[0]
+        options: dict[str, Any] = dict(fmt.polars_options)
+        if fmt.delimiter is not None:
+            options["separator"] = fmt.delimiter
+        if first.hive:  # polars reads ``key=value`` components of the paths it is given
+            options["hive_partitioning"] = True
+        if is_local(first.path):
+            files: list[Any] = [f for s in batch for f in s.files]
+        elif use_fsspec:
+            files = [stack.enter_context(first.path.fs.open(f, "rb"))
+                     for s in batch for f in s.files]
+        else:
+            storage = polars_storage_options(first.path)
+            if storage is not None:
+                options["storage_options"] = storage
+            files = [first.path.fs.unstrip_protocol(f) for s in batch for f in s.files]
+        options.update(kwargs)
+        return scan(files, **options)
+
+    frames = [one(b) for b in _batches(sources)]
+    return frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
+
+
+class PolarsScan:
+    """What ``open(..., engine="polars")`` returns: a context manager yielding a LazyFrame.
+
+    The scan is built on entering, with the storage settings translated into polars' own
+    object-store options (or, with ``use_fsspec=True``, over file handles of our fsspec
+    filesystem that are closed on exit). Collect inside the ``with`` block.
+
+    Examples
+    --------
+    >>> import polars as pl                                                # doctest: +SKIP
+    >>> with ln.open("s3://bucket/sales.parquet", engine="polars") as lf:
+    ...     df = lf.filter(pl.col("year") == 2024).select("id", "total").collect()
+    """
+
+    def __init__(self, sources: list[TableSource], *, use_fsspec: bool,
+                 kwargs: dict[str, Any]) -> None:
+        self._sources = sources
+        self._use_fsspec = use_fsspec
+        self._kwargs = kwargs
+        self._stacks: list[contextlib.ExitStack] = []
+
+    @property
+    def n_files(self) -> int:
+        """Number of data files scanned."""
+        return sum(len(s.files) for s in self._sources)
+
+    def __enter__(self) -> pl.LazyFrame:
+        stack = contextlib.ExitStack()
+        try:
+            lf = _polars_scan(self._sources, use_fsspec=self._use_fsspec,
+                              kwargs=self._kwargs, stack=stack)
+        except BaseException:
+            stack.close()
+            raise
+        self._stacks.append(stack)
+        return lf
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._stacks:
+            self._stacks.pop().close()
+
+    def __repr__(self) -> str:
+        first = self._sources[0]
+        where = str(first.path) + (f" and {len(self._sources) - 1} more"
+                                   if len(self._sources) > 1 else "")
+        return (f"PolarsScan({where}, format={first.format.name!r}, n_files={self.n_files}"
+                f"{', use_fsspec=True' if self._use_fsspec else ''})")
+
+
+def _check_engine(engine: str, sources: list[TableSource], *, use_fsspec: bool) -> None:
+    """Raise unless ``engine`` reads every source (one format, hive where it can)."""
+    names = sorted({s.format.name for s in sources})
+    if len(names) > 1:
+        by_format = "; ".join(
+            f"{n}: {_shown(str(s.path) for s in sources if s.format.name == n)}" for n in names)
+        msg = f"cannot open mixed formats as one table ({by_format}); open each format separately"
+        raise UnsupportedFormatError(msg)
+    fmt = sources[0].format
+    if getattr(fmt, engine) is None:
+        msg = (f"engine {engine!r} cannot open {fmt.name} tables; {fmt.name} opens with "
+               f"engine={', '.join(map(repr, _engines_of(fmt)))}, and {engine!r} opens: "
+               f"{', '.join(_formats_of(engine))}")
+        raise UnsupportedFormatError(msg)
+    if any(s.hive for s in sources):
+        if engine not in fmt.hive:
+            msg = (f"engine {engine!r} cannot read hive-partitioned {fmt.name} folders; "
+                   f"use engine={', '.join(map(repr, fmt.hive))}")
+            raise UnsupportedFormatError(msg)
+        if use_fsspec and not ENGINES[engine].fsspec_hive:
+            msg = (f"use_fsspec=True cannot read hive partitions with engine {engine!r} (it "
+                   f"gets file handles, which carry no 'key=value' paths): drop use_fsspec, "
+                   f"or use engine='pyarrow', use_fsspec=True")
+            raise InvalidArgumentError(msg)
+
+
+# -- the format table's entry points -----------------------------------------------------------
+
+
+def open_many(paths: Iterable[PathLike], *, engine: str = "pyarrow", use_fsspec: bool = False,
+              storage_options: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+    """Open table files and folders of one format as one table, lazily.
+
+    Neighbouring paths on one filesystem become one scan over all their files; paths on
+    different filesystems (local and S3, two endpoints) or hive-partitioned folders are
+    opened one by one and combined (a pyarrow ``UnionDataset``, ``polars.concat``).
+
+    Parameters
+    ----------
+    paths
+        Table files or folders (see :mod:`lamin_io.accessors._tables` for folders), in the
+        order their rows come back.
+    engine
+        ``"pyarrow"`` (default): return a ``pyarrow.dataset.Dataset``; ``"polars"``: return a
+        :class:`PolarsScan`, a context manager yielding a ``polars.LazyFrame``.
+    use_fsspec
+        Read remote files through our fsspec filesystem instead of the engine's native
+        object-store client (for stores the engine cannot reach); ignored for local files.
+    storage_options
+        fsspec options for paths given as URL strings.
+    **kwargs
+        Passed to ``pyarrow.dataset.dataset`` (``schema``, ``partitioning``, ``format``) or
+        the polars scan (``schema``, ``n_rows``, ``infer_schema_length``...).
+
+    Raises
+    ------
+    InvalidArgumentError
+        Unknown engine, no paths, or an option the engine cannot honour.
+    UnsupportedFormatError
+        Not tables, mixed formats, or a format the engine cannot read.
+    MissingDependencyError
+        The engine is not installed.
+
+    Examples
+    --------
+    >>> dataset = open_many(["a.parquet", "b.parquet"])                   # doctest: +SKIP
+    >>> with open_many(["a.parquet", "b.parquet"], engine="polars") as lf:
+    ...     lf.select("id").collect()
+    """
+    _import_engine(engine)
+    if not isinstance(use_fsspec, bool):
+        msg = f"use_fsspec must be True or False, got {use_fsspec!r}"
+        raise InvalidArgumentError(msg)
+    upaths = [to_upath(p, storage_options) for p in paths]
+    if not upaths:
+        msg = "no tables to open: give at least one path"
+        raise InvalidArgumentError(msg)
+    sources = [resolve_table(p) for p in upaths]
+    _check_engine(engine, sources, use_fsspec=use_fsspec)
+    first = sources[0].path
+    with storage_errors(str(first), dict(first.storage_options).get("endpoint_url")):
+        return ENGINES[engine].open(sources, use_fsspec=use_fsspec, kwargs=kwargs)
+
+
+def open_table(path: UPath, *, mode: str = "r", on_close: Callable[[], Any] | None = None,
+               engine: str = "pyarrow", use_fsspec: bool = False, **kwargs: Any) -> Any:
+    """Open a table file or folder lazily (the format table's opener for tables).
+
+    Parameters
+    ----------
+    path
+        A normalized table file or folder.
+    mode
+        ``"r"`` only: tables are read-only.
+    on_close
+        Unused (tables are never written back).
+    engine
+        ``"pyarrow"`` (default) or ``"polars"``; see :func:`open_many`.
+    use_fsspec
+        See :func:`open_many`.
+    **kwargs
+        Passed to the engine; see :func:`open_many`.
+    """
+    if mode != "r":
+        msg = f"tables open read-only (mode='r'), got mode={mode!r}: write a new file instead"
+        raise WriteNotSupportedError(msg)
+    return open_many([path], engine=engine, use_fsspec=use_fsspec, **kwargs)
 
 
 def load_table(path: UPath, **kwargs: Any) -> pd.DataFrame:
-    """Read a whole table into a pandas DataFrame."""
+    """Read a whole table file or folder into a pandas DataFrame.
+
+    A file goes through pandas' own reader (``read_parquet``, ``read_csv``,
+    ``read_feather``, ``read_json(lines=True)``, ``read_orc``; keywords go to it). A folder
+    goes through the pyarrow dataset (keywords go to ``pyarrow.dataset.dataset``), so hive
+    partitions come back as columns.
+    """
     import pandas as pd
 
-    suffix = suffix_of(path.name).lower()
-    target: Any = path.path if is_local(path) else str(path)
-    options = None if is_local(path) else dict(path.storage_options)
-    if suffix in (".parquet", ".pq"):
-        return pd.read_parquet(target, storage_options=options, **kwargs)
-    if suffix.startswith(".tsv"):
-        kwargs.setdefault("sep", "\t")
-    return pd.read_csv(target, storage_options=options, **kwargs)
+    source = resolve_table(path)
+    if source.folder:
+        return open_many([path], engine="pyarrow", **kwargs).to_table().to_pandas()
+    fmt = source.format
+    options: dict[str, Any] = dict(fmt.pandas_options)
+    if fmt.delimiter is not None:
+        options["sep"] = fmt.delimiter
+    options.update(kwargs)
+    reader = getattr(pd, fmt.pandas)
+    if is_local(path):
+        return reader(str(path.path), **options)
+    if fmt.pandas_remote == "file":
+        with path.fs.open(path.path, "rb") as f:
+            return reader(f, **options)
+    return reader(str(path), storage_options=dict(path.storage_options), **options)
 
 
-def _pyarrow_format(suffix: str) -> str:
-    from lamin_io.errors import UnsupportedFormatError
+# -- the support matrix -------------------------------------------------------------------
 
-    formats = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "csv"}
-    fmt = formats.get(suffix.lower())
-    if fmt is None:
-        msg = f"pyarrow cannot open {suffix!r} as a dataset; supported: {', '.join(formats)}"
-        raise UnsupportedFormatError(msg)
-    return fmt
+_GLOB_OFF = {"glob": False}  # we hand polars explicit file names, never patterns
 
+#: The support matrix: a format's engines are the ``Engine`` names it gives a reader for.
+TABLE_FORMATS: dict[str, TableFormat] = {f.name: f for f in (
+    TableFormat("parquet", pyarrow="parquet", polars="scan_parquet", pandas="read_parquet",
+                hive=("pyarrow", "polars"), polars_options=_GLOB_OFF),
+    TableFormat("csv", pyarrow="csv", polars="scan_csv", pandas="read_csv", delimiter=",",
+                polars_options=_GLOB_OFF),
+    TableFormat("tsv", pyarrow="csv", polars="scan_csv", pandas="read_csv", delimiter="\t",
+                polars_options=_GLOB_OFF),
+    TableFormat("ipc", pyarrow="ipc", polars="scan_ipc", pandas="read_feather",
+                hive=("pyarrow", "polars"), polars_options=_GLOB_OFF),
+    TableFormat("json", pyarrow="json", polars="scan_ndjson", pandas="read_json",
+                pandas_options={"lines": True}),
+    TableFormat("orc", pyarrow="orc", pandas="read_orc", pandas_remote="file"),
+)}
 
-def open_many(paths: list[UPath], *, engine: str = "pyarrow", **kwargs: Any) -> Any:
-    """Open several table files of one format as one ``pyarrow.dataset.Dataset``."""
-    import pyarrow.dataset as ds
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    from lamin_io.errors import InvalidArgumentError, UnsupportedFormatError
-
-    if engine != "pyarrow":
-        msg = f"engine {engine!r} is not supported; engines: 'pyarrow'"
-        raise InvalidArgumentError(msg)
-    suffixes = {suffix_of(p.name).lower() for p in paths}
-    if len(suffixes) != 1:
-        msg = f"cannot open mixed formats {sorted(suffixes)} as one dataset"
-        raise UnsupportedFormatError(msg)
-    fs = PyFileSystem(FSSpecHandler(paths[0].fs))
-    return ds.dataset([p.path for p in paths], format=_pyarrow_format(suffixes.pop()),
-                      filesystem=fs, **kwargs)
+#: Engines by name; the first is the default. polars reads partition values from paths, so it
+#: cannot read hive partitions from the file handles ``use_fsspec=True`` gives it.
+ENGINES: dict[str, Engine] = {e.name: e for e in (
+    Engine("pyarrow", "pyarrow.dataset", None, open=_open_pyarrow),
+    Engine("polars", "polars", "polars", open=PolarsScan, fsspec_hive=False),
+)}

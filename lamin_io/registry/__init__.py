@@ -5,6 +5,7 @@ from lamin_io.registry._collection import Collection, CollectionSet
 from lamin_io.registry._connection import Connection, connect, current, disconnect
 from lamin_io.registry._gc import GcReport, gc
 from lamin_io.registry._keys import RESERVED_PREFIX
+from lamin_io.registry._soma import save_tiledbsoma_experiment
 
 __all__ = [
     "RESERVED_PREFIX",
@@ -18,4 +19,5 @@ __all__ = [
     "current",
     "disconnect",
     "gc",
+    "save_tiledbsoma_experiment",
 ]

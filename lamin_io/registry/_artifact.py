@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -22,11 +23,14 @@ from lamin_io.errors import (
     CorruptArtifactError,
     InvalidArgumentError,
     InvalidKeyError,
+    MissingDependencyError,
     ObjectExistsError,
     PathNotFoundError,
     RegistryError,
     StorageModifiedError,
     StorageObjectMissingError,
+    UnsupportedFormatError,
+    WriteNotSupportedError,
 )
 from lamin_io.registry import _schema as s
 from lamin_io.registry._connection import Connection, current
@@ -61,7 +65,7 @@ if TYPE_CHECKING:
 
     from lamin_io.storage import PathLike
 
-__all__ = ["Artifact", "ArtifactSet", "format_size"]
+__all__ = ["Artifact", "ArtifactSet", "existing_path", "format_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +82,25 @@ def format_size(n: int) -> str:
 
 def _pending_wait() -> float:
     return float(os.environ.get("LAMIN_IO_PENDING_WAIT", "600"))
+
+
+#: Default of ``LAMIN_IO_LOAD_WARN_BYTES``: ``load()`` warns above this size.
+LOAD_WARN_BYTES = 10_000_000_000
+
+
+def _warn_if_large(artifact: Artifact) -> None:
+    """Warn (``UserWarning``) before loading an artifact above the configured size."""
+    raw = os.environ.get("LAMIN_IO_LOAD_WARN_BYTES", "").strip()
+    try:
+        limit = int(float(raw)) if raw else LOAD_WARN_BYTES
+    except ValueError:
+        msg = f"LAMIN_IO_LOAD_WARN_BYTES must be a number of bytes (0: never warn), got {raw!r}"
+        raise InvalidArgumentError(msg) from None
+    if 0 < limit < artifact.size:
+        warnings.warn(
+            f"loading {artifact._what()} into memory: {format_size(artifact.size)}, above "
+            f"{format_size(limit)} (LAMIN_IO_LOAD_WARN_BYTES); open() reads it lazily",
+            UserWarning, stacklevel=3)
 
 
 class Artifact(Record):
@@ -111,25 +134,15 @@ class Artifact(Record):
     _kind: ClassVar[str] = "artifact"
     _fields: ClassVar[tuple[str, ...]] = (
         "uid", "key", "description", "suffix", "size", "hash", "version", "is_latest",
-        "created_at", "n_files", "family_uid", "storage_key", "managed",
+        "created_at", "n_files", "family_uid", "storage_key", "managed", "n_observations",
     )
 
     def __init__(self, path: PathLike, *, key: str | None = None,
                  description: str | None = None, revises: Artifact | None = None,
                  version: str | None = None,
                  storage_options: dict[str, Any] | None = None) -> None:
-        conn = current()
         self._row = None
-        text = os.fspath(path) if not hasattr(path, "protocol") else str(path)
-        options = storage_options
-        if options is None and "://" in text and not text.startswith("file://"):
-            options = conn.path_options(text)
-        source = to_upath(path, options)
-        with storage_errors(str(source), conn.settings.endpoint_url):
-            exists = source.exists()
-        if not exists:
-            msg = f"path {source} does not exist: check the path, or the bucket and prefix"
-            raise PathNotFoundError(msg)
+        source = existing_path(path, storage_options)
         self._source = source
         self._suffix = suffix_of(source.name)
         if key is not None:
@@ -169,10 +182,12 @@ class Artifact(Record):
             key = validate_key(located[1], suffix=self._suffix)
         with storage_errors(str(source), conn.settings.endpoint_url):
             digest, size, manifest = hash_path(source, mute=mute)
+        n_observations = _count_observations(source, self._suffix)
 
         deadline = time.monotonic() + _pending_wait()
         while True:
-            state, row = self._claim(conn, digest, size, manifest, key, located)
+            state, row = self._claim(conn, digest, size, manifest, key, located,
+                                     n_observations=n_observations)
             if state != "busy":
                 break
             if time.monotonic() > deadline:
@@ -195,7 +210,8 @@ class Artifact(Record):
         return self
 
     def _claim(self, conn: Connection, digest: str, size: int, manifest: Manifest | None,
-               key: str | None, located: tuple[int, str] | None) -> tuple[str, Row[Any]]:
+               key: str | None, located: tuple[int, str] | None, *,
+               n_observations: int | None = None) -> tuple[str, Row[Any]]:
         """Find the record of this content, or insert one (pending, or ready if in place)."""
         t = s.artifact
         with conn.db.write() as c:
@@ -226,6 +242,7 @@ class Artifact(Record):
                 "family_uid": family, "version": label, "version_index": index,
                 "is_latest": False,
                 "fingerprint": None,
+                "n_observations": n_observations,
                 "created_at": datetime.now(UTC),
             }
             if in_place and manifest is None:
@@ -283,6 +300,15 @@ class Artifact(Record):
     def n_files(self) -> int | None:
         """Number of files of a folder artifact; ``None`` for a single file."""
         return self._saved().n_files
+
+    @property
+    def n_observations(self) -> int | None:
+        """Number of observations (cells) stored, where the format counts them at save.
+
+        Set for TileDB-SOMA experiments; ``None`` when unknown.
+        """
+        n = self._saved().n_observations
+        return None if n is None else int(n)
 
     @property
     def manifest(self) -> Manifest | None:
@@ -384,32 +410,47 @@ class Artifact(Record):
                                what=self._what(), mute=mute)
 
     def load(self, **kwargs: Any) -> Any:
-        """Load into memory: AnnData for ``.h5ad``/``.zarr``, DataFrame for tables.
+        """Load into memory: AnnData for ``.h5ad``/``.zarr``, a pandas DataFrame for tables.
 
-        Extra keyword arguments go to the reader (``anndata.read_h5ad``, ``pandas.read_*``).
+        Tables are parquet, csv, tsv, Arrow IPC/Feather, JSON Lines and ORC files, and
+        folders of one of them (sharded or hive-partitioned). Extra keyword arguments go to
+        the reader (``anndata.read_h5ad``, ``pandas.read_*``; ``pyarrow.dataset.dataset`` for
+        table folders). Above ``LAMIN_IO_LOAD_WARN_BYTES`` (default 10 GB; ``0`` turns it
+        off) a ``UserWarning`` suggests :meth:`open` instead.
         """
         from lamin_io.accessors import format_for
 
         loader = format_for(self.suffix).resolve("load")
+        _warn_if_large(self)
         return loader(to_upath(self.cache()), **kwargs)
 
     def open(self, mode: str = "r", **kwargs: Any) -> Any:
         """Open lazily where the bytes lie (see :func:`lamin_io.open`).
 
-        ``mode="r+"`` on an AnnData ``.zarr`` works on a private copy; closing the accessor
-        saves that copy as a new version of this artifact (the registered version stays
-        immutable: the record is the truth).
+        A write mode on a folder (``"r+"`` on an AnnData ``.zarr``, ``"w"`` on a
+        ``.tiledbsoma`` experiment) works on a private copy; closing the accessor saves that
+        copy as a new version of this artifact (the registered version stays immutable: the
+        record is the truth). The format table's ``modes`` are checked before anything is
+        copied; single files open where they lie, and their readers refuse write modes.
         """
+        from lamin_io.accessors import format_for
         from lamin_io.accessors import open as open_path
 
         path = self.verify()
-        if mode == "r" or self.suffix.lower() != ".zarr":
+        if mode == "r" or self.n_files is None:
             return open_path(path, mode, **kwargs)
+        fmt = format_for(self.suffix, path, what="open")
+        if mode not in fmt.modes:
+            shown = " or ".join(map(repr, fmt.modes))
+            msg = (f"cannot open {self._what()} in mode {mode!r}: {fmt.name} stores open in "
+                   f"mode {shown}")
+            raise WriteNotSupportedError(msg)
         return self._open_writable_copy(mode, **kwargs)
 
     def _open_writable_copy(self, mode: str, **kwargs: Any) -> Any:
         import shutil
         import tempfile
+        import weakref
 
         from lamin_io.accessors import open as open_path
 
@@ -425,6 +466,9 @@ class Artifact(Record):
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
 
+        # an accessor dropped unclosed (or closed after an error, which saves nothing)
+        # takes its copy with it: the callback lives exactly as long as the accessor
+        weakref.finalize(save_new_version, shutil.rmtree, staging, ignore_errors=True)
         try:
             return open_path(copy, mode, on_close=save_new_version, **kwargs)
         except BaseException:
@@ -476,7 +520,7 @@ class Artifact(Record):
         return {"uid": row.uid, "key": row.key, "version": row.version,
                 "is_latest": bool(row.is_latest), "suffix": row.suffix, "size": row.size,
                 "hash": row.hash, "description": row.description,
-                "created_at": row.created_at}
+                "n_observations": row.n_observations, "created_at": row.created_at}
 
     def describe(self) -> str:
         """Print and return a readable summary of the record."""
@@ -491,6 +535,8 @@ class Artifact(Record):
             f"  size         {format_size(row.size)}"
             + (f" in {row.n_files} files" if row.n_files is not None else ""),
             f"  sha256       {row.hash}",
+            *([f"  n_obs        {row.n_observations}"] if row.n_observations is not None
+              else []),
             f"  storage      {self.storage_root}",
             f"  stored at    {row.storage_key}"
             + ("" if row.managed else "  (registered in place)"),
@@ -519,9 +565,19 @@ class ArtifactSet(RecordSet[Artifact]):
         return [a.cache(mute=mute) for a in self]
 
     def open(self, *, engine: str = "pyarrow", **kwargs: Any) -> Any:
-        """Open all artifacts as one dataset: a pyarrow ``Dataset`` or a polars ``LazyFrame``.
+        """Open all artifacts (table files and folders) as one table, lazily.
 
-        Mixed formats, or files on filesystems the engine cannot combine, raise a clear error.
+        ``engine="pyarrow"`` (default) returns one ``pyarrow.dataset.Dataset``;
+        ``engine="polars"`` a context manager yielding one ``polars.LazyFrame``. Rows come
+        in the order of the artifacts. Artifacts of different formats raise
+        ``UnsupportedFormatError``; artifacts on different storages are combined (a
+        pyarrow union dataset, ``polars.concat``). ``use_fsspec=True`` and other keywords
+        work as in :func:`lamin_io.open`.
+
+        Examples
+        --------
+        >>> with ln.Artifact.filter(key__startswith="sales/").open(engine="polars") as lf:
+        ...     lf.group_by("region").agg(pl.col("total").sum()).collect()  # doctest: +SKIP
         """
         from lamin_io.accessors import open_many
 
@@ -551,6 +607,48 @@ def _delete_row(conn: Connection, row_id: int) -> None:
         c.execute(delete(t).where(t.c.id == row_id))
         if family is not None:
             refresh_latest(c, t, family)
+
+
+def existing_path(path: PathLike, storage_options: dict[str, Any] | None = None) -> UPath:
+    """Normalize a user's path or URL, with its storage's options unless given; check it exists.
+
+    Raises
+    ------
+    PathNotFoundError
+        Nothing is stored there.
+    """
+    conn = current()
+    text = os.fspath(path) if not hasattr(path, "protocol") else str(path)
+    options = storage_options
+    if options is None and "://" in text and not text.startswith("file://"):
+        options = conn.path_options(text)
+    source = to_upath(path, options)
+    with storage_errors(str(source), conn.settings.endpoint_url):
+        exists = source.exists()
+    if not exists:
+        msg = f"path {source} does not exist: check the path, or the bucket and prefix"
+        raise PathNotFoundError(msg)
+    return source
+
+
+def _count_observations(path: UPath, suffix: str) -> int | None:
+    """Return what the format table counts in ``path`` (cells of an experiment), or ``None``.
+
+    A registry keeps any file: a format that cannot count, or a store that cannot be read,
+    leaves the count unknown rather than failing the save.
+    """
+    from lamin_io.accessors import format_for
+
+    try:
+        counter = format_for(suffix, path, what="n_observations").resolve("n_observations")
+    except (UnsupportedFormatError, MissingDependencyError):
+        return None
+    try:
+        n = counter(path)
+    except Exception:  # noqa: BLE001 (an unreadable store is still registered)
+        logger.debug("cannot count the observations of %s", path, exc_info=True)
+        return None
+    return None if n is None else int(n)
 
 
 def _quietly(fn: Any, *args: Any) -> None:

@@ -6,6 +6,8 @@ Schema history:
 2. ``artifact.fingerprint``: the stored object's ETag/version id (S3) or size and
    modification time (local) seen at save, so a later read detects an object changed
    behind the registry's back without re-reading it.
+3. ``artifact.n_observations``: the number of observations (cells) a stored object holds,
+   where its format can count them (TileDB-SOMA experiments); ``NULL`` when unknown.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy import Connection
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 metadata = MetaData()
 
@@ -71,6 +73,7 @@ artifact = Table(
     Column("version_index", Integer, nullable=False),
     Column("is_latest", Boolean, nullable=False, default=False),
     Column("fingerprint", Text, nullable=True),
+    Column("n_observations", BigInteger, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("family_uid", "version_index"),
     UniqueConstraint("family_uid", "version"),
@@ -111,5 +114,9 @@ def _v1_to_v2(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE artifact ADD COLUMN fingerprint TEXT"))
 
 
+def _v2_to_v3(conn: Connection) -> None:
+    conn.execute(text("ALTER TABLE artifact ADD COLUMN n_observations BIGINT"))
+
+
 #: ``MIGRATIONS[n]`` upgrades a registry from schema ``n`` to ``n + 1``.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}

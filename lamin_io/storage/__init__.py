@@ -4,6 +4,13 @@ This layer knows files and objects only: no registry records and no formats.
 """
 
 from lamin_io.storage._cache import cache_dir, cached_copy
+from lamin_io.storage._engines import (
+    S3Access,
+    polars_storage_options,
+    pyarrow_filesystem,
+    s3_access,
+    tiledb_config,
+)
 from lamin_io.storage._filesystem import refresh_if_credentials_changed, storage_errors
 from lamin_io.storage._hashing import Manifest, hash_path, manifest_hash
 from lamin_io.storage._options import StorageOptions, StorageSettings, resolve_endpoint
@@ -15,6 +22,7 @@ __all__ = [
     "Manifest",
     "PathLike",
     "ProgressCallback",
+    "S3Access",
     "StorageOptions",
     "StorageSettings",
     "cache_dir",
@@ -24,12 +32,16 @@ __all__ = [
     "hash_path",
     "is_local",
     "manifest_hash",
+    "polars_storage_options",
+    "pyarrow_filesystem",
     "refresh_if_credentials_changed",
     "relative_key",
     "remove",
     "resolve_endpoint",
+    "s3_access",
     "storage_errors",
     "suffix_of",
+    "tiledb_config",
     "to_upath",
     "upload",
 ]

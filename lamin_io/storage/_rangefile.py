@@ -37,31 +37,12 @@ MAX_BLOCKS = 256
 def sync_reader(path: UPath) -> Any:
     """Return a file with ``read_at(n, offset)`` that reads in the calling thread.
 
-    S3 objects open through ``pyarrow.fs.S3FileSystem`` built from the path's fsspec
-    options (endpoint, region, credentials or anonymous access).
+    S3 objects open through pyarrow's native S3 client, built from the same settings as
+    the path's fsspec filesystem (endpoint, region, credentials or anonymous access).
     """
-    from pyarrow import fs as pafs
+    from lamin_io.storage._engines import pyarrow_filesystem
 
-    options = dict(path.storage_options)
-    client_kwargs = options.get("client_kwargs") or {}
-    kwargs: dict[str, Any] = {}
-    endpoint = options.get("endpoint_url") or client_kwargs.get("endpoint_url")
-    if endpoint:
-        scheme, _, host = str(endpoint).partition("://")
-        kwargs["endpoint_override"] = host.rstrip("/") if host else scheme
-        kwargs["scheme"] = scheme if host else "https"
-    region = client_kwargs.get("region_name") or options.get("region")
-    if region:
-        kwargs["region"] = region
-    if options.get("anon"):
-        kwargs["anonymous"] = True
-    elif options.get("key") and options.get("secret"):
-        kwargs["access_key"] = options["key"]
-        kwargs["secret_key"] = options["secret"]
-        if options.get("token"):
-            kwargs["session_token"] = options["token"]
-    filesystem = pafs.S3FileSystem(**kwargs)
-    return filesystem.open_input_file(path.path)
+    return pyarrow_filesystem(path).open_input_file(path.path)
 
 
 class RangeFile(io.RawIOBase):

@@ -1,0 +1,346 @@
+"""TileDB-SOMA stores (``.tiledbsoma``): open the object they hold, load it, write AnnData in.
+
+``open_soma`` returns the ``tiledbsoma.Experiment``, ``Measurement`` or ``Collection`` itself,
+opened with a ``SOMATileDBContext`` built from the path's storage settings (the same
+endpoint, region and credentials fsspec uses; see :func:`lamin_io.storage.tiledb_config`).
+``load_soma`` exports an experiment to AnnData with tiledbsoma's own ``to_anndata``, and
+``write_experiment`` writes AnnData objects into a new or an existing experiment with
+tiledbsoma's registration (``register_anndatas``), so appended cells and genes get new join
+ids. tiledbsoma is imported only inside these functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+from lamin_io.errors import (
+    InvalidArgumentError,
+    MissingDependencyError,
+    NameNotFoundError,
+    PathNotFoundError,
+    UnsupportedFormatError,
+    WriteNotSupportedError,
+)
+from lamin_io.storage import is_local, tiledb_config
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Sequence
+    from types import ModuleType
+
+    import anndata as ad
+    import pandas as pd
+    from upath import UPath
+
+__all__ = [
+    "SOMA_MODES",
+    "WritableSOMA",
+    "count_observations",
+    "load_soma",
+    "open_soma",
+    "soma_context",
+    "write_experiment",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The modes TileDB-SOMA objects open in (its ``"d"``, delete, is not offered).
+SOMA_MODES = ("r", "w")
+
+
+def _tiledbsoma() -> ModuleType:
+    try:
+        import tiledbsoma
+        import tiledbsoma.io
+    except ImportError as exc:
+        msg = "TileDB-SOMA stores need tiledbsoma: pip install 'lamin-io[soma]'"
+        raise MissingDependencyError(msg) from exc
+    return tiledbsoma
+
+
+def soma_context(path: UPath) -> Any:
+    """Return a ``tiledbsoma.SOMATileDBContext`` that reaches ``path``.
+
+    Local paths get a default context; ``s3://`` paths one configured from the path's
+    storage settings (endpoint, region, credentials), as :func:`tiledb_config` spells them.
+    """
+    tiledbsoma = _tiledbsoma()
+    return tiledbsoma.SOMATileDBContext(tiledb_config=tiledb_config(path) or {})
+
+
+def _uri(path: UPath) -> str:
+    return str(path.path) if is_local(path) else str(path)
+
+
+@contextlib.contextmanager
+def _soma_errors(path: UPath) -> Iterator[None]:
+    """Translate tiledbsoma's "nothing there" into lamin-io errors naming the path."""
+    tiledbsoma = _tiledbsoma()
+    try:
+        yield
+    except tiledbsoma.DoesNotExistError as exc:
+        if not path.exists():
+            msg = (f"{path} does not exist: check the path; write an experiment with "
+                   f"lamin_io.save_tiledbsoma_experiment or tiledbsoma.io.from_anndata")
+            raise PathNotFoundError(msg) from exc
+        msg = f"{path} holds no TileDB-SOMA object (no TileDB group or array metadata)"
+        raise UnsupportedFormatError(msg) from exc
+
+
+def open_soma(path: UPath, *, mode: str = "r", on_close: Callable[[], Any] | None = None,
+              **kwargs: Any) -> Any:
+    """Open the SOMA object stored at ``path`` (the format table's opener).
+
+    Parameters
+    ----------
+    path
+        A ``.tiledbsoma`` folder, local or on S3.
+    mode
+        ``"r"`` or ``"w"``. SOMA has no ``"r+"``: an object opened with ``"w"`` is written
+        to, and read again after reopening it with ``"r"``.
+    on_close
+        Called once after a ``"w"`` object is closed; given one, the object comes wrapped in
+        a :class:`WritableSOMA` (the registry saves a new artifact version this way).
+    **kwargs
+        Passed to ``tiledbsoma.open`` (``soma_type``, ``tiledb_timestamp``).
+
+    Returns
+    -------
+    tiledbsoma.Experiment | tiledbsoma.Measurement | tiledbsoma.Collection | WritableSOMA
+        The stored object, a context manager.
+    """
+    if mode not in SOMA_MODES:
+        msg = (f"cannot open {path} in mode {mode!r}: TileDB-SOMA objects open in mode 'r' "
+               f"(read) or 'w' (write); there is no 'r+': write with 'w', then reopen "
+               f"with 'r' to read what was written")
+        raise WriteNotSupportedError(msg)
+    tiledbsoma = _tiledbsoma()
+    with _soma_errors(path):
+        obj = tiledbsoma.open(_uri(path), mode, context=soma_context(path), **kwargs)
+    if on_close is None or mode == "r":
+        return obj
+    return WritableSOMA(obj, on_close)
+
+
+def _open_experiment(path: UPath, what: str) -> Any:
+    tiledbsoma = _tiledbsoma()
+    with _soma_errors(path):
+        obj = tiledbsoma.open(_uri(path), "r", context=soma_context(path))
+    if not isinstance(obj, tiledbsoma.Experiment):
+        kind = type(obj).__name__
+        obj.close()
+        msg = (f"{what} needs a SOMA Experiment; {path} holds a {kind}: open it with "
+               f"lamin_io.open() and read its members instead")
+        raise UnsupportedFormatError(msg)
+    return obj
+
+
+def load_soma(path: UPath, *, measurement_name: str = "RNA", **kwargs: Any) -> ad.AnnData:
+    """Read a whole SOMA experiment into an AnnData (the format table's loader).
+
+    Uses ``tiledbsoma.io.to_anndata``; obs and var names come back as they were written.
+
+    Parameters
+    ----------
+    path
+        A ``.tiledbsoma`` experiment folder.
+    measurement_name
+        The measurement whose ``X``, var, obsm, ... become the AnnData's.
+    **kwargs
+        Passed to ``tiledbsoma.io.to_anndata`` (``X_layer_name``, ``obs_id_name``, ...).
+    """
+    tiledbsoma = _tiledbsoma()
+    with _open_experiment(path, "load()") as exp:
+        if measurement_name not in exp.ms:
+            names = ", ".join(repr(k) for k in exp.ms) or "none"
+            msg = (f"{path} has no measurement {measurement_name!r} (measurements: {names}); "
+                   f"pass measurement_name=")
+            raise NameNotFoundError(msg)
+        return tiledbsoma.io.to_anndata(exp, measurement_name, **kwargs)
+
+
+def count_observations(path: UPath) -> int | None:
+    """Return the number of cells (obs rows) of the experiment at ``path``; ``None`` if none."""
+    tiledbsoma = _tiledbsoma()
+    with _soma_errors(path), tiledbsoma.open(_uri(path), "r",
+                                             context=soma_context(path)) as obj:
+        if not isinstance(obj, tiledbsoma.Experiment) or "obs" not in obj:
+            return None
+        return int(obj.obs.count)
+
+
+def _check_ids(adatas: Sequence[ad.AnnData], obs_id_name: str, var_id_name: str) -> None:
+    """Check that every AnnData names its obs and var ids as asked, and obs ids are unique."""
+    import pandas as pd
+
+    def ids(df: pd.DataFrame, name: str, axis: str, i: int) -> pd.Index:
+        if name in df.columns:
+            return pd.Index(df[name])
+        if df.index.name in (name, "index", None):
+            return df.index
+        msg = (f"AnnData #{i} has no {axis} column {name!r} and its {axis} index is named "
+               f"{df.index.name!r}: pass {axis}_id_name= naming the {axis} column (or index) "
+               f"that holds unique ids; {axis} columns: {', '.join(map(str, df.columns))}")
+        raise InvalidArgumentError(msg)
+
+    seen = []
+    for i, adata in enumerate(adatas):
+        seen.append(ids(adata.obs, obs_id_name, "obs", i))
+        ids(adata.var, var_id_name, "var", i)
+    every = seen[0].append(seen[1:]) if len(seen) > 1 else seen[0]
+    duplicated = every[every.duplicated()].unique()
+    if len(duplicated):
+        shown = ", ".join(map(repr, duplicated[:5].tolist()))
+        msg = (f"{len(duplicated)} obs ids occur more than once across the AnnData given "
+               f"(e.g. {shown}): every cell needs a unique {obs_id_name!r}")
+        raise InvalidArgumentError(msg)
+
+
+def write_experiment(path: UPath, adatas: Sequence[ad.AnnData], *,
+                     measurement_name: str = "RNA", obs_id_name: str = "obs_id",
+                     var_id_name: str = "var_id", append_obsm_varm: bool = False,
+                     **kwargs: Any) -> None:
+    """Write AnnData objects into the experiment at ``path``: create it, or append to it.
+
+    A new experiment is written from the first AnnData; every further one (and every one,
+    when the experiment exists) is appended through ``tiledbsoma.io.register_anndatas``:
+    cells get new join ids, genes are matched by ``var_id_name`` and new ones added, and
+    new categories extend the stored ones.
+
+    Parameters
+    ----------
+    path
+        The ``.tiledbsoma`` folder to write.
+    adatas
+        In-memory AnnData objects.
+    measurement_name
+        The measurement ``X`` and var go to.
+    obs_id_name, var_id_name
+        The obs/var column holding unique ids; without such a column, the index if it is
+        unnamed or has that name.
+    append_obsm_varm
+        Also append ``obsm``/``varm`` (tiledbsoma's ``append_obsm_varm``).
+    **kwargs
+        Passed to ``tiledbsoma.io.from_anndata`` (``X_layer_name``, ``uns_keys``, ...).
+
+    Raises
+    ------
+    InvalidArgumentError
+        An id column is missing, obs ids repeat, or tiledbsoma refuses the data (obs ids
+        already in the experiment, incompatible columns).
+    """
+    tiledbsoma = _tiledbsoma()
+    if not adatas:
+        msg = "no AnnData to write: give at least one"
+        raise InvalidArgumentError(msg)
+    _check_ids(adatas, obs_id_name, var_id_name)
+    uri, context = _uri(path), soma_context(path)
+    names = {"obs_id_name": obs_id_name, "var_id_name": var_id_name, **kwargs}
+    pending = list(adatas)
+    try:
+        if not tiledbsoma.Experiment.exists(uri, context=context):
+            tiledbsoma.io.from_anndata(uri, pending.pop(0), measurement_name,
+                                       context=context, **names)
+        if not pending:
+            return
+        mapping = tiledbsoma.io.register_anndatas(
+            uri, pending, measurement_name=measurement_name, obs_field_name=obs_id_name,
+            var_field_name=var_id_name, append_obsm_varm=append_obsm_varm, context=context)
+        mapping.prepare_experiment(uri, context=context)
+        for adata in pending:
+            tiledbsoma.io.from_anndata(uri, adata, measurement_name, context=context,
+                                       registration_mapping=mapping, **names)
+    except (tiledbsoma.SOMAError, ValueError) as exc:
+        if isinstance(exc, InvalidArgumentError):
+            raise
+        msg = f"cannot write the AnnData into the experiment at {path}: {exc}"
+        raise InvalidArgumentError(msg) from exc
+
+
+class WritableSOMA:
+    """A SOMA object opened for writing whose closing also runs a callback.
+
+    ``artifact.open("w")`` returns one: it works on a private copy of the registered store
+    (the registered version never changes), and :meth:`close`, or leaving a ``with`` block
+    without an error, closes the SOMA object and then saves the copy as a new version of the
+    artifact. Leaving the block with an error closes the object and saves nothing.
+
+    Attributes and items pass through to the SOMA object (``exp.obs``, ``exp.ms["RNA"]``,
+    ``exp.metadata``, ``exp.uri``); :attr:`soma` is the object itself, for functions that
+    check its type (``tiledbsoma.io.update_obs(exp.soma, ...)``).
+
+    Examples
+    --------
+    >>> with artifact.open("w") as exp:                                   # doctest: +SKIP
+    ...     exp.metadata["qc"] = "passed"
+    >>> exp.result                    # the new artifact version
+    """
+
+    def __init__(self, obj: Any, on_close: Callable[[], Any]) -> None:
+        self._obj = obj
+        self._on_close = on_close
+        self._result: Any = None
+        self._done = False
+
+    @property
+    def soma(self) -> Any:
+        """The ``tiledbsoma`` object itself."""
+        return self._obj
+
+    @property
+    def result(self) -> Any:
+        """What the close callback returned (the new artifact version); ``None`` before."""
+        return self._result
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._done
+
+    def close(self) -> None:
+        """Close the SOMA object, then run the callback once (save the new version)."""
+        if self._done:
+            return
+        self._done = True
+        self._obj.close()
+        self._result = self._on_close()
+
+    def discard(self) -> None:
+        """Close the SOMA object without running the callback: nothing is saved."""
+        if self._done:
+            return
+        self._done = True
+        self._obj.close()
+        logger.warning("%s was closed after an error; what was written is not saved",
+                       self._obj.uri)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_obj", "_on_close", "_result", "_done"):
+            raise AttributeError(name)
+        return getattr(self._obj, name)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._obj[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._obj
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._obj)
+
+    def __len__(self) -> int:
+        return len(self._obj)
+
+    def __enter__(self) -> WritableSOMA:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._done else "open"
+        return f"WritableSOMA({self._obj!r}, {state})"
