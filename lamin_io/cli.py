@@ -75,15 +75,24 @@ def cli(verbose: bool) -> None:  # noqa: FBT001
 @_run
 def connect(registry: str | None, storage: str | None, endpoint_url: str | None,
             anon: bool) -> None:  # noqa: FBT001
-    """Connect to a registry and storage, and remember them for later commands."""
+    """Connect to a registry and storage, and remember them for later commands.
+
+    A password in a postgresql:// URL is used for this connection but never saved: later
+    commands take it from PGPASSWORD or ~/.pgpass, or from a full URL in LAMIN_IO_REGISTRY.
+    """
     from lamin_io.registry import connect as _connect
-    from lamin_io.registry._connection import save_settings
+    from lamin_io.registry._connection import save_settings, url_without_password
 
     conn = _connect(registry, storage, endpoint_url=endpoint_url, anon=anon)
-    path = save_settings({"registry": conn.db.url, "storage": conn.settings.root,
+    saved_url, dropped = url_without_password(conn.db.url)
+    path = save_settings({"registry": saved_url, "storage": conn.settings.root,
                           "endpoint_url": conn.settings.endpoint_url, "anon": anon})
     click.echo(f"registry: {conn.registry}\nstorage:  {conn.settings.root}\n"
                f"saved to {path}")
+    if dropped:
+        click.echo("note: the registry password was not saved; later commands read it from "
+                   "PGPASSWORD or ~/.pgpass (or set the full URL in LAMIN_IO_REGISTRY)",
+                   err=True)
 
 
 @cli.command(epilog=_EPILOG)

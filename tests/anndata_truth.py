@@ -11,7 +11,11 @@ import scipy.sparse as sp
 
 
 def make_adata(kind: str, n_obs: int = 120, n_vars: int = 40, seed: int = 0) -> ad.AnnData:
-    """An AnnData exercising every element; ``kind`` is ``dense``, ``csr`` or ``csc``."""
+    """An AnnData exercising every element; ``kind`` is ``dense``, ``csr`` or ``csc``.
+
+    Layers hold CSR, CSC and dense matrices, ``obsm`` a matrix, a data frame and a 3-D
+    array; the sparse kinds carry ``raw``, the dense one does not.
+    """
     rng = np.random.default_rng(seed)
     counts = sp.random(n_obs, n_vars, density=0.2, format="csr", dtype=np.float32,
                        random_state=seed)
@@ -32,7 +36,9 @@ def make_adata(kind: str, n_obs: int = 120, n_vars: int = 40, seed: int = 0) -> 
     adata = ad.AnnData(X=X, obs=obs, var=var)
     adata.layers["counts"] = counts.copy() if kind != "dense" else counts.toarray()
     adata.layers["dense"] = counts.toarray() * 2
+    adata.layers["csc"] = counts.tocsc() * 3
     adata.obsm["X_pca"] = rng.random((n_obs, 5)).astype(np.float32)
+    adata.obsm["cube"] = rng.random((n_obs, 3, 2))
     adata.obsm["meta"] = pd.DataFrame({"x": rng.random(n_obs)}, index=obs.index)
     adata.varm["loadings"] = rng.random((n_vars, 3))
     adata.obsp["distances"] = sp.random(n_obs, n_obs, density=0.05, format="csr",
@@ -40,7 +46,8 @@ def make_adata(kind: str, n_obs: int = 120, n_vars: int = 40, seed: int = 0) -> 
     adata.varp["corr"] = rng.random((n_vars, n_vars))
     adata.uns["cell_type_colors"] = np.array([f"#{i:06x}" for i in range(15)], dtype=object)
     adata.uns["params"] = {"n_pcs": 5, "method": "test", "nested": {"a": np.arange(3)}}
-    adata.raw = adata.copy()
+    if kind != "dense":  # the dense truth has no raw: anndata then stores a placeholder
+        adata.raw = adata.copy()
     return adata
 
 

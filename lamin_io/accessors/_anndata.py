@@ -8,25 +8,28 @@ hold the selection.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lamin_io.accessors import _elements as el
 from lamin_io.accessors._index import Selection, length, resolve, split_key
-from lamin_io.accessors._rows import NO_HOOKS, ReadHooks, read_matrix
+from lamin_io.accessors._rows import SLACK_BYTES, ReadHooks, read_matrix
+from lamin_io.accessors._zarr import open_zarr_group, zarr_root_attrs
 from lamin_io.errors import (
     AccessorClosedError,
     CorruptArtifactError,
     InvalidArgumentError,
+    LaminIOError,
     NameNotFoundError,
     UnsupportedFormatError,
     WriteNotSupportedError,
 )
-from lamin_io.storage import is_local, suffix_of
+from lamin_io.storage import is_local, storage_errors, suffix_of
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -76,25 +79,6 @@ def _open_hdf5(path: UPath, mode: str) -> tuple[Any, list[Any], Any]:
         raise CorruptArtifactError(msg) from exc
 
 
-def open_zarr_group(path: UPath, mode: Literal["r", "r+"]) -> Any:
-    """Open a zarr group (format 2 or 3, consolidated or not), locally or remotely."""
-    import zarr
-
-    # writers bypass consolidated metadata (it is rewritten on close); readers use it if any
-    consolidated = False if mode != "r" else None
-    try:
-        if is_local(path):
-            return zarr.open_group(path.path, mode=mode, use_consolidated=consolidated)
-        from zarr.storage import FsspecStore
-
-        store = FsspecStore.from_url(str(path), storage_options=dict(path.storage_options),
-                                     read_only=mode == "r")
-        return zarr.open_group(store, mode=mode, use_consolidated=consolidated)
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
-        msg = f"{path} is not a readable zarr group (corrupt or missing metadata?): {exc}"
-        raise CorruptArtifactError(msg) from exc
-
-
 def _is_anndata_group(group: Any) -> bool:
     if el.encoding(group) == "anndata":
         return True
@@ -106,6 +90,9 @@ def is_anndata(path: UPath) -> bool:
     """Probe whether ``path`` holds an AnnData (encoding attribute, or obs and var)."""
     try:
         if suffix_of(path.name).lower() == ".zarr":
+            attrs = zarr_root_attrs(path)
+            if attrs is not None and attrs.get("encoding-type") == "anndata":
+                return True
             return _is_anndata_group(open_zarr_group(path, "r"))
         file, handles, _ = _open_hdf5(path, "r")
     except CorruptArtifactError:
@@ -124,17 +111,24 @@ def open_anndata(path: UPath, *, mode: str = "r",
     suffix = suffix_of(path.name).lower()
     is_zarr = suffix == ".zarr"
     if mode != "r" and not (is_zarr and mode == "r+"):
-        what = "an AnnData .zarr store" if is_zarr else f"{suffix or 'this'} file"
-        msg = (f"cannot open {what} in mode {mode!r}: h5ad is read-only here; open a .zarr "
-               f"store with mode='r+' to add columns")
+        if is_zarr:
+            msg = (f"cannot open AnnData store {path} in mode {mode!r}: use mode='r' to "
+                   f"read, or mode='r+' to add obs/var columns")
+        else:
+            msg = (f"cannot open {path} in mode {mode!r}: {suffix or 'HDF5'} files open "
+                   f"read-only (mode='r'); to add columns, store the AnnData as .zarr and "
+                   f"open that with mode='r+'")
         raise WriteNotSupportedError(msg)
+    remote = not is_local(path)
+    endpoint = dict(path.storage_options).get("endpoint_url") if remote else None
     if is_zarr:
         group = open_zarr_group(path, "r+" if mode == "r+" else "r")
-        store = _Store(group, handles=[], path=str(path), mode=mode, on_close=on_close)
+        store = _Store(group, handles=[], path=str(path), mode=mode, on_close=on_close,
+                       remote=remote, endpoint=endpoint)
     else:
         file, handles, source = _open_hdf5(path, "r")
         store = _Store(file, handles=[file, *handles], path=str(path), mode="r",
-                       source=source)
+                       source=source, remote=remote, endpoint=endpoint)
     if not _is_anndata_group(store.group):
         store.close()
         msg = f"{path} holds no AnnData (no obs/var); open it with lamin_io.open() as generic"
@@ -165,12 +159,15 @@ class _Store:
     """An open file or group shared by an accessor and every subset made from it."""
 
     def __init__(self, group: Any, *, handles: list[Any], path: str, mode: str,
-                 on_close: Callable[[], Any] | None = None, source: Any = None) -> None:
+                 on_close: Callable[[], Any] | None = None, source: Any = None,
+                 remote: bool = False, endpoint: str | None = None) -> None:
         self.group = group
         self.handles = handles
         self.path = path
         self.mode = mode
         self.on_close = on_close
+        self.remote = remote
+        self.endpoint = endpoint
         # where HDF5 bytes can be read directly: a local file path or a RangeFile
         self.rangefile = source if source is not None and not isinstance(source, str) else None
         self.local_file = source if isinstance(source, str) else None
@@ -184,20 +181,46 @@ class _Store:
             msg = f"the accessor of {self.path} is closed"
             raise AccessorClosedError(msg)
 
-    def has(self, key: str) -> bool:
+    @contextlib.contextmanager
+    def reading(self, key: str) -> Iterator[None]:
+        """Give a failure to read element ``key`` a typed error naming the store and key.
+
+        Unreachable storage becomes :class:`StorageUnreachableError`; bytes or metadata the
+        libraries cannot decode (damaged chunks, invalid JSON, truncated datasets) become
+        :class:`CorruptArtifactError`. Our own errors pass through unchanged.
+        """
         self.check()
-        return key in self.group
+        try:
+            with storage_errors(self.path, self.endpoint):
+                yield
+        except LaminIOError:
+            raise
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            msg = (f"{self.path}: element {key!r} cannot be read ({type(exc).__name__}: "
+                   f"{exc}); the store is damaged or incomplete: restore it from its source")
+            raise CorruptArtifactError(msg) from exc
+
+    def has(self, key: str) -> bool:
+        with self.reading(key):
+            return key in self.group
 
     def get(self, key: str) -> Any:
-        self.check()
-        if key not in self.group:
-            msg = f"{self.path} has no element {key!r}"
-            raise NameNotFoundError(msg)
-        return self.group[key]
+        with self.reading(key):
+            if key not in self.group:
+                msg = f"{self.path} has no element {key!r}"
+                raise NameNotFoundError(msg)
+            return self.group[key]
+
+    def has_raw(self, prefix: str) -> bool:
+        """Whether a ``raw`` part is stored (anndata writes a null placeholder without one)."""
+        key = f"{prefix}raw"
+        return self.has(key) and el.is_group(self.get(key)) and "X" in self.get(key)
 
     def cached(self, key: str, make: Callable[[], Any]) -> Any:
+        self.check()
         if key not in self._cache:
-            self._cache[key] = make()
+            with self.reading(key.split(":", 1)[-1]):
+                self._cache[key] = make()
         return self._cache[key]
 
     def invalidate(self) -> None:
@@ -235,14 +258,17 @@ class _Store:
 
     def read(self, key: str, rows: Selection | None, cols: Selection | None) -> Any:
         """Read ``key[rows, cols]`` through the batched read path."""
-        return read_matrix(self.matrix(key), rows, cols, self.hooks())
+        matrix = self.matrix(key)
+        with self.reading(key):
+            return read_matrix(matrix, rows, cols, self.hooks())
 
     def hooks(self) -> ReadHooks:
-        """Read hooks for HDF5 stores: direct byte reads, remote prefetch."""
+        """Read hooks: direct byte reads and remote prefetch for HDF5; no slack remotely."""
+        slack = 0 if self.remote else SLACK_BYTES
         if self.local_file is None and self.rangefile is None:
-            return NO_HOOKS
+            return ReadHooks(slack_bytes=slack)
         return ReadHooks(prefetch=self._prefetch if self.rangefile is not None else None,
-                         read_runs=self._read_runs)
+                         read_runs=self._read_runs, slack_bytes=slack)
 
     def _direct(self, arr: Any) -> bool:
         """Whether ``arr``'s bytes can be read without HDF5 (1-D, unfiltered, allocated)."""
@@ -250,39 +276,61 @@ class _Store:
 
         return bool(self.cached(f"direct:{arr.name}", lambda: is_direct(arr)))
 
-    def _read_runs(self, arr: Any, starts: np.ndarray, stops: np.ndarray) -> np.ndarray | None:
-        """Read runs of an unfiltered HDF5 array straight from their byte ranges."""
+    def _read_runs(self, items: list[tuple[Any, np.ndarray, np.ndarray]]
+                   ) -> list[np.ndarray | None]:
+        """Read runs of unfiltered 1-D HDF5 arrays straight from their byte ranges.
+
+        The ranges of every array in ``items`` are read in one go (concurrently); an array
+        HDF5 must read itself (filtered, strings, unallocated chunks) gets ``None``.
+        """
         from lamin_io.accessors._hdf5_ranges import byte_ranges
 
-        if not self._direct(arr):
-            return None
-        ranges = byte_ranges(arr, starts, stops, self._cache)
-        itemsize = arr.dtype.itemsize
-        expected = int((stops - starts).sum()) * itemsize
-        if sum(e - s for s, e in ranges) != expected:
-            return None  # unallocated chunks read as fill values: let HDF5 do it
-        buffer = bytearray(expected)
-        view = memoryview(buffer)
+        plans: list[tuple[int, int, Any] | None] = []  # (first range, n ranges, dtype)
+        ranges: list[tuple[int, int]] = []
+        for arr, starts, stops in items:
+            if not self._direct(arr):
+                plans.append(None)
+                continue
+            these = byte_ranges(arr, starts, stops, self._cache)
+            if sum(e - s for s, e in these) != int((stops - starts).sum()) * arr.dtype.itemsize:
+                plans.append(None)  # unallocated chunks read as fill values: HDF5 does it
+                continue
+            plans.append((len(ranges), len(these), arr.dtype))
+            ranges.extend(these)
+        if not ranges:
+            return [None] * len(items)
+        buffer = self._fetch(ranges)
+        out: list[np.ndarray | None] = []
+        offset = 0
+        for plan in plans:
+            if plan is None or buffer is None:
+                out.append(None)
+                continue
+            first, n, dtype = plan
+            size = sum(e - s for s, e in ranges[first:first + n])
+            values = np.frombuffer(buffer, dtype=dtype, count=size // dtype.itemsize,
+                                   offset=offset)
+            out.append(values.astype(dtype.newbyteorder("="), copy=False))
+            offset += size
+        return out
+
+    def _fetch(self, ranges: list[tuple[int, int]]) -> bytearray | None:
+        """Read byte ranges of the file, concatenated (``None``: the file is too short)."""
         if self.rangefile is not None:
+            buffer = bytearray(sum(e - s for s, e in ranges))
+            view = memoryview(buffer)
             offset = 0
             for blob in self.rangefile.fetch(ranges):
                 view[offset:offset + len(blob)] = blob
                 offset += len(blob)
-        elif self.local_file is not None:
-            import os
+            return buffer
+        import os
 
-            if self._fd is None:
-                self._fd = os.open(self.local_file, os.O_RDONLY)
-            offset = 0
-            for s, e in ranges:
-                n = os.preadv(self._fd, [view[offset:offset + e - s]], s)
-                if n != e - s:
-                    return None
-                offset += n
-        else:
-            return None
-        values = np.frombuffer(buffer, dtype=arr.dtype)
-        return values.astype(arr.dtype.newbyteorder("="), copy=False)
+        from lamin_io.storage._localread import pread_ranges
+
+        if self._fd is None:
+            self._fd = os.open(str(self.local_file), os.O_RDONLY)
+        return pread_ranges(self._fd, ranges)
 
     def _prefetch(self, requests: list[tuple[Any, np.ndarray, np.ndarray]]) -> None:
         from lamin_io.accessors._hdf5_ranges import byte_ranges
@@ -520,7 +568,7 @@ class AnnDataAccessor:
     @property
     def raw(self) -> RawAccessor | None:
         """The ``raw`` part (all of its variables, the selected observations), if any."""
-        if not self._store.has(self._key("raw")):
+        if not self._store.has_raw(self._prefix):
             return None
         return RawAccessor(self)
 
@@ -675,9 +723,10 @@ class AnnDataAccessor:
             if keys:
                 lines.append(f"    {name}: {', '.join(repr(k) for k in keys)}")
         if self._store.has(self._key("uns")):
-            uns_keys = self._store.get(self._key("uns"))
-            lines.append(f"    uns: {', '.join(repr(k) for k in uns_keys)}")
-        if self._store.has(self._key("raw")):
+            uns_keys = list(self._store.get(self._key("uns")))
+            if uns_keys:
+                lines.append(f"    uns: {', '.join(repr(k) for k in uns_keys)}")
+        if self._store.has_raw(self._prefix):
             lines.append("    raw: X, var")
         return "\n".join(lines)
 

@@ -6,8 +6,9 @@ layers, ``obsm``, and later the training loaders). It
 1. sorts and de-duplicates the requested rows (restoring order and repeats at the end),
 2. turns them into element (sparse) or row (dense) ranges and coalesces neighbours into
    one read when the gap between them is small (at most :data:`MAX_GAP_BYTES`, and no
-   larger than the range before it plus :data:`SLACK_BYTES`, so a request never reads
-   more than about twice the bytes it needs), and always when they lie in the same or
+   larger than the range before it, so a request never reads more than twice the bytes
+   it needs; local files also read through gaps of up to a page, :data:`SLACK_BYTES`),
+   and always when they lie in the same or
    adjacent encoded chunks: every chunk holding selected data is fetched and decoded once
    per request, in one call per span so the array library decodes them concurrently,
    and no chunk without selected data is read,
@@ -28,7 +29,7 @@ import numpy as np
 from lamin_io.accessors._index import Selection, length, to_array
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     import scipy.sparse as sp
 
@@ -48,13 +49,19 @@ class ReadHooks:
     """How a store can speed up reads; every hook is optional.
 
     ``prefetch`` is told ``[(on-disk array, starts, stops), ...]`` (elements or rows) before
-    they are read, so a remote file can fetch them concurrently. ``read_runs`` may read the
-    runs ``[starts[i], stops[i])`` of a 1-D array itself and return them concatenated, or
-    return ``None`` to leave the read to the array library.
+    they are read, so a remote file can fetch them concurrently. ``read_runs`` is given
+    ``[(1-D on-disk array, starts, stops), ...]`` and may read the runs
+    ``[starts[i], stops[i])`` of each array itself, all in one go, returning for each
+    array its runs concatenated, or ``None`` to leave that array to the array library.
     """
 
     prefetch: Callable[[list[tuple[Any, np.ndarray, np.ndarray]]], None] | None = None
-    read_runs: Callable[[Any, np.ndarray, np.ndarray], np.ndarray | None] | None = None
+    read_runs: Callable[[list[tuple[Any, np.ndarray, np.ndarray]]],
+                        list[np.ndarray | None]] | None = None
+    #: Gaps up to this many bytes are read through even after a short range (a local
+    #: page costs no more to read whole); remote stores use 0, which keeps every request
+    #: within twice the bytes of its ranges.
+    slack_bytes: int = SLACK_BYTES
 
 
 NO_HOOKS = ReadHooks()
@@ -130,13 +137,31 @@ def _expand(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.repeat(shifts, lengths) + np.arange(total, dtype=np.int64)
 
 
-def _read_runs(arr: Any, run_starts: np.ndarray, run_stops: np.ndarray,
-               hooks: ReadHooks = NO_HOOKS) -> np.ndarray:
-    """Read every run of a 1-D on-disk array into one contiguous buffer."""
-    if hooks.read_runs is not None:
-        direct = hooks.read_runs(arr, run_starts, run_stops)
-        if direct is not None:
-            return direct
+def _read_runs(items: list[tuple[Any, np.ndarray, np.ndarray]],
+               hooks: ReadHooks = NO_HOOKS) -> list[np.ndarray]:
+    """Read the runs of several 1-D on-disk arrays, each into one contiguous buffer.
+
+    ``items`` are ``(array, run_starts, run_stops)``; the store's ``read_runs`` hook gets
+    them all at once, so their reads can be in flight together.
+    """
+    out: list[np.ndarray | None] = (hooks.read_runs(items) if hooks.read_runs is not None
+                                    else [None] * len(items))
+    left = [i for i, d in enumerate(out) if d is None]
+    if len(left) > 1 and not any(hasattr(items[i][0], "read_direct") for i in left):
+        # zarr arrays: each call waits on zarr's event loop, so reading them from threads
+        # keeps both decoding at once (HDF5 serializes on its global lock: no gain there)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(left), thread_name_prefix="lamin-io-read") as pool:
+            for i, values in zip(left, pool.map(lambda i: _read_runs_of(*items[i]), left),
+                                 strict=True):
+                out[i] = values
+    return [d if d is not None else _read_runs_of(*item)
+            for d, item in zip(out, items, strict=True)]
+
+
+def _read_runs_of(arr: Any, run_starts: np.ndarray, run_stops: np.ndarray) -> np.ndarray:
+    """Read every run of one 1-D on-disk array through the array library."""
     if len(run_starts) == 1 and getattr(arr, "read_direct", None) is None:
         return np.asarray(arr[int(run_starts[0]):int(run_stops[0])])  # no extra copy
     sizes = run_stops - run_starts
@@ -151,6 +176,29 @@ def _read_runs(arr: Any, run_starts: np.ndarray, run_stops: np.ndarray,
             out[offset:offset + n] = arr[s:e]
         offset += n
     return out
+
+
+def _read_ahead(fetch: Callable[[int, int], list[np.ndarray]],
+                batches: list[tuple[int, int]], *,
+                enabled: bool) -> Iterator[tuple[tuple[int, int], list[np.ndarray]]]:
+    """Yield ``(batch, fetch(*batch))`` in order, reading the next batch in the background.
+
+    While the caller selects columns of one batch, the next one is read (I/O and chunk
+    decoding release the GIL), so reading and selecting overlap on two cores.
+    """
+    if not enabled or len(batches) < 2:
+        for batch in batches:
+            yield batch, fetch(*batch)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="lamin-io-ahead") as pool:
+        pending = pool.submit(fetch, *batches[0])
+        for i, batch in enumerate(batches):
+            result = pending.result()
+            if i + 1 < len(batches):
+                pending = pool.submit(fetch, *batches[i + 1])
+            yield batch, result
 
 
 def _unique_sorted(sel: Selection, n: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -247,23 +295,29 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
     ne_starts = starts[nonempty]
     batch_elements = max(1, BATCH_BYTES // item)
     run_starts, run_stops, run_of = coalesce(ne_starts, ne_starts + lengths[nonempty],
-                                             max_gap=max_gap, slack=SLACK_BYTES // item,
+                                             max_gap=max_gap,
+                                             slack=hooks.slack_bytes // item,
                                              chunk=chunk, max_run=batch_elements)
     # group runs into batches of bounded size
     run_sizes = run_stops - run_starts
     batch_of_run = (np.cumsum(run_sizes) - run_sizes) // batch_elements
     ne_rows = np.flatnonzero(nonempty)
 
-    data_parts, index_parts = [], []
-    counts = np.zeros(len(rows), dtype=np.int64)
-    for batch in np.unique(batch_of_run):
-        runs = np.flatnonzero(batch_of_run == batch)
-        r0, r1 = int(runs[0]), int(runs[-1]) + 1
+    bounds = np.flatnonzero(np.diff(batch_of_run)) + 1
+    batches = list(zip([0, *bounds.tolist()], [*bounds.tolist(), len(run_sizes)], strict=True))
+
+    def fetch(r0: int, r1: int) -> list[np.ndarray]:
         if hooks.prefetch is not None:
             hooks.prefetch([(parts.data, run_starts[r0:r1], run_stops[r0:r1]),
                             (parts.indices, run_starts[r0:r1], run_stops[r0:r1])])
-        data_buf = _read_runs(parts.data, run_starts[r0:r1], run_stops[r0:r1], hooks)
-        index_buf = _read_runs(parts.indices, run_starts[r0:r1], run_stops[r0:r1], hooks)
+        return _read_runs([(parts.data, run_starts[r0:r1], run_stops[r0:r1]),
+                           (parts.indices, run_starts[r0:r1], run_stops[r0:r1])], hooks)
+
+    data_parts, index_parts = [], []
+    counts = np.zeros(len(rows), dtype=np.int64)
+    # a store's prefetch holds one batch at a time: read ahead only without one
+    for (r0, r1), (data_buf, index_buf) in _read_ahead(fetch, batches,
+                                                        enabled=hooks.prefetch is None):
         in_batch = (run_of >= r0) & (run_of < r1)
         sel_rows = ne_rows[in_batch]
         sel_runs = run_of[in_batch]
@@ -318,13 +372,19 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
 
 def read_dense(arr: Any, rows: Selection | None, cols: Selection | None,
                hooks: ReadHooks = NO_HOOKS) -> np.ndarray:
-    """Read a subset of a dense on-disk array (1-D or 2-D) by coalesced row blocks."""
+    """Read a subset of a dense on-disk array by coalesced row blocks.
+
+    ``cols`` selects the second axis of a 2-D array (``None``: all); arrays of more
+    dimensions (``obsm`` cubes) are read whole along the other axes. Columns are selected
+    per block, so memory follows the selection: the array library reads only the column
+    chunks needed where it can (zarr), otherwise whole rows of one block at a time.
+    """
     n_rows = int(arr.shape[0])
     two_d = arr.ndim == 2
-    n_cols = int(arr.shape[1]) if two_d else 1
+    n_cols = int(arr.shape[1]) if arr.ndim > 1 else 1
     positions, inverse = _unique_sorted(rows if rows is not None else slice(0, n_rows), n_rows)
-    col_sel: Any = slice(None)
-    col_after: Any = None
+    col_sel: Any = slice(None)  # what the array library reads
+    col_after: np.ndarray | None = None  # then selected in memory, per block
     if two_d and cols is not None:
         if isinstance(cols, slice) and (cols.step or 1) > 0:
             col_sel = cols
@@ -333,29 +393,27 @@ def read_dense(arr: Any, rows: Selection | None, cols: Selection | None,
             col_sel, col_after = unique_cols, col_inverse
         else:
             col_after = to_array(cols, n_cols)
-    n_out_cols = length(col_sel, n_cols) if two_d and not isinstance(col_sel, np.ndarray) \
-        else (len(col_sel) if two_d else 0)
-    row_bytes = max(1, n_cols * arr.dtype.itemsize)
-    out_shape: tuple[int, ...] = (len(positions), n_out_cols) if two_d else (len(positions),)
-    out = np.empty(out_shape, dtype=arr.dtype)
-    blocks = _dense_blocks(positions, row_bytes, _chunk_len(arr))
+    tail: tuple[int, ...] = tuple(int(n) for n in arr.shape[1:])
+    if two_d:
+        tail = (len(col_after) if col_after is not None else length(col_sel, n_cols),)
+    out = np.empty((len(positions), *tail), dtype=arr.dtype)
+    row_bytes = max(1, int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize)
+    blocks = _dense_blocks(positions, row_bytes, _chunk_len(arr), hooks.slack_bytes)
     fetched_until = 0
     for i, (first, last) in enumerate(blocks):
         s, e = int(positions[first]), int(positions[last - 1]) + 1
         if hooks.prefetch is not None and i >= fetched_until:
             fetched_until = _prefetch_dense(hooks.prefetch, arr, positions, blocks, i,
                                             row_bytes)
-        if two_d:
-            block = arr.oindex[s:e, col_sel] if isinstance(col_sel, np.ndarray) \
-                else arr[s:e, col_sel]
-        else:
+        if not two_d:
             block = arr[s:e]
-        out[first:last] = block[positions[first:last] - s]
-    if inverse is not None:
-        out = out[inverse]
-    if col_after is not None:
-        out = out[:, col_after]
-    return out
+        elif isinstance(col_sel, np.ndarray):
+            block = arr.oindex[s:e, col_sel]
+        else:
+            block = arr[s:e, col_sel]
+        block = block[positions[first:last] - s]
+        out[first:last] = block[:, col_after] if col_after is not None else block
+    return out[inverse] if inverse is not None else out
 
 
 def _prefetch_dense(prefetch: Callable[[list[tuple[Any, np.ndarray, np.ndarray]]], None],
@@ -373,8 +431,8 @@ def _prefetch_dense(prefetch: Callable[[list[tuple[Any, np.ndarray, np.ndarray]]
     return j
 
 
-def _dense_blocks(positions: np.ndarray, row_bytes: int,
-                  chunk: int | None) -> list[tuple[int, int]]:
+def _dense_blocks(positions: np.ndarray, row_bytes: int, chunk: int | None,
+                  slack: int = 0) -> list[tuple[int, int]]:
     """Split sorted row positions into ``[first, last)`` groups, each read as one block.
 
     Rows closer than :data:`MAX_GAP_BYTES` (or in one chunk) share a block; no block spans
@@ -384,7 +442,7 @@ def _dense_blocks(positions: np.ndarray, row_bytes: int,
         return []
     run_starts, _, run_of = coalesce(positions, positions + 1,
                                      max_gap=max(1, MAX_GAP_BYTES // row_bytes),
-                                     slack=SLACK_BYTES // row_bytes, chunk=chunk)
+                                     slack=slack // row_bytes, chunk=chunk)
     window = (positions - run_starts[run_of]) // max(1, BATCH_BYTES // row_bytes)
     key = run_of * (int(window.max()) + 1) + window
     bounds = np.flatnonzero(np.diff(key)) + 1

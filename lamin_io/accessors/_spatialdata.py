@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from lamin_io.accessors._anndata import AnnDataAccessor, _Store, open_zarr_group
+from lamin_io.accessors._anndata import AnnDataAccessor, _Store
 from lamin_io.accessors._elements import attr
+from lamin_io.accessors._zarr import open_zarr_group, zarr_root_attrs
 from lamin_io.errors import CorruptArtifactError, NameNotFoundError, WriteNotSupportedError
 
 if TYPE_CHECKING:
@@ -28,6 +29,11 @@ def _is_spatialdata_group(group: Any) -> bool:
 
 def is_spatialdata(path: UPath) -> bool:
     """Probe whether ``path`` is a SpatialData zarr store."""
+    attrs = zarr_root_attrs(path)
+    if attrs is not None and "spatialdata_attrs" in attrs:
+        return True
+    if attrs is not None and attrs.get("encoding-type") == "anndata":
+        return False
     try:
         return _is_spatialdata_group(open_zarr_group(path, "r"))
     except CorruptArtifactError:

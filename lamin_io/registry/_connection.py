@@ -172,8 +172,62 @@ def _saved_settings() -> dict[str, Any]:
     return data
 
 
+def url_without_password(url: str) -> tuple[str, bool]:
+    """Return ``url`` without its password, and whether it carried one.
+
+    Both places a PostgreSQL URL can hold a password are cleared: ``user:password@`` and the
+    ``password=`` query parameter. A SQLite path or a URL without a password comes back
+    unchanged. libpq (and so psycopg) then takes the password from ``PGPASSWORD`` or
+    ``~/.pgpass``.
+
+    Parameters
+    ----------
+    url
+        A registry URL or SQLite path.
+
+    Returns
+    -------
+    tuple[str, bool]
+        The URL safe to write to disk, and ``True`` when a password was removed.
+
+    Examples
+    --------
+    >>> url_without_password("postgresql://me:secret@db.example.org/lamin")
+    ('postgresql://me@db.example.org/lamin', True)
+    """
+    if "://" not in url:
+        return url, False
+    from sqlalchemy.engine import URL, make_url
+
+    parsed = make_url(url)
+    if parsed.password is None and "password" not in parsed.query:
+        return url, False
+    # URL.set() cannot clear a field (None means "keep"), so build the URL anew
+    clean = URL.create(parsed.drivername, username=parsed.username, host=parsed.host,
+                       port=parsed.port, database=parsed.database,
+                       query={k: v for k, v in parsed.query.items() if k != "password"})
+    return clean.render_as_string(hide_password=False), True
+
+
 def save_settings(values: dict[str, Any]) -> Path:
-    """Persist non-secret connection settings for later ``lamin-io`` commands."""
+    """Persist non-secret connection settings for later ``lamin-io`` commands.
+
+    A password in ``values["registry"]`` is dropped before anything is written (see
+    :func:`url_without_password`).
+
+    Parameters
+    ----------
+    values
+        The settings: ``registry``, ``storage``, ``endpoint_url``, ``anon``.
+
+    Returns
+    -------
+    Path
+        The settings file written.
+    """
+    values = dict(values)
+    if isinstance(values.get("registry"), str):
+        values["registry"], _ = url_without_password(values["registry"])
     path = config_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(values, indent=2))
