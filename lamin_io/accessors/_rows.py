@@ -29,7 +29,7 @@ import numpy as np
 from lamin_io.accessors._index import Selection, length, to_array
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
 
     import scipy.sparse as sp
 
@@ -178,29 +178,6 @@ def _read_runs_of(arr: Any, run_starts: np.ndarray, run_stops: np.ndarray) -> np
     return out
 
 
-def _read_ahead(fetch: Callable[[int, int], list[np.ndarray]],
-                batches: list[tuple[int, int]], *,
-                enabled: bool) -> Iterator[tuple[tuple[int, int], list[np.ndarray]]]:
-    """Yield ``(batch, fetch(*batch))`` in order, reading the next batch in the background.
-
-    While the caller selects columns of one batch, the next one is read (I/O and chunk
-    decoding release the GIL), so reading and selecting overlap on two cores.
-    """
-    if not enabled or len(batches) < 2:
-        for batch in batches:
-            yield batch, fetch(*batch)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1, thread_name_prefix="lamin-io-ahead") as pool:
-        pending = pool.submit(fetch, *batches[0])
-        for i, batch in enumerate(batches):
-            result = pending.result()
-            if i + 1 < len(batches):
-                pending = pool.submit(fetch, *batches[i + 1])
-            yield batch, result
-
-
 def _unique_sorted(sel: Selection, n: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Sorted unique positions and the inverse that restores the request (None: same)."""
     positions = to_array(sel, n)
@@ -315,9 +292,8 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
 
     data_parts, index_parts = [], []
     counts = np.zeros(len(rows), dtype=np.int64)
-    # a store's prefetch holds one batch at a time: read ahead only without one
-    for (r0, r1), (data_buf, index_buf) in _read_ahead(fetch, batches,
-                                                        enabled=hooks.prefetch is None):
+    for r0, r1 in batches:
+        data_buf, index_buf = fetch(r0, r1)
         in_batch = (run_of >= r0) & (run_of < r1)
         sel_rows = ne_rows[in_batch]
         sel_runs = run_of[in_batch]
