@@ -28,7 +28,8 @@ _EPILOG = ("Exit codes: 0 ok, 1 error, 2 bad usage, 3 not found, "
 def _exit_code(exc: errors.LaminIOError) -> int:
     if isinstance(exc, errors.ArtifactNotFoundError | errors.PathNotFoundError):
         return EXIT_NOT_FOUND
-    if isinstance(exc, errors.StorageUnreachableError | errors.RegistryLockedError):
+    if isinstance(exc, errors.StorageUnreachableError | errors.RegistryLockedError
+                  | errors.RegistryUnreachableError):
         return EXIT_RETRY
     return EXIT_ERROR
 

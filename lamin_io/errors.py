@@ -22,6 +22,7 @@ __all__ = [
     "PathNotFoundError",
     "RegistryError",
     "RegistryLockedError",
+    "RegistryUnreachableError",
     "SchemaVersionError",
     "SourceChangedError",
     "StorageError",
@@ -74,6 +75,10 @@ class RegistryError(LaminIOError):
 
 class RegistryLockedError(RegistryError, TimeoutError):
     """The registry database stayed locked by another writer past the busy timeout."""
+
+
+class RegistryUnreachableError(RegistryError, ConnectionError):
+    """The registry's database server did not answer (refused, unknown host, timed out)."""
 
 
 class SchemaVersionError(RegistryError):

@@ -263,12 +263,13 @@ class _Store:
             return read_matrix(matrix, rows, cols, self.hooks())
 
     def hooks(self) -> ReadHooks:
-        """Read hooks: direct byte reads and remote prefetch for HDF5; no slack remotely."""
+        """Read hooks: direct byte reads and prefetch for HDF5; remote: whole chunks."""
         slack = 0 if self.remote else SLACK_BYTES
         if self.local_file is None and self.rangefile is None:
             return ReadHooks(slack_bytes=slack)
         return ReadHooks(prefetch=self._prefetch if self.rangefile is not None else None,
-                         read_runs=self._read_runs, slack_bytes=slack)
+                         read_runs=self._read_runs, slack_bytes=slack,
+                         whole_chunks=self.remote)
 
     def _direct(self, arr: Any) -> bool:
         """Whether ``arr``'s bytes can be read without HDF5 (1-D, unfiltered, allocated)."""

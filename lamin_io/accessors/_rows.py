@@ -62,6 +62,11 @@ class ReadHooks:
     #: page costs no more to read whole); remote stores use 0, which keeps every request
     #: within twice the bytes of its ranges.
     slack_bytes: int = SLACK_BYTES
+    #: Merge ranges by chunk even where chunks can be read in part (unfiltered HDF5):
+    #: remote stores pay per request, so chunks holding selected rows are fetched with
+    #: their neighbours in one request, across at most one chunk holding none (never more
+    #: than twice the bytes of the chunks that hold the selection).
+    whole_chunks: bool = False
 
 
 NO_HOOKS = ReadHooks()
@@ -78,30 +83,34 @@ class SparseParts:
     format: str  # "csr" or "csc"
 
 
-def _chunk_len(arr: Any) -> int | None:
-    """Rows per chunk when a chunk must be decoded whole, else ``None``.
+def _chunk_len(arr: Any, hooks: ReadHooks) -> int | None:
+    """Rows per chunk when reads should cover chunks whole, else ``None``.
 
     zarr chunks are always encoded; HDF5 chunks only when a filter (compression, shuffle,
-    checksum) is set; unfiltered HDF5 chunks can be read in part at no extra cost.
+    checksum) is set; unfiltered HDF5 chunks can be read in part at no extra cost, unless
+    the store asks for whole chunks (``hooks.whole_chunks``).
     """
     chunks = getattr(arr, "chunks", None)
     if not chunks:
         return None
     plist = getattr(getattr(arr, "id", None), "get_create_plist", None)
-    if plist is not None and plist().get_nfilters() == 0:
+    if not hooks.whole_chunks and plist is not None and plist().get_nfilters() == 0:
         return None
     return int(chunks[0])
 
 
 def coalesce(starts: np.ndarray, stops: np.ndarray, *, max_gap: int, slack: int = 0,
-             chunk: int | None = None,
+             chunk: int | None = None, chunk_gap: int = 0,
              max_run: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Merge sorted, non-overlapping, non-empty ranges into fewer reads.
 
     Two neighbours merge when the gap between them is at most ``max_gap`` elements and at
     most the length of the range before it plus ``slack`` (so the gaps read add up to no
     more than the ranges themselves, plus slack), or when they lie in the same or adjacent
-    chunks of ``chunk`` elements (the gap then holds no whole chunk). Runs are cut so none
+    chunks of ``chunk`` elements (the gap then holds no whole chunk), or with at most
+    ``chunk_gap`` chunks holding no range between them (with ``chunk_gap=1`` every chunk
+    read without a range follows one read with a range: at most twice the chunks that hold
+    the ranges). Runs are cut so none
     spans more than ``max_run`` elements (a single range longer than that stays whole).
     Returns ``(run_starts, run_stops, run_of)``, where ``run_of[i]`` is the run holding
     range ``i``.
@@ -112,7 +121,7 @@ def coalesce(starts: np.ndarray, stops: np.ndarray, *, max_gap: int, slack: int 
     gaps = starts[1:] - stops[:-1]
     merge = (gaps <= max_gap) & (gaps <= (stops - starts)[:-1] + slack)
     if chunk:
-        merge |= (starts[1:] // chunk) <= ((stops[:-1] - 1) // chunk) + 1
+        merge |= (starts[1:] // chunk) <= ((stops[:-1] - 1) // chunk) + 1 + chunk_gap
     if max_run:
         if chunk:  # cut between chunks, so no chunk is decoded by two runs
             window = (starts // chunk) // max(1, max_run // chunk)
@@ -146,16 +155,8 @@ def _read_runs(items: list[tuple[Any, np.ndarray, np.ndarray]],
     """
     out: list[np.ndarray | None] = (hooks.read_runs(items) if hooks.read_runs is not None
                                     else [None] * len(items))
-    left = [i for i, d in enumerate(out) if d is None]
-    if len(left) > 1 and not any(hasattr(items[i][0], "read_direct") for i in left):
-        # zarr arrays: each call waits on zarr's event loop, so reading them from threads
-        # keeps both decoding at once (HDF5 serializes on its global lock: no gain there)
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(len(left), thread_name_prefix="lamin-io-read") as pool:
-            for i, values in zip(left, pool.map(lambda i: _read_runs_of(*items[i]), left),
-                                 strict=True):
-                out[i] = values
+    # the array library reads the rest; zarr decodes a call's chunks concurrently already
+    # (reading two arrays from two threads measured no faster, and held more memory)
     return [d if d is not None else _read_runs_of(*item)
             for d, item in zip(out, items, strict=True)]
 
@@ -198,6 +199,7 @@ class _MinorFilter:
         self.inverse: np.ndarray | None = None
         self.slice: tuple[int, int] | None = None
         self.lookup: np.ndarray | None = None
+        self.selected: np.ndarray | None = None  # lookup >= 0, one byte a position
         self.n_out = n_minor
         if self.all or sel is None:
             return
@@ -218,6 +220,7 @@ class _MinorFilter:
             self.lookup[unique] = np.arange(len(unique))
             self.inverse = inverse
             self.n_out = len(unique)
+        self.selected = self.lookup >= 0
 
     def mask(self, indices: np.ndarray) -> np.ndarray | None:
         """Return which minor indices are selected (``None``: all of them)."""
@@ -226,8 +229,8 @@ class _MinorFilter:
         if self.slice is not None:
             lo, hi = self.slice
             return (indices >= lo) & (indices < hi)
-        assert self.lookup is not None  # noqa: S101
-        return self.lookup[indices] >= 0
+        assert self.selected is not None  # noqa: S101
+        return self.selected[indices]
 
     def remap(self, indices: np.ndarray) -> np.ndarray:
         """Renumber selected minor indices into the output's numbering."""
@@ -268,13 +271,14 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
     nonempty = lengths > 0
     item = parts.data.dtype.itemsize + parts.indices.dtype.itemsize
     max_gap = max(1, MAX_GAP_BYTES // item)
-    chunk = _chunk_len(parts.data)
+    chunk = _chunk_len(parts.data, hooks)
     ne_starts = starts[nonempty]
     batch_elements = max(1, BATCH_BYTES // item)
     run_starts, run_stops, run_of = coalesce(ne_starts, ne_starts + lengths[nonempty],
                                              max_gap=max_gap,
                                              slack=hooks.slack_bytes // item,
-                                             chunk=chunk, max_run=batch_elements)
+                                             chunk=chunk, max_run=batch_elements,
+                                             chunk_gap=1 if hooks.whole_chunks else 0)
     # group runs into batches of bounded size
     run_sizes = run_stops - run_starts
     batch_of_run = (np.cumsum(run_sizes) - run_sizes) // batch_elements
@@ -315,6 +319,12 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
             counts[sel_rows] = sel_lengths
             data_parts.append(data_buf)
             index_parts.append(minor_filter.remap(index_buf))
+        elif 8 * int(np.count_nonzero(keep)) < len(keep):  # few kept (a gene list)
+            at = np.flatnonzero(keep)
+            row_of = np.searchsorted(local_starts, at, side="right") - 1
+            counts[sel_rows] = np.bincount(row_of, minlength=len(sel_rows))
+            data_parts.append(data_buf[at])
+            index_parts.append(minor_filter.remap(index_buf[at]))
         else:
             kept = np.concatenate(([0], np.cumsum(keep, dtype=np.int64 if len(keep) >= 2**31
                                                   else np.int32)))
@@ -374,7 +384,7 @@ def read_dense(arr: Any, rows: Selection | None, cols: Selection | None,
         tail = (len(col_after) if col_after is not None else length(col_sel, n_cols),)
     out = np.empty((len(positions), *tail), dtype=arr.dtype)
     row_bytes = max(1, int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize)
-    blocks = _dense_blocks(positions, row_bytes, _chunk_len(arr), hooks.slack_bytes)
+    blocks = _dense_blocks(positions, row_bytes, _chunk_len(arr, hooks), hooks.slack_bytes)
     fetched_until = 0
     for i, (first, last) in enumerate(blocks):
         s, e = int(positions[first]), int(positions[last - 1]) + 1

@@ -21,6 +21,7 @@ from lamin_io.errors import (
     MissingDependencyError,
     RegistryError,
     RegistryLockedError,
+    RegistryUnreachableError,
     SchemaVersionError,
 )
 from lamin_io.registry import _schema as s
@@ -114,12 +115,16 @@ class Database:
                 msg = (f"registry {self.display} stayed locked by another writer for "
                        f"{self.busy_timeout:g}s; retry, or raise busy_timeout in connect()")
                 raise RegistryLockedError(msg) from None
+            if _unreachable(text_):
+                msg = (f"registry {self.display} is unreachable: {exc.orig}; check the host "
+                       f"and port, and that the database server is running, then retry")
+                raise RegistryUnreachableError(msg) from exc
             msg = f"registry {self.display} cannot be used: {exc.orig}"
             raise RegistryError(msg) from exc
         except DBAPIError as exc:
-            if exc.connection_invalidated or "connect" in str(exc.orig).lower():
-                msg = f"registry {self.display} is unreachable: {exc.orig}"
-                raise RegistryError(msg) from exc
+            if exc.connection_invalidated or _unreachable(str(exc.orig).lower()):
+                msg = f"registry {self.display} is unreachable: {exc.orig}; retry"
+                raise RegistryUnreachableError(msg) from exc
             raise
 
     @contextlib.contextmanager
@@ -168,3 +173,10 @@ class Database:
     def close(self) -> None:
         """Release every pooled connection."""
         self.engine.dispose()
+
+
+def _unreachable(message: str) -> bool:
+    """Whether a driver's error message says the server could not be reached."""
+    return any(part in message for part in (
+        "connection refused", "could not connect", "connection failed", "timeout expired",
+        "could not translate host name", "server closed the connection", "no route to host"))

@@ -1,25 +1,33 @@
-"""Many byte ranges of a local file, read concurrently into one buffer.
+"""Many byte ranges of a local file, read into one buffer; the I/O thread pool.
 
-A scattered selection turns into thousands of small reads. When the file's pages are not
-in the page cache, each read waits on the device; issuing them from several threads keeps
-several requests in flight (``os.preadv`` releases the GIL), which is what fast disks and
-network block devices need to deliver their throughput. When the pages are cached, the
-threads cost little: the work is split into a few large groups.
+A scattered selection turns into thousands of small reads. Ranges whose pages are in the
+page cache are copied at once in the calling thread: a first pass reads with
+``RWF_NOWAIT``, which the kernel refuses for pages it would have to fetch from the device.
+What is left waits on the device, and is read from several threads (``os.preadv``
+releases the GIL) to keep several requests in flight, which fast disks and network block
+devices need to deliver their throughput. Measured on a virtual disk, 4.5k reads of
+~4 KB: cached, 1 thread 38 ms and 16 threads 56 ms; uncached, 1 thread 400 ms and 8
+threads 145 ms.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["READ_THREADS", "pread_ranges"]
+__all__ = ["READ_THREADS", "executor", "pread_ranges"]
 
-#: Threads that read one request's ranges; ranges are split into contiguous groups.
-READ_THREADS = 16
-#: Below this many ranges, one thread reads them all.
+#: Threads of the pool that reads byte ranges (local files and remote objects) in parallel:
+#: each blocks in a system call or in a C++ client, with the GIL released.
+READ_THREADS = 32
+#: Threads that read the uncached ranges of one local request (measured best at 8).
+LOCAL_THREADS = 8
+#: Below this many uncached ranges, the calling thread reads them itself.
 _MIN_PARALLEL = 64
 
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -32,20 +40,43 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def _executor() -> ThreadPoolExecutor:
+def executor() -> ThreadPoolExecutor:
+    """Return the process's I/O thread pool (made on first use, and anew after fork)."""
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="lamin-io-pread")
+            _pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="lamin-io-read")
         return _pool
 
 
-def _read_group(fd: int, ranges: list[tuple[int, int]], view: memoryview, offset: int) -> bool:
-    for start, stop in ranges:
-        n = stop - start
-        if os.preadv(fd, [view[offset:offset + n]], start) != n:
+def _read_cached(fd: int, ranges: list[tuple[int, int]], view: memoryview,
+                 offsets: list[int]) -> list[int]:
+    """Read the ranges the page cache holds; return the indices of the others."""
+    global _NOWAIT
+    if not _NOWAIT:
+        return list(range(len(ranges)))
+    left = []
+    for i, (start, stop) in enumerate(ranges):
+        try:
+            n = os.preadv(fd, [view[offsets[i]:offsets[i + 1]]], start, _NOWAIT)
+        except BlockingIOError:
+            n = -1
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            _NOWAIT = 0  # this kernel or filesystem cannot: read everything normally
+            return list(range(i, len(ranges)))
+        if n != stop - start:
+            left.append(i)  # not (all) cached, or past the end: read it again below
+    return left
+
+
+def _read_some(fd: int, ranges: list[tuple[int, int]], view: memoryview,
+               offsets: list[int], which: list[int]) -> bool:
+    for i in which:
+        start, stop = ranges[i]
+        if os.preadv(fd, [view[offsets[i]:offsets[i + 1]]], start) != stop - start:
             return False  # the file is shorter than its metadata says
-        offset += n
     return True
 
 
@@ -54,17 +85,17 @@ def pread_ranges(fd: int, ranges: list[tuple[int, int]]) -> bytearray | None:
 
     Returns ``None`` when a range reaches past the end of the file.
     """
-    sizes = [stop - start for start, stop in ranges]
-    buffer = bytearray(sum(sizes))
-    view = memoryview(buffer)
-    if len(ranges) < _MIN_PARALLEL:
-        return buffer if _read_group(fd, ranges, view, 0) else None
-    n_groups = min(len(ranges) // (_MIN_PARALLEL // 4), 4 * READ_THREADS)
-    bounds = [len(ranges) * i // n_groups for i in range(n_groups + 1)]
     offsets = [0]
-    for size in sizes:
-        offsets.append(offsets[-1] + size)
-    futures = [_executor().submit(_read_group, fd, ranges[a:b], view, offsets[a])
+    for start, stop in ranges:
+        offsets.append(offsets[-1] + stop - start)
+    buffer = bytearray(offsets[-1])
+    view = memoryview(buffer)
+    left = _read_cached(fd, ranges, view, offsets)
+    if len(left) < _MIN_PARALLEL:
+        return buffer if _read_some(fd, ranges, view, offsets, left) else None
+    n_groups = min(len(left) // (_MIN_PARALLEL // 4), LOCAL_THREADS)
+    bounds = [len(left) * g // n_groups for g in range(n_groups + 1)]
+    futures = [executor().submit(_read_some, fd, ranges, view, offsets, left[a:b])
                for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     ok = all(f.result() for f in futures)
     return buffer if ok else None
