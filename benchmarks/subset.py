@@ -1,0 +1,587 @@
+"""Subset benchmark: "5% of cells by an obs category x 200 genes by name", side by side.
+
+Every tool does the same work on the same file: open it, read the ``cell_type`` column,
+select the cells of one category (~5%) and 200 genes given as a list of names in random
+order, and materialize that X subset in memory. Tools:
+
+* ``lamin_io``: ``lamin_io.open(path)[mask, genes].X``
+* ``lamindb``: lamindb's ``backed_access(UPath(path))[mask, genes].X``
+* ``backed``: ``anndata.read_h5ad(path, backed="r")[mask, genes].X`` (h5ad, local only)
+* ``read_lazy``: ``anndata.experimental.read_lazy(...)[mask, genes].X.compute()``
+* ``full``: load the whole file with anndata, then subset
+
+Each configuration (tool x file x storage x cache) runs in its own process; imports and a
+warm-up on a tiny file stay outside the timings. Every output is checked against the
+answer of a full anndata load (computed once per file, in its own process) before its time
+counts. Cold runs drop the file from the page cache before each repeat (and check that it
+is gone); warm runs read it once first. On S3 the files live on a local S3-protocol server
+(s3rver, see :class:`S3`) behind a counting proxy in this process; bytes read are the
+response bodies it passed on, locally the bytes the process read through system calls.
+
+    python benchmarks/generate.py --cells 50000 --scale 1 4    # once
+    python benchmarks/subset.py                                # all configurations
+    python benchmarks/subset.py --quick                        # smaller, for a smoke run
+
+Results: ``benchmarks/results/subset.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _harness import (  # noqa: E402
+    RESULTS,
+    Meter,
+    PeakMemory,
+    cached_fraction,
+    evict,
+    machine,
+    median,
+    run_isolated,
+)
+
+HERE = Path(__file__).resolve()
+DATA = HERE.parent / "data"
+CATEGORY = "type_7"
+N_GENES = 200
+TOOLS = ("lamin_io", "lamindb", "backed", "read_lazy", "full")
+BUCKET = "bench"
+
+
+def genes() -> list[str]:
+    """200 gene names in random order (fixed seed), as a user would pass them."""
+    rng = np.random.default_rng(42)
+    return [f"GENE{i}" for i in rng.choice(20_000, N_GENES, replace=False)]
+
+
+# -- the work each tool does -----------------------------------------------------------------
+
+def _mask(obs: Any) -> np.ndarray:
+    return np.asarray(obs["cell_type"] == CATEGORY)
+
+
+def _fs_open(url: str, endpoint: str | None) -> Any:
+    import fsspec
+
+    return fsspec.open(url, "rb", endpoint_url=endpoint).open()
+
+
+def _zarr_group(url: str, endpoint: str | None) -> Any:
+    import zarr
+
+    if endpoint is None:
+        return zarr.open_group(url, mode="r")
+    from zarr.storage import FsspecStore
+
+    store = FsspecStore.from_url(url, storage_options={"endpoint_url": endpoint},
+                                 read_only=True)
+    return zarr.open_group(store, mode="r")
+
+
+def run_lamin_io(url: str, endpoint: str | None, names: list[str]) -> Any:
+    import lamin_io
+
+    options = {"endpoint_url": endpoint} if endpoint else None
+    with lamin_io.open(url, storage_options=options) as adata:
+        return adata[_mask(adata.obs), names].X
+
+
+def run_lamindb(url: str, endpoint: str | None, names: list[str]) -> Any:
+    from lamindb.core.storage._backed_access import backed_access
+    from upath import UPath
+
+    path = UPath(url, endpoint_url=endpoint) if endpoint else UPath(url)
+    adata = backed_access(path)
+    try:
+        return adata[_mask(adata.obs), names].X
+    finally:
+        adata.close()
+
+
+def run_backed(url: str, endpoint: str | None, names: list[str]) -> Any:
+    import anndata as ad
+
+    if endpoint is not None or not url.endswith(".h5ad"):
+        msg = "anndata's backed mode reads local h5ad files only"
+        raise NotImplementedError(msg)
+    adata = ad.read_h5ad(url, backed="r")
+    try:
+        return adata[_mask(adata.obs), names].X
+    finally:
+        adata.file.close()
+
+
+def run_read_lazy(url: str, endpoint: str | None, names: list[str]) -> Any:
+    import anndata as ad
+    import h5py
+
+    if url.endswith(".zarr"):
+        handle = None
+        lazy = ad.experimental.read_lazy(_zarr_group(url, endpoint))
+    else:
+        handle = _fs_open(url, endpoint) if endpoint else None
+        lazy = ad.experimental.read_lazy(h5py.File(handle if handle is not None else url, "r"))
+    try:
+        mask = np.asarray(lazy.obs["cell_type"].to_numpy() == CATEGORY)
+        x = lazy[mask, names].X
+        return x.compute() if hasattr(x, "compute") else x
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def run_full(url: str, endpoint: str | None, names: list[str]) -> Any:
+    import anndata as ad
+
+    if url.endswith(".zarr"):
+        adata = ad.read_zarr(_zarr_group(url, endpoint).store if endpoint else url)
+    elif endpoint:  # download the object in one request, then read it from memory
+        import io
+
+        import fsspec
+
+        data = fsspec.filesystem("s3", endpoint_url=endpoint).cat_file(url)
+        adata = ad.read_h5ad(io.BytesIO(data))
+    else:
+        adata = ad.read_h5ad(url)
+    return adata[_mask(adata.obs), names].X
+
+
+RUNNERS = {"lamin_io": run_lamin_io, "lamindb": run_lamindb, "backed": run_backed,
+           "read_lazy": run_read_lazy, "full": run_full}
+
+
+def _normalize(x: Any) -> Any:
+    import scipy.sparse as sp
+
+    if sp.issparse(x):
+        x = sp.csr_matrix(x)
+        x.sort_indices()
+        return x
+    return np.asarray(x)
+
+
+def _same(x: Any, expected: Any) -> bool:
+    import scipy.sparse as sp
+
+    x = _normalize(x)
+    if x.shape != expected.shape:
+        return False
+    if sp.issparse(x) or sp.issparse(expected):
+        a = x.toarray() if sp.issparse(x) else x
+        b = expected.toarray() if sp.issparse(expected) else expected
+        return bool(np.array_equal(a, b))
+    return bool(np.array_equal(x, expected))
+
+
+# -- one configuration, in its own process ---------------------------------------------------
+
+def worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Run one configuration; return its measurements (or an error)."""
+    import scipy.sparse as sp
+
+    warnings.simplefilter("ignore")
+    run = RUNNERS[config["tool"]]
+    names = genes()
+    endpoint = config.get("endpoint")
+    local = Path(config["local"])
+    try:
+        # imports and first-call set-up (an S3 client, thread pools) on a tiny file of the
+        # same storage, untimed
+        run(config["tiny"], endpoint, names[:5])
+    except NotImplementedError as exc:
+        return {"error": f"unsupported: {exc}"}
+    saved = np.load(config["expected"], allow_pickle=False)
+    expected: Any = (sp.csr_matrix((saved["data"], saved["indices"], saved["indptr"]),
+                                   shape=tuple(saved["shape"]))
+                     if "indptr" in saved else saved["dense"])
+    meters, cached = [], []
+    with PeakMemory() as peak:
+        if config["cache"] == "warm" and not _same(run(config["url"], endpoint, names),
+                                                   expected):
+            return {"error": "wrong result"}
+        for _ in range(config["repeats"]):
+            if config["cache"] == "cold":
+                evict(local)
+                cached.append(cached_fraction(local))
+            with Meter() as meter:
+                out = run(config["url"], endpoint, names)
+            if not _same(out, expected):
+                return {"error": "wrong result"}
+            meters.append(meter)
+            del out
+    return {
+        "seconds": median([m.seconds for m in meters]),
+        "all_seconds": [round(m.seconds, 4) for m in meters],
+        "peak_mb": peak.mb,
+        "rchar": int(median([m.rchar for m in meters])),
+        "read_bytes": int(median([m.read_bytes for m in meters])),
+        "cached_before": max(cached) if cached else None,
+    }
+
+
+def write_expected(path: Path, out: Path) -> None:
+    """The reference answer: anndata's full load, then the subset."""
+    import scipy.sparse as sp
+
+    warnings.simplefilter("ignore")
+    x = _normalize(run_full(str(path), None, genes()))
+    if sp.issparse(x):
+        np.savez(out, data=x.data, indices=x.indices, indptr=x.indptr, shape=x.shape)
+    else:
+        np.savez(out, dense=x)
+
+
+# -- the driver ------------------------------------------------------------------------------
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(
+        p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _tiny_for(path: Path) -> Path:
+    if path.suffix == ".zarr":
+        return DATA / "tiny.zarr"
+    return DATA / ("tiny_dense.h5ad" if path.name.startswith("dense") else "tiny.h5ad")
+
+
+def _configs(files: list[Path], *, s3: list[Path], repeats: int) -> list[dict[str, Any]]:
+    """Every (file, storage, cache, tool); cold and remote runs repeat fewer times."""
+    out = []
+    for path in files:
+        for cache in ("warm", "cold"):
+            for tool in TOOLS:
+                if tool == "backed" and path.suffix != ".h5ad":
+                    continue
+                out.append({"tool": tool, "file": path.name, "storage": "local",
+                            "cache": cache, "url": str(path), "local": str(path),
+                            "repeats": repeats if cache == "warm" else max(1, repeats - 2)})
+    for path in s3:
+        for tool in TOOLS:
+            if tool == "backed":
+                continue
+            out.append({"tool": tool, "file": path.name, "storage": "s3", "cache": "remote",
+                        "url": f"s3://{BUCKET}/{path.name}", "local": str(path),
+                        "repeats": max(1, repeats - 4)})
+    return out
+
+
+S3RVER = HERE.parent / "node_modules" / ".bin" / "s3rver"
+
+
+class S3:
+    """s3rver (a Node.js S3 server storing objects as files) behind a counting proxy.
+
+    moto, which the tests use, copies a whole object to answer each range request, so it
+    cannot serve the benchmark's files; s3rver streams ranges from disk. Install it with
+    ``npm install --prefix benchmarks s3rver@3.7.1``.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.proc: Any = None
+        self.proxy: Any = None
+
+    def __enter__(self) -> S3:
+        import os
+        import shutil
+        import socket
+        import subprocess
+        import time
+
+        from _proxy import CountingProxy
+
+        if not S3RVER.exists():
+            sys.exit(f"no {S3RVER}: npm install --prefix benchmarks s3rver@3.7.1 "
+                     f"(or run with --no-s3)")
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        # s3rver 3.7 makes listing tokens with a cipher OpenSSL 3 keeps in its legacy
+        # provider (without it, listings fail with "internal error")
+        env = {**os.environ, "NODE_OPTIONS": "--openssl-legacy-provider"}
+        self.proc = subprocess.Popen(
+            [str(S3RVER), "-d", str(self.folder), "-a", "127.0.0.1", "-p", str(port),
+             "--silent", "--allow-mismatched-signatures", "--no-vhost-buckets",
+             "--configure-bucket", BUCKET], env=env)
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            os.environ[name] = "S3RVER"
+        os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        self.server_endpoint = f"http://127.0.0.1:{port}"
+        self.proxy = CountingProxy("127.0.0.1", port).start()
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        """Where clients connect: the counting proxy."""
+        return str(self.proxy.endpoint)
+
+    def upload(self, paths: list[Path]) -> None:
+        """Copy files and folders into the bucket (straight to the server, uncounted)."""
+        import fsspec
+
+        fs = fsspec.filesystem("s3", endpoint_url=self.server_endpoint,
+                               skip_instance_cache=True)
+        for p in paths:
+            fs.put(str(p), f"{BUCKET}/{p.name}", recursive=p.is_dir())
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proxy is not None:
+            self.proxy.stop()
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def main() -> None:
+    """Run every configuration and write the report."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--expected", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--cells", type=int, default=50_000)
+    parser.add_argument("--dense-cells", type=int, default=8_000)
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="timed runs per warm configuration (cold: 2 fewer, S3: 4 fewer)")
+    parser.add_argument("--no-s3", action="store_true", help="local files only")
+    parser.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--timeout", type=float, default=600,
+                        help="seconds a configuration may take before it counts as failed")
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.expected:
+        write_expected(Path(args.expected[0]), Path(args.expected[1]))
+        return
+
+    base = DATA / f"sparse_{args.cells}.h5ad"
+    large = DATA / f"sparse_{4 * args.cells}.h5ad"
+    zarr_file = DATA / f"sparse_{args.cells}.zarr"
+    dense = DATA / f"dense_{args.dense_cells}.h5ad"
+    files = [base, large, zarr_file, dense]
+    missing = [str(p) for p in files if not p.exists()]
+    if missing:
+        sys.exit(f"missing {', '.join(missing)}: run benchmarks/generate.py first")
+    s3_files = [] if args.no_s3 else files
+
+    expected = {}
+    for path in files:
+        expected[path.name] = DATA / f"expected_{path.name}.npz"
+        if not expected[path.name].exists():
+            print(f"reference answer for {path.name} ...", flush=True)
+            import subprocess
+
+            subprocess.run([sys.executable, str(HERE), "--expected", str(path),
+                            str(expected[path.name])], check=True)
+
+    server = None
+    if s3_files:
+        server = S3(DATA / "s3rver").__enter__()
+        print("uploading to the S3 server ...", flush=True)
+        server.upload(s3_files + sorted({_tiny_for(p) for p in s3_files}))
+    results = []
+    try:
+        for config in _configs(files, s3=s3_files, repeats=args.repeats):
+            if config["tool"] not in args.tools:
+                continue
+            config["expected"] = str(expected[config["file"]])
+            tiny = _tiny_for(Path(config["local"]))
+            config["tiny"] = str(tiny) if config["storage"] == "local" else \
+                f"s3://{BUCKET}/{tiny.name}"
+            if config["storage"] == "s3":
+                config["endpoint"] = server.endpoint  # type: ignore[union-attr]
+                server.proxy.reset()  # type: ignore[union-attr]
+            label = f"{config['file']:<22} {config['storage']:<5} {config['cache']:<6} " \
+                    f"{config['tool']:<9}"
+            print(label, end=" ", flush=True)
+            result = run_isolated(HERE, config, timeout=args.timeout)
+            if config["storage"] == "s3" and "error" not in result:
+                proxy = server.proxy  # type: ignore[union-attr]
+                result["bytes"] = proxy.bytes_sent // config["repeats"]
+                result["requests"] = proxy.requests // config["repeats"]
+            elif "error" not in result:
+                result["bytes"] = result["rchar"]
+            result.update({k: config[k] for k in ("tool", "file", "storage", "cache")})
+            result["file_bytes"] = _size(Path(config["local"]))
+            results.append(result)
+            partial = args.out / "subset.partial.json"
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(results, indent=1, default=float))
+            print(result.get("error") or
+                  f"{result['seconds']:.3f} s  {result['peak_mb']:.0f} MB  "
+                  f"{result['bytes'] / 1e6:.1f} MB read", flush=True)
+    finally:
+        if server is not None:
+            server.__exit__()
+    report(results, args.out)
+
+
+# -- the report ------------------------------------------------------------------------------
+
+def _ratios(results: list[dict[str, Any]]) -> None:
+    """Add time, memory and bytes ratios to lamindb (and time/memory to full load)."""
+    groups: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["file"], r["storage"], r["cache"]), {})[r["tool"]] = r
+    for tools in groups.values():
+        for r in tools.values():
+            if "error" in r:
+                continue
+            for ref, suffix in (("lamindb", "vs_lamindb"), ("full", "vs_full"),
+                                ("backed", "vs_backed")):
+                base = tools.get(ref)
+                if base is None or "error" in base:
+                    continue
+                r[f"time_{suffix}"] = r["seconds"] / base["seconds"]
+                r[f"memory_{suffix}"] = (r["peak_mb"] + 1) / (base["peak_mb"] + 1)
+                r[f"bytes_{suffix}"] = r["bytes"] / max(1, base["bytes"])
+
+
+def _targets(results: list[dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
+    """The accessor issue's targets, each with the measured figure and whether it is met."""
+    def get(tool: str, file_prefix: str, storage: str, cache: str) -> dict[str, Any] | None:
+        for r in results:
+            if (r["tool"], r["storage"], r["cache"]) == (tool, storage, cache) and \
+                    r["file"].startswith(file_prefix) and "error" not in r:
+                return r
+        return None
+
+    rows: list[tuple[str, str, bool | None]] = []
+    files = sorted({r["file"] for r in results if r["file"].endswith(".h5ad")
+                    and r["file"].startswith("sparse")}, key=lambda f: int(f[7:-5]))
+    for storage, cache in (("local", "warm"), ("local", "cold"), ("s3", "remote")):
+        where = f"{storage} {cache}" if storage == "local" else "S3"
+        ratios = []
+        for f in files:
+            r = get("lamin_io", f, storage, cache)
+            if r is None or "time_vs_lamindb" not in r:
+                continue
+            ratios.append(r["time_vs_lamindb"])
+            rows.append((f"sparse h5ad {f[7:-5]} cells, {where}: time <= 0.5x lamindb, "
+                         f"peak <= +60 MB",
+                         f"{r['time_vs_lamindb']:.3f}x, +{r['peak_mb']:.0f} MB",
+                         r["time_vs_lamindb"] <= 0.5 and r["peak_mb"] <= 60))
+        if len(ratios) == 2:
+            rows.append((f"sparse h5ad, {where}: ratio improves at 4x the cells",
+                         f"{ratios[0]:.3f}x -> {ratios[1]:.3f}x", ratios[1] < ratios[0]))
+        r = get("lamin_io", "sparse", storage, cache)
+        z = next((x for x in results if x["tool"] == "lamin_io" and x["storage"] == storage
+                  and x["cache"] == cache and x["file"].endswith(".zarr") and
+                  "time_vs_full" in x), None)
+        if z is not None:
+            rows.append((f"sparse zarr, {where}: time <= 1x full load, memory <= 25%",
+                         f"{z['time_vs_full']:.3f}x, {z['memory_vs_full']:.1%}",
+                         z["time_vs_full"] <= 1 and z["memory_vs_full"] <= 0.25))
+        d = get("lamin_io", "dense", storage, cache)
+        if d is not None and "time_vs_backed" in d:
+            rows.append((f"dense h5ad, {where}: time <= anndata backed",
+                         f"{d['time_vs_backed']:.3f}x", d["time_vs_backed"] <= 1))
+        elif d is not None and storage == "s3":
+            rows.append((f"dense h5ad, {where}: supported (anndata backed cannot read S3)",
+                         f"{d['seconds']:.3f} s, {d.get('time_vs_lamindb', float('nan')):.3f}x"
+                         " lamindb", True))
+    return rows
+
+
+def report(results: list[dict[str, Any]], out: Path) -> None:
+    """Write ``subset.json``, ``subset.md`` and ``subset.png`` under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    _ratios(results)
+    targets = _targets(results)
+    info = machine()
+    payload = {"benchmark": "subset: 5% of cells by category x 200 genes by name",
+               "machine": info, "results": results,
+               "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in targets]}
+    (out / "subset.json").write_text(json.dumps(payload, indent=1, default=float))
+
+    lines = [
+        "# Subset benchmark: 5% of cells by an obs category x 200 genes by name",
+        "",
+        f"{info['date']}; {info['cpu']}, {info['cores']} cores, {info['memory_gb']} GB; "
+        f"Python {info['python']}; "
+        + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v),
+        "",
+        "Each row is one process. Time: median of the repeats; peak: resident memory above "
+        "the level before the read; read: bytes through system calls (local) or sent by "
+        "the S3 server. Ratios are to lamindb's `backed_access` in the same file, storage "
+        "and cache state (lower is better). Generated by `benchmarks/subset.py`.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+        *[f"| {t} | {m} | {'yes' if ok else 'no'} |" for t, m, ok in targets],
+        "",
+        "## All runs",
+        "",
+        "| file | storage | cache | tool | time s | x lamindb | peak MB | x lamindb | read MB "
+        "| x lamindb |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        head = f"| {r['file']} | {r['storage']} | {r['cache']} | {r['tool']} "
+        if "error" in r:
+            lines.append(head + f"| {r['error'][:80]} | | | | | |")
+            continue
+        lines.append(
+            head + f"| {r['seconds']:.3f} | {r.get('time_vs_lamindb', float('nan')):.3f} "
+            f"| {r['peak_mb']:.0f} | {r.get('memory_vs_lamindb', float('nan')):.3f} "
+            f"| {r['bytes'] / 1e6:.1f} | {r.get('bytes_vs_lamindb', float('nan')):.3f} |")
+    (out / "subset.md").write_text("\n".join(lines) + "\n")
+    _chart(results, out / "subset.png")
+    (out / "subset.partial.json").unlink(missing_ok=True)
+    print(f"wrote {out / 'subset.md'}")
+
+
+def _chart(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["file"], r["storage"], r["cache"]) for r in results})
+    tools = [t for t in TOOLS if any(r["tool"] == t for r in results)]
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(groups)), 4.5))
+    width = 0.8 / max(1, len(tools))
+    for i, tool in enumerate(tools):
+        xs, ys = [], []
+        for j, g in enumerate(groups):
+            r = next((r for r in results if (r["file"], r["storage"], r["cache"]) == g
+                      and r["tool"] == tool and "time_vs_lamindb" in r), None)
+            if r is not None:
+                xs.append(j + i * width)
+                ys.append(r["time_vs_lamindb"])
+        ax.bar(xs, ys, width, label=tool)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_ylabel("time / lamindb time (log)")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+    ax.set_xticklabels([f"{f}\n{s} {c}" for f, s, c in groups], fontsize=7)
+    ax.legend(fontsize=8)
+    ax.set_title("5% of cells by category x 200 genes: time relative to lamindb")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
