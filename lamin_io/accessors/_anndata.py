@@ -319,11 +319,7 @@ class _Store:
         """Read byte ranges of the file, concatenated (``None``: the file is too short)."""
         if self.rangefile is not None:
             buffer = bytearray(sum(e - s for s, e in ranges))
-            view = memoryview(buffer)
-            offset = 0
-            for blob in self.rangefile.fetch(ranges):
-                view[offset:offset + len(blob)] = blob
-                offset += len(blob)
+            self.rangefile.read_into(ranges, memoryview(buffer))
             return buffer
         import os
 

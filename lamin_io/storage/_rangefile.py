@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from upath import UPath
 
-__all__ = ["METADATA_BLOCK", "RangeFile", "sync_reader"]
+__all__ = ["METADATA_BLOCK", "RangeFile"]
 
 #: Block size of the cache that serves small (metadata) reads.
 METADATA_BLOCK = 16 * 1024
@@ -34,24 +34,15 @@ DIRECT_READ = 64 * 1024
 MAX_BLOCKS = 256
 
 
-def sync_reader(path: UPath) -> Any:
-    """Return a file with ``read_at(n, offset)`` that reads in the calling thread.
-
-    S3 objects open through pyarrow's native S3 client, built from the same settings as
-    the path's fsspec filesystem (endpoint, region, credentials or anonymous access).
-    """
-    from lamin_io.storage._engines import pyarrow_filesystem
-
-    return pyarrow_filesystem(path).open_input_file(path.path)
-
-
 class RangeFile(io.RawIOBase):
     """Seekable binary reader of ``path`` with an explicit prefetch of byte ranges."""
 
     def __init__(self, path: UPath, *, block_size: int = METADATA_BLOCK) -> None:
+        from lamin_io.storage._engines import pyarrow_filesystem
+
         super().__init__()
         self._path = path.path
-        self._reader = sync_reader(path)
+        self._reader = pyarrow_filesystem(path).open_input_file(path.path)
         self.size = int(self._reader.size())
         self._block = block_size
         self._blocks: dict[int, bytes] = {}
@@ -59,36 +50,38 @@ class RangeFile(io.RawIOBase):
         self._starts: list[int] = []
         self._parts: list[tuple[int, memoryview]] = []
 
-    def _read_at(self, start: int, stop: int) -> bytes:
-        data: bytes = self._reader.read_at(stop - start, start)
-        if len(data) != stop - start:
-            msg = (f"{self._path}: read {len(data)} of {stop - start} bytes at offset "
-                   f"{start}: the object is shorter than its metadata says (truncated?)")
+    def _read_piece(self, start: int, view: memoryview) -> None:
+        """Read ``len(view)`` bytes at ``start`` into ``view`` (``read_at`` is thread-safe)."""
+        data = self._reader.read_at(len(view), start)
+        if len(data) != len(view):
+            msg = (f"{self._path}: read {len(data)} of {len(view)} bytes at offset {start}: "
+                   f"the object is shorter than its metadata says (truncated?)")
             raise OSError(msg)
-        return data
+        view[:] = data
 
-    def _get(self, ranges: list[tuple[int, int]]) -> list[memoryview]:
-        """Fetch sorted, non-overlapping ranges concurrently; touching ranges share a request."""
-        merged: list[list[int]] = []
+    def read_into(self, ranges: list[tuple[int, int]], view: memoryview) -> None:
+        """Read ``ranges`` concurrently into ``view``, one after another in list order.
+
+        Neighbours in the list whose bytes touch share one request. Call only outside
+        HDF5 calls (see the module docstring).
+        """
+        pieces: list[list[int]] = []  # [file start, file stop, offset in view]
+        offset = 0
         for start, stop in ranges:
-            if merged and start == merged[-1][1]:
-                merged[-1][1] = stop
+            if pieces and start == pieces[-1][1]:
+                pieces[-1][1] = stop
             else:
-                merged.append([start, stop])
-        if len(merged) == 1:
-            blobs = [self._read_at(*merged[0])]
-        else:
-            from lamin_io.storage._localread import executor
+                pieces.append([start, stop, offset])
+            offset += stop - start
+        if len(pieces) == 1:
+            self._read_piece(pieces[0][0], view[:offset])
+            return
+        from lamin_io.storage._localread import executor
 
-            blobs = list(executor().map(lambda m: self._read_at(m[0], m[1]), merged))
-        out: list[memoryview] = []
-        for (start, stop), blob in zip(merged, blobs, strict=True):
-            view, offset = memoryview(blob), 0
-            while offset < stop - start:
-                first, last = ranges[len(out)]
-                out.append(view[offset:offset + last - first])  # no copy
-                offset += last - first
-        return out
+        futures = [executor().submit(self._read_piece, a, view[at:at + b - a])
+                   for a, b, at in pieces]
+        for future in futures:
+            future.result()
 
     def prefetch(self, ranges: list[tuple[int, int]]) -> int:
         """Fetch ``[(start, stop), ...]`` concurrently and serve later reads from them.
@@ -104,25 +97,14 @@ class RangeFile(io.RawIOBase):
         self._starts, self._parts = [], []
         if not merged:
             return 0
-        blobs = self._get([(m[0], m[1]) for m in merged])
-        for (start, _), blob in zip(merged, blobs, strict=True):
+        buffer = memoryview(bytearray(sum(b - a for a, b in merged)))
+        self.read_into([(a, b) for a, b in merged], buffer)
+        offset = 0
+        for start, stop in merged:
             self._starts.append(start)
-            self._parts.append((start, blob))
-        return sum(len(b) for _, b in self._parts)
-
-    def fetch(self, ranges: list[tuple[int, int]]) -> list[memoryview]:
-        """Fetch byte ranges concurrently and return them in order (not kept).
-
-        Call only outside HDF5 calls (see the module docstring).
-        """
-        if not ranges:
-            return []
-        order = sorted(range(len(ranges)), key=lambda i: ranges[i][0])
-        blobs = self._get([ranges[i] for i in order])
-        out: list[memoryview] = [memoryview(b"")] * len(ranges)
-        for i, blob in zip(order, blobs, strict=True):
-            out[i] = blob
-        return out
+            self._parts.append((start, buffer[offset:offset + stop - start]))
+            offset += stop - start
+        return offset
 
     def release(self) -> None:
         """Drop prefetched bytes."""
