@@ -68,12 +68,6 @@ def _mask(obs: Any) -> np.ndarray:
     return np.asarray(obs["cell_type"] == CATEGORY)
 
 
-def _fs_open(url: str, endpoint: str | None) -> Any:
-    import fsspec
-
-    return fsspec.open(url, "rb", endpoint_url=endpoint).open()
-
-
 def _zarr_group(url: str, endpoint: str | None) -> Any:
     import zarr
 
@@ -124,18 +118,15 @@ def run_read_lazy(url: str, endpoint: str | None, names: list[str]) -> Any:
     import h5py
 
     if url.endswith(".zarr"):
-        handle = None
         lazy = ad.experimental.read_lazy(_zarr_group(url, endpoint))
+    elif endpoint is not None:
+        msg = "read_lazy re-opens an h5ad by its file name, so it reads local h5ad only"
+        raise NotImplementedError(msg)
     else:
-        handle = _fs_open(url, endpoint) if endpoint else None
-        lazy = ad.experimental.read_lazy(h5py.File(handle if handle is not None else url, "r"))
-    try:
-        mask = np.asarray(lazy.obs["cell_type"].to_numpy() == CATEGORY)
-        x = lazy[mask, names].X
-        return x.compute() if hasattr(x, "compute") else x
-    finally:
-        if handle is not None:
-            handle.close()
+        lazy = ad.experimental.read_lazy(h5py.File(url, "r"))
+    mask = np.asarray(lazy.obs["cell_type"].to_numpy() == CATEGORY)
+    x = lazy[mask, names].X
+    return x.compute() if hasattr(x, "compute") else x
 
 
 def run_full(url: str, endpoint: str | None, names: list[str]) -> Any:

@@ -266,7 +266,9 @@ class _Store:
         """Read hooks: direct byte reads and prefetch for HDF5; remote: whole chunks."""
         slack = 0 if self.remote else SLACK_BYTES
         if self.local_file is None and self.rangefile is None:
-            return ReadHooks(slack_bytes=slack)
+            from lamin_io.accessors import _zarr
+
+            return ReadHooks(slack_bytes=slack, read_runs=_zarr.read_runs)
         return ReadHooks(prefetch=self._prefetch if self.rangefile is not None else None,
                          read_runs=self._read_runs, slack_bytes=slack,
                          whole_chunks=self.remote)

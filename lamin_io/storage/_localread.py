@@ -21,7 +21,7 @@ __all__ = ["READ_THREADS", "executor", "pread_ranges"]
 
 #: Threads of the pool that reads byte ranges (local files and remote objects) in parallel:
 #: each blocks in a system call or in a C++ client, with the GIL released.
-READ_THREADS = 32
+READ_THREADS = 16
 #: Threads that read the uncached ranges of one local request (measured best at 8).
 LOCAL_THREADS = 8
 #: Below this many uncached ranges, the calling thread reads them itself.
