@@ -155,8 +155,7 @@ def _read_runs(items: list[tuple[Any, np.ndarray, np.ndarray]],
     """
     out: list[np.ndarray | None] = (hooks.read_runs(items) if hooks.read_runs is not None
                                     else [None] * len(items))
-    # the array library reads the rest; zarr decodes a call's chunks concurrently already
-    # (reading two arrays from two threads measured no faster, and held more memory)
+    # what no hook read goes through the array library, one array after the other
     return [d if d is not None else _read_runs_of(*item)
             for d, item in zip(out, items, strict=True)]
 
@@ -287,17 +286,14 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
     bounds = np.flatnonzero(np.diff(batch_of_run)) + 1
     batches = list(zip([0, *bounds.tolist()], [*bounds.tolist(), len(run_sizes)], strict=True))
 
-    def fetch(r0: int, r1: int) -> list[np.ndarray]:
-        if hooks.prefetch is not None:
-            hooks.prefetch([(parts.data, run_starts[r0:r1], run_stops[r0:r1]),
-                            (parts.indices, run_starts[r0:r1], run_stops[r0:r1])])
-        return _read_runs([(parts.data, run_starts[r0:r1], run_stops[r0:r1]),
-                           (parts.indices, run_starts[r0:r1], run_stops[r0:r1])], hooks)
-
     data_parts, index_parts = [], []
     counts = np.zeros(len(rows), dtype=np.int64)
     for r0, r1 in batches:
-        data_buf, index_buf = fetch(r0, r1)
+        items = [(parts.data, run_starts[r0:r1], run_stops[r0:r1]),
+                 (parts.indices, run_starts[r0:r1], run_stops[r0:r1])]
+        if hooks.prefetch is not None:
+            hooks.prefetch(items)
+        data_buf, index_buf = _read_runs(items, hooks)
         in_batch = (run_of >= r0) & (run_of < r1)
         sel_rows = ne_rows[in_batch]
         sel_runs = run_of[in_batch]
