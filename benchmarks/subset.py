@@ -20,7 +20,7 @@ response bodies it passed on, locally the bytes the process read through system 
 
     python benchmarks/generate.py --cells 50000 --scale 1 4    # once
     python benchmarks/subset.py                                # all configurations
-    python benchmarks/subset.py --quick                        # smaller, for a smoke run
+    python benchmarks/subset.py --files zarr --tools lamin_io full  # a part of them
 
 Results: ``benchmarks/results/subset.{json,md,png}``.
 """
@@ -53,6 +53,7 @@ DATA = HERE.parent / "data"
 CATEGORY = "type_7"
 N_GENES = 200
 TOOLS = ("lamin_io", "lamindb", "backed", "read_lazy", "full")
+FILES = ("h5ad", "h5ad-4x", "zarr", "dense")
 BUCKET = "bench"
 
 
@@ -354,6 +355,8 @@ def main() -> None:
                         help="timed runs per warm configuration (cold: 2 fewer, S3: 4 fewer)")
     parser.add_argument("--no-s3", action="store_true", help="local files only")
     parser.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
+    parser.add_argument("--files", nargs="+", default=list(FILES), choices=FILES,
+                        help="which files (default: all)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--timeout", type=float, default=600,
                         help="seconds a configuration may take before it counts as failed")
@@ -369,7 +372,8 @@ def main() -> None:
     large = DATA / f"sparse_{4 * args.cells}.h5ad"
     zarr_file = DATA / f"sparse_{args.cells}.zarr"
     dense = DATA / f"dense_{args.dense_cells}.h5ad"
-    files = [base, large, zarr_file, dense]
+    files = [path for name, path in zip(FILES, [base, large, zarr_file, dense], strict=True)
+             if name in args.files]
     missing = [str(p) for p in files if not p.exists()]
     if missing:
         sys.exit(f"missing {', '.join(missing)}: run benchmarks/generate.py first")

@@ -268,7 +268,8 @@ class _Store:
         if self.local_file is None and self.rangefile is None:
             from lamin_io.accessors import _zarr
 
-            return ReadHooks(slack_bytes=slack, read_runs=_zarr.read_runs)
+            return ReadHooks(slack_bytes=slack, read_runs=_zarr.read_runs,
+                             gathers=_zarr.gathers)
         return ReadHooks(prefetch=self._prefetch if self.rangefile is not None else None,
                          read_runs=self._read_runs, slack_bytes=slack,
                          whole_chunks=self.remote)

@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from lamin_io.accessors._rows import expand
+
 __all__ = ["byte_ranges", "is_direct"]
 
 
@@ -49,7 +51,7 @@ def byte_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray,
     first = np.asarray(starts) // rows_per_chunk
     last = (np.asarray(stops) - 1) // rows_per_chunk
     lengths = last - first + 1
-    chunk_rows = np.unique(np.repeat(first, lengths) + _ramp(lengths))
+    chunk_rows = np.unique(expand(first, lengths))
     other = [range(0, int(n), int(c)) for n, c in zip(ds.shape[1:], chunks[1:], strict=True)]
     key = f"chunks:{ds.name}"
     located: dict[tuple[int, ...], tuple[int, int] | None] = cache.setdefault(key, {})
@@ -121,7 +123,7 @@ def _partial_chunk_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray,
     starts, stops = starts[keep], stops[keep]
     first = starts // rows_per_chunk
     n_pieces = (stops - 1) // rows_per_chunk - first + 1
-    chunk = np.repeat(first, n_pieces) + _ramp(n_pieces)
+    chunk = expand(first, n_pieces)
     piece_start = np.maximum(np.repeat(starts, n_pieces), chunk * rows_per_chunk)
     piece_stop = np.minimum(np.repeat(stops, n_pieces), (chunk + 1) * rows_per_chunk)
     unique, inverse = np.unique(chunk, return_inverse=True)
@@ -130,12 +132,6 @@ def _partial_chunk_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray,
     begin = offsets + (piece_start - chunk * rows_per_chunk) * row_bytes
     end = begin + (piece_stop - piece_start) * row_bytes
     return list(zip(begin[allocated].tolist(), end[allocated].tolist(), strict=True))
-
-
-def _ramp(lengths: np.ndarray) -> np.ndarray:
-    total = int(lengths.sum())
-    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-    return np.arange(total) - np.repeat(starts, lengths)
 
 
 def _product(row: int, other: list[range]) -> list[tuple[int, ...]]:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     import scipy.sparse as sp
 
-__all__ = ["BATCH_BYTES", "MAX_GAP_BYTES", "ReadHooks", "SparseParts", "coalesce",
+__all__ = ["BATCH_BYTES", "MAX_GAP_BYTES", "ReadHooks", "SparseParts", "coalesce", "expand",
            "read_dense", "read_matrix", "read_sparse"]
 
 #: Two reads separated by more bytes than this stay two reads.
@@ -67,6 +67,10 @@ class ReadHooks:
     #: their neighbours in one request, across at most one chunk holding none (never more
     #: than twice the bytes of the chunks that hold the selection).
     whole_chunks: bool = False
+    #: Whether ``read_runs`` reads any ranges of an array at the cost of the chunks they
+    #: touch, decoding each chunk once and keeping only the ranges: such arrays get the
+    #: exact ranges (no gaps read through), in batches that never share a chunk.
+    gathers: Callable[[Any], bool] | None = None
 
 
 NO_HOOKS = ReadHooks()
@@ -100,8 +104,8 @@ def _chunk_len(arr: Any, hooks: ReadHooks) -> int | None:
 
 
 def coalesce(starts: np.ndarray, stops: np.ndarray, *, max_gap: int, slack: int = 0,
-             chunk: int | None = None, chunk_gap: int = 0,
-             max_run: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             chunk: int | None = None, chunk_gap: int = 0, max_run: int | None = None,
+             cut_every: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Merge sorted, non-overlapping, non-empty ranges into fewer reads.
 
     Two neighbours merge when the gap between them is at most ``max_gap`` elements and at
@@ -111,7 +115,8 @@ def coalesce(starts: np.ndarray, stops: np.ndarray, *, max_gap: int, slack: int 
     ``chunk_gap`` chunks holding no range between them (with ``chunk_gap=1`` every chunk
     read without a range follows one read with a range: at most twice the chunks that hold
     the ranges). Runs are cut so none
-    spans more than ``max_run`` elements (a single range longer than that stays whole).
+    spans more than ``max_run`` elements (a single range longer than that stays whole), and
+    between ranges on either side of a multiple of ``cut_every``.
     Returns ``(run_starts, run_stops, run_of)``, where ``run_of[i]`` is the run holding
     range ``i``.
     """
@@ -130,6 +135,8 @@ def coalesce(starts: np.ndarray, stops: np.ndarray, *, max_gap: int, slack: int 
             first_of_run = np.concatenate(([0], np.flatnonzero(~merge) + 1))
             window = (starts - starts[first_of_run][run_of]) // max_run
         merge &= window[1:] == window[:-1]
+    if cut_every:
+        merge &= starts[1:] // cut_every == (stops[:-1] - 1) // cut_every
     breaks = np.flatnonzero(~merge)
     run_starts = starts[np.concatenate(([0], breaks + 1))]
     run_stops = stops[np.concatenate((breaks, [len(stops) - 1]))]
@@ -137,7 +144,7 @@ def coalesce(starts: np.ndarray, stops: np.ndarray, *, max_gap: int, slack: int 
     return run_starts, run_stops, run_of
 
 
-def _expand(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def expand(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenate ``arange(s, s + n)`` for every pair, vectorized."""
     total = int(lengths.sum())
     if total == 0:
@@ -250,6 +257,23 @@ def _inside_mask(n: int, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.cumsum(delta[:-1], dtype=np.int8).astype(bool)
 
 
+def _cut(rows: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+         window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split ranges ``[starts, starts + lengths)`` where they cross a multiple of ``window``.
+
+    Returns the pieces' rows (repeated for a split range), starts and lengths, in order.
+    """
+    first = starts // window
+    n = (starts + lengths - 1) // window - first + 1
+    if len(n) == 0 or int(n.max()) == 1:
+        return rows, starts, lengths
+    which = np.repeat(np.arange(len(starts)), n)
+    edge = expand(first, n) * window
+    begin = np.maximum(starts[which], edge)
+    end = np.minimum(starts[which] + lengths[which], edge + window)
+    return rows[which], begin, end - begin
+
+
 def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | None,
                 hooks: ReadHooks = NO_HOOKS) -> sp.spmatrix:
     """Read a subset of a compressed matrix along its compressed (major) axis.
@@ -269,19 +293,30 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
     lengths = indptr[rows + 1].astype(np.int64) - starts
     nonempty = lengths > 0
     item = parts.data.dtype.itemsize + parts.indices.dtype.itemsize
-    max_gap = max(1, MAX_GAP_BYTES // item)
-    chunk = _chunk_len(parts.data, hooks)
-    ne_starts = starts[nonempty]
     batch_elements = max(1, BATCH_BYTES // item)
-    run_starts, run_stops, run_of = coalesce(ne_starts, ne_starts + lengths[nonempty],
-                                             max_gap=max_gap,
-                                             slack=hooks.slack_bytes // item,
-                                             chunk=chunk, max_run=batch_elements,
-                                             chunk_gap=1 if hooks.whole_chunks else 0)
-    # group runs into batches of bounded size
-    run_sizes = run_stops - run_starts
-    batch_of_run = (np.cumsum(run_sizes) - run_sizes) // batch_elements
     ne_rows = np.flatnonzero(nonempty)
+    piece_rows, piece_starts, piece_lengths = ne_rows, starts[nonempty], lengths[nonempty]
+    if hooks.gathers is not None and hooks.gathers(parts.data) and hooks.gathers(
+            parts.indices) and parts.data.chunks == parts.indices.chunks:
+        # exact ranges, cut at windows of whole chunks: a batch decodes its chunks alone
+        window = max(1, batch_elements // int(parts.data.chunks[0])) * int(
+            parts.data.chunks[0])
+        piece_rows, piece_starts, piece_lengths = _cut(piece_rows, piece_starts,
+                                                       piece_lengths, window)
+        run_starts, run_stops, run_of = coalesce(piece_starts, piece_starts + piece_lengths,
+                                                 max_gap=0, cut_every=window)
+        batch_of_run = run_starts // window
+    else:
+        chunk = _chunk_len(parts.data, hooks)
+        run_starts, run_stops, run_of = coalesce(piece_starts, piece_starts + piece_lengths,
+                                                 max_gap=max(1, MAX_GAP_BYTES // item),
+                                                 slack=hooks.slack_bytes // item,
+                                                 chunk=chunk, max_run=batch_elements,
+                                                 chunk_gap=1 if hooks.whole_chunks else 0)
+        # group runs into batches of bounded size
+        sizes = run_stops - run_starts
+        batch_of_run = (np.cumsum(sizes) - sizes) // batch_elements
+    run_sizes = run_stops - run_starts
 
     bounds = np.flatnonzero(np.diff(batch_of_run)) + 1
     batches = list(zip([0, *bounds.tolist()], [*bounds.tolist(), len(run_sizes)], strict=True))
@@ -295,15 +330,16 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
             hooks.prefetch(items)
         data_buf, index_buf = _read_runs(items, hooks)
         in_batch = (run_of >= r0) & (run_of < r1)
-        sel_rows = ne_rows[in_batch]
+        sel_rows = piece_rows[in_batch]  # a row has at most one piece in a batch
         sel_runs = run_of[in_batch]
         buffer_offsets = np.concatenate(([0], np.cumsum(run_sizes[r0:r1])[:-1]))
-        local_starts = buffer_offsets[sel_runs - r0] + (starts[sel_rows] - run_starts[sel_runs])
-        sel_lengths = lengths[sel_rows]
+        local_starts = buffer_offsets[sel_runs - r0] + (piece_starts[in_batch]
+                                                        - run_starts[sel_runs])
+        sel_lengths = piece_lengths[in_batch]
         n_selected = int(sel_lengths.sum())
         inside = None
         if 4 * n_selected < len(data_buf):  # a small selection in a large read: gather it
-            gather = _expand(local_starts, sel_lengths)
+            gather = expand(local_starts, sel_lengths)
             data_buf, index_buf = data_buf[gather], index_buf[gather]
             local_starts = np.cumsum(sel_lengths) - sel_lengths
         elif n_selected != len(data_buf):  # gaps were read: mask them out
@@ -312,19 +348,19 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
         if inside is not None:
             keep = inside if keep is None else keep & inside
         if keep is None:
-            counts[sel_rows] = sel_lengths
+            counts[sel_rows] += sel_lengths
             data_parts.append(data_buf)
             index_parts.append(minor_filter.remap(index_buf))
         elif 8 * int(np.count_nonzero(keep)) < len(keep):  # few kept (a gene list)
             at = np.flatnonzero(keep)
             row_of = np.searchsorted(local_starts, at, side="right") - 1
-            counts[sel_rows] = np.bincount(row_of, minlength=len(sel_rows))
+            counts[sel_rows] += np.bincount(row_of, minlength=len(sel_rows))
             data_parts.append(data_buf[at])
             index_parts.append(minor_filter.remap(index_buf[at]))
         else:
             kept = np.concatenate(([0], np.cumsum(keep, dtype=np.int64 if len(keep) >= 2**31
                                                   else np.int32)))
-            counts[sel_rows] = kept[local_starts + sel_lengths] - kept[local_starts]
+            counts[sel_rows] += kept[local_starts + sel_lengths] - kept[local_starts]
             data_parts.append(data_buf[keep])
             index_parts.append(minor_filter.remap(index_buf[keep]))
 

@@ -10,6 +10,7 @@ documents and directory listings it has seen; chunks are never cached.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -19,13 +20,14 @@ from lamin_io.errors import CorruptArtifactError
 from lamin_io.storage import is_local
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+    from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 
     from upath import UPath
     from zarr.abc.store import ByteRequest, Store
     from zarr.core.buffer import Buffer, BufferPrototype
 
-__all__ = ["MetadataCacheStore", "open_zarr_group", "read_runs", "zarr_root_attrs"]
+__all__ = ["MetadataCacheStore", "chunk_decoder", "gathers", "open_zarr_group", "read_runs",
+           "zarr_root_attrs"]
 
 #: Names of the documents that describe nodes (never chunks) in zarr formats 2 and 3.
 METADATA_NAMES = frozenset({"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"})
@@ -84,17 +86,221 @@ class MetadataCacheStore(WrapperStore["Store"]):
         return self._listed(prefix)
 
 
+def _numcodecs_decoder(codec: Any) -> Any:
+    """Return the numcodecs codec that decodes what a zarr v3 bytes-to-bytes codec wrote."""
+    import numcodecs
+
+    return {"BloscCodec": numcodecs.Blosc, "ZstdCodec": numcodecs.Zstd,
+            "GzipCodec": numcodecs.GZip}.get(type(codec).__name__, lambda: None)()
+
+
+def chunk_decoder(arr: Any) -> Callable[[Any, np.ndarray], None] | None:
+    """How to decode one stored chunk of a 1-D zarr array ourselves, ``None`` if we can't.
+
+    The returned function decodes a chunk's stored bytes into ``out`` (one chunk of
+    elements), raising :class:`CorruptArtifactError` when they do not decode to exactly a
+    chunk. Covered: numeric 1-D arrays with at most one compressor and no filters (zarr
+    format 2 with any numcodecs compressor; format 3 with the ``bytes`` serializer in
+    native order and blosc, zstd or gzip), which include anndata's defaults; anything else
+    (sharding, filters, checksums, other byte orders) is left to zarr.
+    """
+    import sys
+
+    meta = getattr(arr, "metadata", None)
+    if (meta is None or not hasattr(arr, "async_array") or arr.ndim != 1
+            or arr.dtype.kind not in "biuf" or arr.filters or len(arr.compressors) > 1
+            or getattr(arr, "shards", None) is not None):
+        return None
+    if meta.zarr_format == 2:
+        codec = arr.compressors[0] if arr.compressors else None
+        if codec is not None and not hasattr(codec, "decode"):
+            return None
+    else:
+        serializer = arr.serializer
+        endian = getattr(getattr(serializer, "endian", None), "value", None)
+        if type(serializer).__name__ != "BytesCodec" or endian not in (None, sys.byteorder):
+            return None
+        codec = _numcodecs_decoder(arr.compressors[0]) if arr.compressors else None
+        if arr.compressors and codec is None:
+            return None
+    nbytes = int(arr.chunks[0]) * arr.dtype.itemsize
+
+    def decode(raw: Any, out: np.ndarray) -> None:
+        target = out.view(np.uint8)
+        try:
+            if codec is None:
+                data = raw
+            elif type(codec).__name__ == "Blosc":
+                # a blosc frame's 16-byte header holds its decoded size at bytes 4-8
+                if len(raw) >= 16 and int(raw[4:8].view("<u4")[0]) == nbytes:
+                    codec.decode(raw, out=target)
+                    return
+                data = raw[:0]  # reported below
+            else:
+                data = np.frombuffer(codec.decode(raw), dtype=np.uint8)
+        except Exception as exc:  # any codec's failure on stored bytes means damage
+            msg = f"a chunk of {arr.name} does not decode ({exc!r}): the store is damaged"
+            raise CorruptArtifactError(msg) from exc
+        if data.size != nbytes:
+            msg = (f"a chunk of {arr.name} holds {data.size} bytes, not {nbytes}: "
+                   "the store is damaged; restore it from its source")
+            raise CorruptArtifactError(msg)
+        target[:] = data
+
+    return decode
+
+
+def gathers(arr: Any) -> bool:
+    """Whether :func:`read_runs` reads any ranges of ``arr`` decoding each chunk once."""
+    return chunk_decoder(arr) is not None
+
+
+@dataclass
+class _Plan:
+    """Where the pieces of one array's runs lie: chunk by chunk, and in the output."""
+
+    arr: Any
+    decode: Callable[[Any, np.ndarray], None]
+    chunks: np.ndarray  # the chunks to read, ascending
+    bounds: np.ndarray  # pieces of chunks[i] are pieces[bounds[i]:bounds[i + 1]]
+    piece_start: np.ndarray  # in the chunk
+    piece_stop: np.ndarray
+    piece_out: np.ndarray  # in the output
+    out: np.ndarray
+
+
+def _plan(arr: Any, decode: Callable[[Any, np.ndarray], None], starts: np.ndarray,
+          stops: np.ndarray) -> _Plan:
+    from lamin_io.accessors._rows import expand
+
+    size = int(arr.chunks[0])
+    starts, stops = np.asarray(starts, dtype=np.int64), np.asarray(stops, dtype=np.int64)
+    first = starts // size
+    n_pieces = (stops - 1) // size - first + 1
+    run = np.repeat(np.arange(len(starts)), n_pieces)
+    chunk = expand(first, n_pieces)
+    begin = np.maximum(starts[run], chunk * size)
+    end = np.minimum(stops[run], (chunk + 1) * size)
+    run_out = np.cumsum(stops - starts) - (stops - starts)
+    chunks, first_piece = np.unique(chunk, return_index=True)
+    return _Plan(arr, decode, chunks, np.append(first_piece, len(chunk)),
+                 begin - chunk * size, end - chunk * size, run_out[run] + begin - starts[run],
+                 np.empty(int((stops - starts).sum()), dtype=arr.dtype))
+
+
+def _local_folder(arr: Any) -> str | None:
+    """Return the folder of a zarr array in a local store (its chunks are plain files)."""
+    from zarr.storage import LocalStore
+
+    where = arr.async_array.store_path
+    if not isinstance(where.store, LocalStore):
+        return None
+    return str(where.store.root / where.path) if where.path else str(where.store.root)
+
+
+def _read_file(path: str) -> np.ndarray | None:
+    try:
+        with open(path, "rb") as f:
+            return np.frombuffer(f.read(), dtype=np.uint8)
+    except FileNotFoundError:
+        return None
+
+
+def _decode_into(plan: _Plan, raws: list[Any] | str, which: range) -> None:
+    """Decode chunks ``which`` of a plan and copy their pieces into the output.
+
+    ``raws`` are the fetched chunks, or the folder to read them from (a local store).
+    """
+    buffer = np.empty(int(plan.arr.chunks[0]), dtype=plan.arr.dtype)
+    fill = plan.arr.fill_value
+    starts, stops, outs = (plan.piece_start.tolist(), plan.piece_stop.tolist(),
+                           plan.piece_out.tolist())
+    bounds, chunks = plan.bounds.tolist(), plan.chunks.tolist()
+    for i in which:
+        if isinstance(raws, str):
+            raw = _read_file(f"{raws}/{plan.arr.metadata.encode_chunk_key((chunks[i],))}")
+        else:
+            raw = raws[i].as_numpy_array() if raws[i] is not None else None
+        if raw is None:  # never written: zarr reads it as the fill value
+            buffer[:] = 0 if fill is None else fill
+        else:
+            plan.decode(raw, buffer)
+        for p in range(bounds[i], bounds[i + 1]):
+            s, e, o = starts[p], stops[p], outs[p]
+            plan.out[o:o + e - s] = buffer[s:e]
+
+
+def _gather(plans: list[_Plan]) -> None:
+    """Fetch and decode the chunks of every plan, on every core.
+
+    Chunks of a local store are read by the threads that decode them; remote ones are
+    all requested at once first (one round trip to zarr's event loop).
+    """
+    import asyncio
+    import os
+
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    from lamin_io.storage._localread import executor
+
+    prototype = default_buffer_prototype()
+    sources: list[Any] = [_local_folder(plan.arr) for plan in plans]
+    remote = [i for i, source in enumerate(sources) if source is None]
+
+    async def fetch() -> list[list[Any]]:
+        async def one(plan: _Plan) -> list[Any]:
+            where, meta = plan.arr.async_array.store_path, plan.arr.metadata
+            return list(await asyncio.gather(
+                *((where / meta.encode_chunk_key((k,))).get(prototype=prototype)
+                  for k in plan.chunks.tolist())))
+
+        return list(await asyncio.gather(*(one(plans[i]) for i in remote)))
+
+    if remote:
+        for i, raws in zip(remote, sync(fetch()), strict=True):
+            sources[i] = raws
+    jobs = [(plan, source, range(a, b)) for plan, source in zip(plans, sources, strict=True)
+            for a, b in _split(len(plan.chunks), os.cpu_count() or 1)]
+    if len(jobs) <= 1:
+        for job in jobs:
+            _decode_into(*job)
+        return
+    for future in [executor().submit(_decode_into, *job) for job in jobs]:
+        future.result()
+
+
+def _split(n: int, parts: int) -> list[tuple[int, int]]:
+    parts = max(1, min(parts, n))
+    edges = [n * i // parts for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+
+
 def read_runs(items: list[tuple[Any, np.ndarray, np.ndarray]]) -> list[np.ndarray | None]:
     """Read runs of several zarr arrays in one round trip to zarr's event loop.
 
     ``items`` are ``(array, starts, stops)``; each array's runs come back concatenated
-    (``None`` for an array that is not zarr's). Every run of every array is requested at
-    once, so the chunks of, say, a sparse matrix's data and indices decode together:
-    measured 176 -> 150 ms for both arrays of a 50k-cell matrix in 5-chunk windows.
+    (``None`` for an array that is not zarr's). Arrays :func:`chunk_decoder` covers are
+    read chunk by chunk: every chunk holding a run is fetched once (all at once), decoded
+    once into a reused buffer, and only the runs are copied out, so memory follows the
+    runs, not the chunks (measured on a 50k-cell matrix, 5% of cells: 190 -> 60 ms). The
+    others go through zarr, every run of every array requested at once, so the chunks of,
+    say, a sparse matrix's data and indices decode together.
     """
     import asyncio
 
     from zarr.core.sync import sync
+
+    out: list[np.ndarray | None] = [None] * len(items)
+    plans: dict[int, _Plan] = {}
+    for i, (arr, starts, stops) in enumerate(items):
+        decode = chunk_decoder(arr)
+        if decode is not None and len(starts):
+            plans[i] = _plan(arr, decode, starts, stops)
+    if plans:
+        _gather(list(plans.values()))
+        for i, plan in plans.items():
+            out[i] = plan.out
 
     async def one(arr: Any, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
         runs = await asyncio.gather(*(arr.async_array.getitem(slice(int(s), int(e)))
@@ -104,14 +310,14 @@ def read_runs(items: list[tuple[Any, np.ndarray, np.ndarray]]) -> list[np.ndarra
             return np.empty(0, dtype=arr.dtype)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    zarr_items = [i for i, (arr, _, _) in enumerate(items) if hasattr(arr, "async_array")]
+    rest = [i for i, (arr, _, _) in enumerate(items)
+            if i not in plans and hasattr(arr, "async_array")]
 
     async def every() -> list[np.ndarray]:
-        return list(await asyncio.gather(*(one(*items[i]) for i in zarr_items)))
+        return list(await asyncio.gather(*(one(*items[i]) for i in rest)))
 
-    out: list[np.ndarray | None] = [None] * len(items)
-    if zarr_items:
-        for i, values in zip(zarr_items, sync(every()), strict=True):
+    if rest:
+        for i, values in zip(rest, sync(every()), strict=True):
             out[i] = values
     return out
 
