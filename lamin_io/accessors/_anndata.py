@@ -271,7 +271,7 @@ class _Store:
             return ReadHooks(slack_bytes=slack, read_runs=_zarr.read_runs,
                              gathers=_zarr.gathers)
         return ReadHooks(prefetch=self._prefetch if self.rangefile is not None else None,
-                         read_runs=self._read_runs, slack_bytes=slack,
+                         start_runs=self._start_runs, slack_bytes=slack,
                          whole_chunks=self.remote)
 
     def _direct(self, arr: Any) -> bool:
@@ -280,12 +280,14 @@ class _Store:
 
         return bool(self.cached(f"direct:{arr.name}", lambda: is_direct(arr)))
 
-    def _read_runs(self, items: list[tuple[Any, np.ndarray, np.ndarray]]
-                   ) -> list[np.ndarray | None]:
-        """Read runs of unfiltered 1-D HDF5 arrays straight from their byte ranges.
+    def _start_runs(self, items: list[tuple[Any, np.ndarray, np.ndarray]]
+                    ) -> Callable[[], list[np.ndarray | None]]:
+        """Start reading runs of unfiltered 1-D HDF5 arrays straight from their byte ranges.
 
-        The ranges of every array in ``items`` are read in one go (concurrently); an array
-        HDF5 must read itself (filtered, strings, unallocated chunks) gets ``None``.
+        The ranges are located now (HDF5 calls stay in this thread); the ranges of every
+        array in ``items`` are then read in one go, in the background. The returned
+        function waits for them; an array HDF5 must read itself (filtered, strings,
+        unallocated chunks) gets ``None``.
         """
         from lamin_io.accessors._hdf5_ranges import byte_ranges
 
@@ -302,35 +304,43 @@ class _Store:
             plans.append((len(ranges), len(these), arr.dtype))
             ranges.extend(these)
         if not ranges:
-            return [None] * len(items)
-        buffer = self._fetch(ranges)
-        out: list[np.ndarray | None] = []
-        offset = 0
-        for plan in plans:
-            if plan is None or buffer is None:
-                out.append(None)
-                continue
-            first, n, dtype = plan
-            size = sum(e - s for s, e in ranges[first:first + n])
-            values = np.frombuffer(buffer, dtype=dtype, count=size // dtype.itemsize,
-                                   offset=offset)
-            out.append(values.astype(dtype.newbyteorder("="), copy=False))
-            offset += size
-        return out
+            return lambda: [None] * len(items)
+        fetched = self._start_fetch(ranges)
 
-    def _fetch(self, ranges: list[tuple[int, int]]) -> bytearray | None:
-        """Read byte ranges of the file, concatenated (``None``: the file is too short)."""
+        def finish() -> list[np.ndarray | None]:
+            buffer = fetched()
+            out: list[np.ndarray | None] = []
+            offset = 0
+            for plan in plans:
+                if plan is None or buffer is None:
+                    out.append(None)
+                    continue
+                first, n, dtype = plan
+                size = sum(e - s for s, e in ranges[first:first + n])
+                values = np.frombuffer(buffer, dtype=dtype, count=size // dtype.itemsize,
+                                       offset=offset)
+                out.append(values.astype(dtype.newbyteorder("="), copy=False))
+                offset += size
+            return out
+
+        return finish
+
+    def _start_fetch(self, ranges: list[tuple[int, int]]) -> Callable[[], bytearray | None]:
+        """Start reading byte ranges of the file; the result waits for them, concatenated.
+
+        ``None`` when the file is too short.
+        """
         if self.rangefile is not None:
             buffer = bytearray(sum(e - s for s, e in ranges))
-            self.rangefile.read_into(ranges, memoryview(buffer))
-            return buffer
+            wait = self.rangefile.start_read_into(ranges, memoryview(buffer))
+            return lambda: (wait(), buffer)[1]
         import os
 
-        from lamin_io.storage._localread import pread_ranges
+        from lamin_io.storage._localread import start_pread_ranges
 
         if self._fd is None:
             self._fd = os.open(str(self.local_file), os.O_RDONLY)
-        return pread_ranges(self._fd, ranges)
+        return start_pread_ranges(self._fd, ranges)
 
     def _prefetch(self, requests: list[tuple[Any, np.ndarray, np.ndarray]]) -> None:
         from lamin_io.accessors._hdf5_ranges import byte_ranges
@@ -340,7 +350,7 @@ class _Store:
         ranges: list[tuple[int, int]] = []
         for arr, starts, stops in requests:
             if arr.ndim == 1 and self._direct(arr):
-                continue  # read directly by _read_runs
+                continue  # read directly by _start_runs
             ranges.extend(byte_ranges(arr, starts, stops, self._cache))
         self.rangefile.prefetch(ranges)
 

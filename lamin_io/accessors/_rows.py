@@ -64,13 +64,19 @@ class ReadHooks:
     slack_bytes: int = SLACK_BYTES
     #: Merge ranges by chunk even where chunks can be read in part (unfiltered HDF5):
     #: remote stores pay per request, so chunks holding selected rows are fetched with
-    #: their neighbours in one request, across at most one chunk holding none (never more
-    #: than twice the bytes of the chunks that hold the selection).
+    #: their neighbours in one request, also across chunks holding none, the shortest
+    #: gaps first, up to as many chunks as hold the selection (never more than twice the
+    #: bytes of the chunks that hold it).
     whole_chunks: bool = False
     #: Whether ``read_runs`` reads any ranges of an array at the cost of the chunks they
     #: touch, decoding each chunk once and keeping only the ranges: such arrays get the
     #: exact ranges (no gaps read through), in batches that never share a chunk.
     gathers: Callable[[Any], bool] | None = None
+    #: Start reading runs like ``read_runs`` (planning in the calling thread) and return
+    #: a function that waits for them: the next batch is then fetched while this one is
+    #: processed. Takes precedence over ``read_runs``.
+    start_runs: Callable[[list[tuple[Any, np.ndarray, np.ndarray]]],
+                         Callable[[], list[np.ndarray | None]]] | None = None
 
 
 NO_HOOKS = ReadHooks()
@@ -104,17 +110,19 @@ def _chunk_len(arr: Any, hooks: ReadHooks) -> int | None:
 
 
 def coalesce(starts: np.ndarray, stops: np.ndarray, *, max_gap: int, slack: int = 0,
-             chunk: int | None = None, chunk_gap: int = 0, max_run: int | None = None,
+             chunk: int | None = None, bridge_chunks: bool = False,
+             max_run: int | None = None,
              cut_every: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Merge sorted, non-overlapping, non-empty ranges into fewer reads.
 
     Two neighbours merge when the gap between them is at most ``max_gap`` elements and at
     most the length of the range before it plus ``slack`` (so the gaps read add up to no
     more than the ranges themselves, plus slack), or when they lie in the same or adjacent
-    chunks of ``chunk`` elements (the gap then holds no whole chunk), or with at most
-    ``chunk_gap`` chunks holding no range between them (with ``chunk_gap=1`` every chunk
-    read without a range follows one read with a range: at most twice the chunks that hold
-    the ranges). Runs are cut so none
+    chunks of ``chunk`` elements (the gap then holds no whole chunk). With
+    ``bridge_chunks``, runs also merge across chunks holding no range, the shortest such
+    gaps first, as long as the chunks read without a range number no more than the chunks
+    holding ranges (so at most twice their bytes are read, in fewer, larger requests).
+    Runs are cut so none
     spans more than ``max_run`` elements (a single range longer than that stays whole), and
     between ranges on either side of a multiple of ``cut_every``.
     Returns ``(run_starts, run_stops, run_of)``, where ``run_of[i]`` is the run holding
@@ -126,7 +134,14 @@ def coalesce(starts: np.ndarray, stops: np.ndarray, *, max_gap: int, slack: int 
     gaps = starts[1:] - stops[:-1]
     merge = (gaps <= max_gap) & (gaps <= (stops - starts)[:-1] + slack)
     if chunk:
-        merge |= (starts[1:] // chunk) <= ((stops[:-1] - 1) // chunk) + 1 + chunk_gap
+        first, last = starts // chunk, (stops - 1) // chunk
+        empty = first[1:] - last[:-1] - 1  # chunks holding no range between neighbours
+        merge |= empty <= 0
+        if bridge_chunks:
+            holding = int((last - first + 1).sum()) - int(np.count_nonzero(empty < 0))
+            gaps = np.flatnonzero(empty > 0)
+            order = gaps[np.argsort(empty[gaps], kind="stable")]
+            merge[order[np.cumsum(empty[order]) <= holding]] = True
     if max_run:
         if chunk:  # cut between chunks, so no chunk is decoded by two runs
             window = (starts // chunk) // max(1, max_run // chunk)
@@ -165,6 +180,29 @@ def _read_runs(items: list[tuple[Any, np.ndarray, np.ndarray]],
     # what no hook read goes through the array library, one array after the other
     return [d if d is not None else _read_runs_of(*item)
             for d, item in zip(out, items, strict=True)]
+
+
+def _begin_runs(items: list[tuple[Any, np.ndarray, np.ndarray]],
+                hooks: ReadHooks) -> Callable[[], list[np.ndarray]]:
+    """Start reading runs where the store can (``start_runs``); return what waits for them.
+
+    Without ``start_runs`` nothing happens before the returned function is called.
+    """
+    wait = hooks.start_runs(items) if hooks.start_runs is not None else None
+
+    def finish() -> list[np.ndarray]:
+        if wait is None:
+            if hooks.prefetch is not None:
+                hooks.prefetch(items)
+            return _read_runs(items, hooks)
+        out = wait()
+        left = [item for d, item in zip(out, items, strict=True) if d is None]
+        if left and hooks.prefetch is not None:
+            hooks.prefetch(left)
+        return [d if d is not None else _read_runs_of(*item)
+                for d, item in zip(out, items, strict=True)]
+
+    return finish
 
 
 def _read_runs_of(arr: Any, run_starts: np.ndarray, run_stops: np.ndarray) -> np.ndarray:
@@ -312,7 +350,7 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
                                                  max_gap=max(1, MAX_GAP_BYTES // item),
                                                  slack=hooks.slack_bytes // item,
                                                  chunk=chunk, max_run=batch_elements,
-                                                 chunk_gap=1 if hooks.whole_chunks else 0)
+                                                 bridge_chunks=hooks.whole_chunks)
         # group runs into batches of bounded size
         sizes = run_stops - run_starts
         batch_of_run = (np.cumsum(sizes) - sizes) // batch_elements
@@ -323,12 +361,18 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
 
     data_parts, index_parts = [], []
     counts = np.zeros(len(rows), dtype=np.int64)
-    for r0, r1 in batches:
-        items = [(parts.data, run_starts[r0:r1], run_stops[r0:r1]),
-                 (parts.indices, run_starts[r0:r1], run_stops[r0:r1])]
-        if hooks.prefetch is not None:
-            hooks.prefetch(items)
-        data_buf, index_buf = _read_runs(items, hooks)
+
+    def begin(b: int) -> Callable[[], list[np.ndarray]]:
+        r0, r1 = batches[b]
+        return _begin_runs([(parts.data, run_starts[r0:r1], run_stops[r0:r1]),
+                            (parts.indices, run_starts[r0:r1], run_stops[r0:r1])], hooks)
+
+    upcoming = begin(0) if batches else None
+    for b, (r0, r1) in enumerate(batches):
+        current = upcoming  # drops the previous batch's buffers first
+        assert current is not None  # noqa: S101
+        upcoming = begin(b + 1) if b + 1 < len(batches) else None
+        data_buf, index_buf = current()  # the next batch is on its way meanwhile
         in_batch = (run_of >= r0) & (run_of < r1)
         sel_rows = piece_rows[in_batch]  # a row has at most one piece in a batch
         sel_runs = run_of[in_batch]
@@ -363,6 +407,7 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
             counts[sel_rows] += kept[local_starts + sel_lengths] - kept[local_starts]
             data_parts.append(data_buf[keep])
             index_parts.append(minor_filter.remap(index_buf[keep]))
+        del data_buf, index_buf, keep  # before the next batch's buffer is made
 
     dtype = parts.data.dtype
     data = np.concatenate(data_parts) if data_parts else np.empty(0, dtype=dtype)

@@ -16,8 +16,12 @@ import errno
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
-__all__ = ["READ_THREADS", "executor", "pread_ranges"]
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = ["READ_THREADS", "executor", "pread_ranges", "start_pread_ranges"]
 
 #: Threads of the pool that reads byte ranges (local files and remote objects) in parallel:
 #: each blocks in a system call or in a C++ client, with the GIL released.
@@ -85,6 +89,16 @@ def pread_ranges(fd: int, ranges: list[tuple[int, int]]) -> bytearray | None:
 
     Returns ``None`` when a range reaches past the end of the file.
     """
+    return start_pread_ranges(fd, ranges)()
+
+
+def start_pread_ranges(fd: int, ranges: list[tuple[int, int]]
+                       ) -> Callable[[], bytearray | None]:
+    """Start :func:`pread_ranges`; return the function that waits for its result.
+
+    Cached ranges are copied at once; the others are read in the I/O thread pool (or at
+    the wait, when there are few of them).
+    """
     offsets = [0]
     for start, stop in ranges:
         offsets.append(offsets[-1] + stop - start)
@@ -92,10 +106,14 @@ def pread_ranges(fd: int, ranges: list[tuple[int, int]]) -> bytearray | None:
     view = memoryview(buffer)
     left = _read_cached(fd, ranges, view, offsets)
     if len(left) < _MIN_PARALLEL:
-        return buffer if _read_some(fd, ranges, view, offsets, left) else None
+        return lambda: buffer if _read_some(fd, ranges, view, offsets, left) else None
     n_groups = min(len(left) // (_MIN_PARALLEL // 4), LOCAL_THREADS)
     bounds = [len(left) * g // n_groups for g in range(n_groups + 1)]
     futures = [executor().submit(_read_some, fd, ranges, view, offsets, left[a:b])
                for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    ok = all(f.result() for f in futures)
-    return buffer if ok else None
+
+    def wait() -> bytearray | None:
+        ok = all(f.result() for f in futures)
+        return buffer if ok else None
+
+    return wait

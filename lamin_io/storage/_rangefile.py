@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import bisect
 import io
+import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from upath import UPath
 
 __all__ = ["METADATA_BLOCK", "RangeFile"]
@@ -42,7 +45,12 @@ class RangeFile(io.RawIOBase):
 
         super().__init__()
         self._path = path.path
-        self._reader = pyarrow_filesystem(path).open_input_file(path.path)
+        self._fs = pyarrow_filesystem(path)
+        self._reader = self._fs.open_input_file(path.path)
+        # idle handles for concurrent reads: each has its own position, so it can read
+        # straight into the caller's buffer (``read_at`` would allocate a copy per request)
+        self._handles: list[Any] = []
+        self._handles_lock = threading.Lock()
         self.size = int(self._reader.size())
         self._block = block_size
         self._blocks: dict[int, bytes] = {}
@@ -51,13 +59,25 @@ class RangeFile(io.RawIOBase):
         self._parts: list[tuple[int, memoryview]] = []
 
     def _read_piece(self, start: int, view: memoryview) -> None:
-        """Read ``len(view)`` bytes at ``start`` into ``view`` (``read_at`` is thread-safe)."""
-        data = self._reader.read_at(len(view), start)
-        if len(data) != len(view):
-            msg = (f"{self._path}: read {len(data)} of {len(view)} bytes at offset {start}: "
-                   f"the object is shorter than its metadata says (truncated?)")
-            raise OSError(msg)
-        view[:] = data
+        """Read ``len(view)`` bytes at ``start`` into ``view`` (from any thread)."""
+        with self._handles_lock:
+            handle = self._handles.pop() if self._handles else None
+        if handle is None:
+            handle = self._fs.open_input_file(self._path)
+        try:
+            handle.seek(start)
+            done = 0
+            while done < len(view):
+                n = handle.readinto(view[done:])
+                if n <= 0:
+                    msg = (f"{self._path}: read {done} of {len(view)} bytes at offset "
+                           f"{start}: the object is shorter than its metadata says "
+                           "(truncated?)")
+                    raise OSError(msg)
+                done += n
+        finally:
+            with self._handles_lock:
+                self._handles.append(handle)
 
     def read_into(self, ranges: list[tuple[int, int]], view: memoryview) -> None:
         """Read ``ranges`` concurrently into ``view``, one after another in list order.
@@ -65,6 +85,17 @@ class RangeFile(io.RawIOBase):
         Neighbours in the list whose bytes touch share one request. Call only outside
         HDF5 calls (see the module docstring).
         """
+        self.start_read_into(ranges, view)()
+
+    def start_read_into(self, ranges: list[tuple[int, int]],
+                        view: memoryview) -> Callable[[], None]:
+        """Start :meth:`read_into` in the background; return the function that waits for it.
+
+        The requests run in the I/O thread pool; call the returned function (which raises
+        what a request raised) outside HDF5 calls.
+        """
+        from lamin_io.storage._localread import executor
+
         pieces: list[list[int]] = []  # [file start, file stop, offset in view]
         offset = 0
         for start, stop in ranges:
@@ -73,15 +104,14 @@ class RangeFile(io.RawIOBase):
             else:
                 pieces.append([start, stop, offset])
             offset += stop - start
-        if len(pieces) == 1:
-            self._read_piece(pieces[0][0], view[:offset])
-            return
-        from lamin_io.storage._localread import executor
-
         futures = [executor().submit(self._read_piece, a, view[at:at + b - a])
                    for a, b, at in pieces]
-        for future in futures:
-            future.result()
+
+        def wait() -> None:
+            for future in futures:
+                future.result()
+
+        return wait
 
     def prefetch(self, ranges: list[tuple[int, int]]) -> int:
         """Fetch ``[(start, stop), ...]`` concurrently and serve later reads from them.
@@ -169,6 +199,10 @@ class RangeFile(io.RawIOBase):
     def close(self) -> None:  # noqa: D102
         if not self.closed:
             self._reader.close()
+            with self._handles_lock:
+                for handle in self._handles:
+                    handle.close()
+                self._handles.clear()
             self._blocks.clear()
             self.release()
         super().close()

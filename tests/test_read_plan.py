@@ -1,0 +1,93 @@
+"""How the read path plans reads: coalescing rules, their byte bounds, and batching."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import lamin_io as ln
+from lamin_io.accessors import _rows
+from lamin_io.accessors._rows import coalesce
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def _chunks_read(starts: np.ndarray, stops: np.ndarray, chunk: int) -> set[int]:
+    return {c for s, e in zip(starts.tolist(), stops.tolist(), strict=True)
+            for c in range(s // chunk, (e - 1) // chunk + 1)}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_bridging_chunks_reads_at_most_twice_the_chunks_holding_ranges(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    chunk = 100
+    # sorted, disjoint ranges, clustered so that some chunks hold none
+    starts = np.sort(rng.choice(20_000, size=rng.integers(1, 300), replace=False)) * 5
+    stops = starts + rng.integers(1, 5, size=len(starts))
+    holding = _chunks_read(starts, stops, chunk)
+    run_starts, run_stops, run_of = coalesce(starts, stops, max_gap=0, chunk=chunk,
+                                             bridge_chunks=True)
+    read = _chunks_read(run_starts, run_stops, chunk)
+    assert holding <= read
+    assert len(read) <= 2 * len(holding)
+    # every range lies in its run, and runs are sorted and disjoint
+    assert np.all(run_starts[run_of] <= starts)
+    assert np.all(stops <= run_stops[run_of])
+    assert np.all(run_stops[:-1] < run_starts[1:])
+    # fewer runs than merging only neighbouring chunks
+    plain = coalesce(starts, stops, max_gap=0, chunk=chunk)[0]
+    assert len(run_starts) <= len(plain)
+
+
+def test_bridging_takes_the_shortest_gaps_first() -> None:
+    chunk = 10
+    # ranges in chunks 0, 2, 3, 9 and 30: gaps of 1, 5 and 20 empty chunks
+    starts = np.array([0, 20, 30, 90, 300])
+    stops = starts + 1
+    run_starts, _, run_of = coalesce(starts, stops, max_gap=0, chunk=chunk,
+                                     bridge_chunks=True)
+    # 5 chunks hold ranges: the gaps of 1 and then 5 fit (6 > 5 does not: only the 1)
+    assert run_of.tolist() == [0, 0, 0, 1, 2]
+    assert run_starts.tolist() == [0, 90, 300]
+
+
+def test_cut_every_keeps_runs_inside_windows() -> None:
+    starts = np.arange(0, 100, 10)
+    stops = starts + 10  # touching ranges: one run without a cut
+    run_starts, run_stops, _ = coalesce(starts, stops, max_gap=0, cut_every=30)
+    assert run_starts.tolist() == [0, 30, 60, 90]
+    assert run_stops.tolist() == [30, 60, 90, 100]
+
+
+@pytest.fixture(scope="module")
+def h5ad(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ad.AnnData]:
+    rng = np.random.default_rng(7)
+    x = sp.random(3000, 400, density=0.04, format="csr", dtype=np.float32, random_state=rng)
+    obs = pd.DataFrame({"g": pd.Categorical(rng.choice(list("abcd"), 3000))},
+                       index=[f"c{i}" for i in range(3000)])
+    adata = ad.AnnData(x, obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(400)]))
+    path = tmp_path_factory.mktemp("plan") / "small.h5ad"
+    adata.write_h5ad(path)
+    return path, adata
+
+
+@pytest.mark.parametrize("batch_bytes", [64, 4096, 40_000])
+def test_many_small_batches_in_flight_give_the_same_answer(
+        h5ad: tuple[Path, ad.AnnData], batch_bytes: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches are fetched ahead of their processing; tiny ones make many in a row."""
+    path, adata = h5ad
+    monkeypatch.setattr(_rows, "BATCH_BYTES", batch_bytes)
+    rows = np.flatnonzero(np.asarray(adata.obs["g"] == "b"))[::-1]  # unsorted
+    genes = ["g5", "g399", "g0", "g77"]
+    with ln.open(path) as acc:
+        got = acc[rows, genes].X
+        whole = acc[:].X
+    np.testing.assert_array_equal(got.toarray(), adata[rows, genes].X.toarray())
+    np.testing.assert_array_equal(whole.toarray(), adata.X.toarray())
