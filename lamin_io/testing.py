@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,9 @@ class S3Stats:
     in_flight: int = 0
     max_in_flight: int = 0
     log: list[tuple[str, str, str | None, int]] = field(default_factory=list)
+    #: Seconds each GET waits before it is answered (a slower network, for tests that
+    #: must see requests overlap); kept across resets.
+    get_delay: float = 0.0
 
     def gets(self) -> list[tuple[str, str, str | None, int]]:
         """Return the logged GET requests as ``(method, path, range, bytes)``."""
@@ -53,6 +57,8 @@ class _Counting:
             self.stats.in_flight += 1
             self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
         try:
+            if self.stats.get_delay and environ["REQUEST_METHOD"] == "GET":
+                time.sleep(self.stats.get_delay)
             body = self.app(environ, start_response)
             chunks = list(body)
             if hasattr(body, "close"):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lamin_io.accessors import _elements as el
+from lamin_io.accessors._hdf5_btree import IndexReader
 from lamin_io.accessors._index import Selection, length, resolve, split_key
 from lamin_io.accessors._rows import SLACK_BYTES, ReadHooks, read_matrix
 from lamin_io.accessors._zarr import open_zarr_group, zarr_root_attrs
@@ -297,7 +298,7 @@ class _Store:
             if not self._direct(arr):
                 plans.append(None)
                 continue
-            these = byte_ranges(arr, starts, stops, self._cache)
+            these = byte_ranges(arr, starts, stops, self._cache, self._index_reader())
             if sum(e - s for s, e in these) != int((stops - starts).sum()) * arr.dtype.itemsize:
                 plans.append(None)  # unallocated chunks read as fill values: HDF5 does it
                 continue
@@ -325,6 +326,25 @@ class _Store:
 
         return finish
 
+    def _index_reader(self) -> IndexReader:
+        """Read chunk indexes with our own concurrent reads (whole ones, when remote)."""
+        def read(ranges: list[tuple[int, int]]) -> list[memoryview]:
+            buffer = self._start_fetch(ranges)()
+            view = memoryview(buffer if buffer is not None else b"")
+            out, at = [], 0
+            for start, stop in ranges:
+                out.append(view[at:at + stop - start])
+                at += stop - start
+            return out
+
+        if self.rangefile is not None:
+            size = self.rangefile.size
+        else:
+            import os
+
+            size = os.stat(str(self.local_file)).st_size
+        return IndexReader(read, size, whole=self.remote)
+
     def _start_fetch(self, ranges: list[tuple[int, int]]) -> Callable[[], bytearray | None]:
         """Start reading byte ranges of the file; the result waits for them, concatenated.
 
@@ -351,7 +371,7 @@ class _Store:
         for arr, starts, stops in requests:
             if arr.ndim == 1 and self._direct(arr):
                 continue  # read directly by _start_runs
-            ranges.extend(byte_ranges(arr, starts, stops, self._cache))
+            ranges.extend(byte_ranges(arr, starts, stops, self._cache, self._index_reader()))
         self.rangefile.prefetch(ranges)
 
     def close(self) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lamin_io.accessors._rows import expand
+
+if TYPE_CHECKING:
+    from lamin_io.accessors._hdf5_btree import IndexReader
 
 __all__ = ["byte_ranges", "is_direct"]
 
@@ -24,8 +27,8 @@ def is_direct(ds: Any) -> bool:
     return bool(ds.id.get_create_plist().get_nfilters() == 0)
 
 
-def byte_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray,
-                cache: dict[str, Any]) -> list[tuple[int, int]]:
+def byte_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray, cache: dict[str, Any],
+                index: IndexReader | None = None) -> list[tuple[int, int]]:
     """Return the file byte ranges holding rows ``[starts[i], stops[i])`` of ``ds``.
 
     Contiguous datasets map rows to bytes directly; chunked datasets (compressed or not)
@@ -47,7 +50,8 @@ def byte_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray,
     unfiltered = ds.id.get_create_plist().get_nfilters() == 0
     rows_whole = all(int(c) == int(n) for c, n in zip(chunks[1:], ds.shape[1:], strict=True))
     if unfiltered and rows_whole:
-        return _partial_chunk_ranges(ds, starts, stops, rows_per_chunk, row_bytes, cache)
+        return _partial_chunk_ranges(ds, starts, stops, rows_per_chunk, row_bytes, cache,
+                                     index)
     first = np.asarray(starts) // rows_per_chunk
     last = (np.asarray(stops) - 1) // rows_per_chunk
     lengths = last - first + 1
@@ -71,20 +75,29 @@ def byte_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray,
 
 
 def _chunk_offsets(ds: Any, chunk_ids: np.ndarray, rows_per_chunk: int,
-                   cache: dict[str, Any]) -> np.ndarray:
+                   cache: dict[str, Any], index: IndexReader | None = None) -> np.ndarray:
     """File offsets of the given chunks (``-1`` where a chunk is not allocated).
 
-    Looking one chunk up costs a walk of HDF5's chunk index (~30 us); listing the whole
-    index in one pass costs ~4 us a chunk. So a request touching more than an eighth of the
-    chunks lists them all once (kept for the life of the open file); a smaller one looks
-    its chunks up one by one (also kept).
+    Looking one chunk up through HDF5 costs a walk of its chunk index (~30 us locally, a
+    request per node remotely); listing the whole index costs ~4 us a chunk through HDF5,
+    and a few concurrent reads through ``index`` (see :mod:`._hdf5_btree`). So the whole
+    index is read (and kept for the life of the open file) for a request touching more
+    than an eighth of the chunks, or always when ``index.whole``; otherwise chunks are
+    looked up one by one (also kept).
     """
+    from lamin_io.accessors._hdf5_btree import chunk_table
+
     table: np.ndarray | None = cache.get(f"chunk-table:{ds.name}")
-    if table is None and hasattr(ds.id, "chunk_iter"):
+    if table is None:
         located_now = cache.get(f"chunk-offsets:{ds.name}", {})
         missing = sum(1 for k in chunk_ids.tolist() if k not in located_now)
         n_chunks = -(-int(ds.shape[0]) // rows_per_chunk)
-        if missing * 8 >= n_chunks:
+        many = missing * 8 >= n_chunks
+        tried = f"chunk-table-tried:{ds.name}"
+        if index is not None and (many or index.whole) and tried not in cache:
+            cache[tried] = True
+            table = chunk_table(ds, index.read, index.size)
+        if table is None and many and hasattr(ds.id, "chunk_iter"):
             table = np.full(n_chunks, -1, dtype=np.int64)
 
             def visit(info: Any) -> None:
@@ -92,6 +105,7 @@ def _chunk_offsets(ds: Any, chunk_ids: np.ndarray, rows_per_chunk: int,
                     table[info.chunk_offset[0] // rows_per_chunk] = info.byte_offset
 
             ds.id.chunk_iter(visit)
+        if table is not None:
             cache[f"chunk-table:{ds.name}"] = table
     if table is not None:
         return table[chunk_ids]
@@ -112,8 +126,8 @@ def _chunk_offsets(ds: Any, chunk_ids: np.ndarray, rows_per_chunk: int,
 
 
 def _partial_chunk_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray,
-                          rows_per_chunk: int, row_bytes: int,
-                          cache: dict[str, Any]) -> list[tuple[int, int]]:
+                          rows_per_chunk: int, row_bytes: int, cache: dict[str, Any],
+                          index: IndexReader | None) -> list[tuple[int, int]]:
     """Exact byte ranges inside unfiltered chunks that hold whole rows (vectorized).
 
     Unallocated chunks are skipped; callers compare sizes to notice them.
@@ -127,7 +141,7 @@ def _partial_chunk_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray,
     piece_start = np.maximum(np.repeat(starts, n_pieces), chunk * rows_per_chunk)
     piece_stop = np.minimum(np.repeat(stops, n_pieces), (chunk + 1) * rows_per_chunk)
     unique, inverse = np.unique(chunk, return_inverse=True)
-    offsets = _chunk_offsets(ds, unique, rows_per_chunk, cache)[inverse]
+    offsets = _chunk_offsets(ds, unique, rows_per_chunk, cache, index)[inverse]
     allocated = offsets >= 0
     begin = offsets + (piece_start - chunk * rows_per_chunk) * row_bytes
     end = begin + (piece_stop - piece_start) * row_bytes

@@ -33,6 +33,12 @@ __all__ = ["METADATA_BLOCK", "RangeFile"]
 METADATA_BLOCK = 16 * 1024
 #: Reads at least this large bypass the block cache: one exact range request each.
 DIRECT_READ = 64 * 1024
+#: Ranges closer than this share one request (the bytes between are read and dropped).
+BRIDGE = 64 * 1024
+#: Pieces at least this large are read straight into the caller's buffer, each through
+#: a file handle of its own (opening one costs a HEAD request); smaller ones through the
+#: shared handle, which copies (the reading thread's heap may keep the copy's memory).
+READ_INTO = 1 << 20
 #: Blocks kept by the metadata cache.
 MAX_BLOCKS = 256
 
@@ -59,7 +65,17 @@ class RangeFile(io.RawIOBase):
         self._parts: list[tuple[int, memoryview]] = []
 
     def _read_piece(self, start: int, view: memoryview) -> None:
-        """Read ``len(view)`` bytes at ``start`` into ``view`` (from any thread)."""
+        """Read ``len(view)`` bytes at ``start`` into ``view`` (from any thread).
+
+        Small pieces are read with the shared handle's ``read_at`` (thread-safe; it
+        allocates a copy); large ones straight into ``view`` through a handle of their own.
+        """
+        if len(view) < READ_INTO:
+            data = self._reader.read_at(len(view), start)
+            if len(data) != len(view):
+                self._short(start, len(data), len(view))
+            view[:] = data
+            return
         with self._handles_lock:
             handle = self._handles.pop() if self._handles else None
         if handle is None:
@@ -70,14 +86,16 @@ class RangeFile(io.RawIOBase):
             while done < len(view):
                 n = handle.readinto(view[done:])
                 if n <= 0:
-                    msg = (f"{self._path}: read {done} of {len(view)} bytes at offset "
-                           f"{start}: the object is shorter than its metadata says "
-                           "(truncated?)")
-                    raise OSError(msg)
+                    self._short(start, done, len(view))
                 done += n
         finally:
             with self._handles_lock:
                 self._handles.append(handle)
+
+    def _short(self, start: int, got: int, wanted: int) -> None:
+        msg = (f"{self._path}: read {got} of {wanted} bytes at offset {start}: the object "
+               "is shorter than its metadata says (truncated?)")
+        raise OSError(msg)
 
     def read_into(self, ranges: list[tuple[int, int]], view: memoryview) -> None:
         """Read ``ranges`` concurrently into ``view``, one after another in list order.
@@ -91,27 +109,48 @@ class RangeFile(io.RawIOBase):
                         view: memoryview) -> Callable[[], None]:
         """Start :meth:`read_into` in the background; return the function that waits for it.
 
+        A range less than :data:`BRIDGE` bytes after the one before, and no farther than
+        that one is long, shares its request (through a scratch buffer, then copied into
+        place): a request costs far more than a few kilobytes, and the bytes read stay
+        within twice the bytes asked for.
         The requests run in the I/O thread pool; call the returned function (which raises
         what a request raised) outside HDF5 calls.
         """
         from lamin_io.storage._localread import executor
 
-        pieces: list[list[int]] = []  # [file start, file stop, offset in view]
-        offset = 0
+        groups: list[list[Any]] = []  # [file start, file stop, [(start, stop, at), ...]]
+        offset, previous = 0, 0
         for start, stop in ranges:
-            if pieces and start == pieces[-1][1]:
-                pieces[-1][1] = stop
+            gap = start - groups[-1][1] if groups else -1
+            if groups and 0 <= gap <= min(BRIDGE, previous):
+                groups[-1][1] = stop
+                groups[-1][2].append((start, stop, offset))
             else:
-                pieces.append([start, stop, offset])
-            offset += stop - start
-        futures = [executor().submit(self._read_piece, a, view[at:at + b - a])
-                   for a, b, at in pieces]
+                groups.append([start, stop, [(start, stop, offset)]])
+            offset, previous = offset + stop - start, stop - start
+        futures = []
+        for first, last, parts in groups:
+            if all(a == b_prev for (a, _, _), (_, b_prev, _) in zip(parts[1:], parts,
+                                                                     strict=False)):
+                at = parts[0][2]  # the parts touch: read straight into place
+                futures.append(executor().submit(self._read_piece, first,
+                                                 view[at:at + last - first]))
+            else:
+                scratch = bytearray(last - first)  # allocated here, not in the pool
+                futures.append(executor().submit(self._read_parts, first, scratch, parts,
+                                                 view))
 
         def wait() -> None:
             for future in futures:
                 future.result()
 
         return wait
+
+    def _read_parts(self, first: int, scratch: bytearray,
+                    parts: list[tuple[int, int, int]], view: memoryview) -> None:
+        self._read_piece(first, memoryview(scratch))
+        for start, stop, at in parts:
+            view[at:at + stop - start] = scratch[start - first:stop - first]
 
     def prefetch(self, ranges: list[tuple[int, int]]) -> int:
         """Fetch ``[(start, stop), ...]`` concurrently and serve later reads from them.
