@@ -98,7 +98,7 @@ def stores(truth: ad.AnnData, tmp_path_factory: pytest.TempPathFactory) -> dict[
 @pytest.fixture
 def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     """Batches of a few chunks, so reads are cut into many windows."""
-    monkeypatch.setattr(_rows, "BATCH_BYTES", 3 * CHUNK * 8)
+    monkeypatch.setattr(_rows, "GATHER_BYTES", 3 * CHUNK * 8)
 
 
 SELECTIONS = {

@@ -81,9 +81,9 @@ def _chunk_offsets(ds: Any, chunk_ids: np.ndarray, rows_per_chunk: int,
     Looking one chunk up through HDF5 costs a walk of its chunk index (~30 us locally, a
     request per node remotely); listing the whole index costs ~4 us a chunk through HDF5,
     and a few concurrent reads through ``index`` (see :mod:`._hdf5_btree`). So the whole
-    index is read (and kept for the life of the open file) for a request touching more
-    than an eighth of the chunks, or always when ``index.whole``; otherwise chunks are
-    looked up one by one (also kept).
+    index is read (and kept for the life of the open file) once requests (batches) have
+    touched an eighth of the chunks, or always when ``index.whole``; until then chunks
+    are looked up one by one (also kept).
     """
     from lamin_io.accessors._hdf5_btree import chunk_table
 
@@ -92,7 +92,7 @@ def _chunk_offsets(ds: Any, chunk_ids: np.ndarray, rows_per_chunk: int,
         located_now = cache.get(f"chunk-offsets:{ds.name}", {})
         missing = sum(1 for k in chunk_ids.tolist() if k not in located_now)
         n_chunks = -(-int(ds.shape[0]) // rows_per_chunk)
-        many = missing * 8 >= n_chunks
+        many = (len(located_now) + missing) * 8 >= n_chunks  # over this and past requests
         tried = f"chunk-table-tried:{ds.name}"
         if index is not None and (many or index.whole) and tried not in cache:
             cache[tried] = True

@@ -8,12 +8,14 @@ layers, ``obsm``, and later the training loaders). It
    one read when the gap between them is small (at most :data:`MAX_GAP_BYTES`, and no
    larger than the range before it, so a request never reads more than twice the bytes
    it needs; local files also read through gaps of up to a page, :data:`SLACK_BYTES`),
-   and always when they lie in the same or
-   adjacent encoded chunks: every chunk holding selected data is fetched and decoded once
-   per request, in one call per span so the array library decodes them concurrently,
-   and no chunk without selected data is read,
+   and always when they lie in the same or adjacent encoded chunks, so every chunk
+   holding selected data is fetched and decoded once per request and no chunk without
+   selected data is read (stores that decode chunks themselves get the exact ranges
+   instead, see :attr:`ReadHooks.gathers`; remote stores read whole chunks, see
+   :attr:`ReadHooks.whole_chunks`),
 3. reads in batches of at most :data:`BATCH_BYTES`, selecting columns in memory per
-   batch, so peak memory follows the selection, not the file.
+   batch, so peak memory follows the selection, not the file; where the store can
+   (:attr:`ReadHooks.start_runs`), the next batch is fetched while one is processed.
 
 CSR matrices are read along rows; CSC along columns (the compressed axis), filtering rows
 in memory; dense arrays by row blocks.
@@ -33,15 +35,19 @@ if TYPE_CHECKING:
 
     import scipy.sparse as sp
 
-__all__ = ["BATCH_BYTES", "MAX_GAP_BYTES", "ReadHooks", "SparseParts", "coalesce", "expand",
-           "read_dense", "read_matrix", "read_sparse"]
+__all__ = ["BATCH_BYTES", "GATHER_BYTES", "MAX_GAP_BYTES", "ReadHooks", "SparseParts",
+           "coalesce", "expand", "read_dense", "read_matrix", "read_sparse"]
 
 #: Two reads separated by more bytes than this stay two reads.
 MAX_GAP_BYTES = 1 << 20
 #: A gap up to this size is always worth reading through (a page of a local file).
 SLACK_BYTES = 4096
-#: Upper bound on the bytes one batch reads before columns are selected.
-BATCH_BYTES = 8 << 20
+#: Upper bound on the bytes one batch reads before columns are selected (two batches are
+#: in memory at once: one processed, the next on its way).
+BATCH_BYTES = 4 << 20
+#: Decoded bytes of the chunks one batch covers where the store decodes chunks itself
+#: (``ReadHooks.gathers``): it holds the selected values only, plus a chunk per thread.
+GATHER_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -337,7 +343,7 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
     if hooks.gathers is not None and hooks.gathers(parts.data) and hooks.gathers(
             parts.indices) and parts.data.chunks == parts.indices.chunks:
         # exact ranges, cut at windows of whole chunks: a batch decodes its chunks alone
-        window = max(1, batch_elements // int(parts.data.chunks[0])) * int(
+        window = max(1, GATHER_BYTES // item // int(parts.data.chunks[0])) * int(
             parts.data.chunks[0])
         piece_rows, piece_starts, piece_lengths = _cut(piece_rows, piece_starts,
                                                        piece_lengths, window)
