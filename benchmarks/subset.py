@@ -477,8 +477,10 @@ def _targets(results: list[dict[str, Any]]) -> list[tuple[str, str, bool | None]
                          f"{r['time_vs_lamindb']:.3f}x, +{r['peak_mb']:.0f} MB",
                          r["time_vs_lamindb"] <= 0.5 and r["peak_mb"] <= 60))
         if len(ratios) == 2:
-            rows.append((f"sparse h5ad, {where}: ratio improves at 4x the cells",
-                         f"{ratios[0]:.3f}x -> {ratios[1]:.3f}x", ratios[1] < ratios[0]))
+            # by more than the runs' noise: a 5% lower ratio
+            rows.append((f"sparse h5ad, {where}: ratio improves (by 5%+) at 4x the cells",
+                         f"{ratios[0]:.3f}x -> {ratios[1]:.3f}x",
+                         ratios[1] < 0.95 * ratios[0]))
         r = get("lamin_io", "sparse", storage, cache)
         z = next((x for x in results if x["tool"] == "lamin_io" and x["storage"] == storage
                   and x["cache"] == cache and x["file"].endswith(".zarr") and

@@ -211,3 +211,27 @@ def test_range_file_shares_requests_across_small_gaps_only(s3_server, tmp_path) 
     gets = sorted(r for _, _, r, _ in s3_server.stats.gets())
     assert gets == sorted(["bytes=0-1999", "bytes=2600-2699", "bytes=100000-100009",
                            f"bytes={1 << 20}-{(3 << 20) - 1}"])
+
+
+def test_range_file_reads_ahead_of_in_order_small_reads_only(s3_server, tmp_path) -> None:
+    from lamin_io.storage._rangefile import METADATA_BLOCK, READ_AHEAD, RangeFile
+
+    blob = np.random.default_rng(1).integers(0, 255, 4 << 20, dtype=np.uint8).tobytes()
+    (tmp_path / "heap.bin").write_bytes(blob)
+    remote = _upload(tmp_path / "heap.bin", s3_server.endpoint)
+    with RangeFile(remote) as rf:
+        s3_server.reset()
+        for at in range(0, 2 << 20, 4096):  # HDF5 reading a heap in order, 4 KB at a time
+            rf.seek(at)
+            assert rf.read(4096) == blob[at:at + 4096]
+        in_order = len(s3_server.stats.gets())
+        largest = max(n for *_, n in s3_server.stats.gets())
+        s3_server.reset()
+        for at in range(3 << 20, 4 << 20, 64 * 1024):  # scattered: no read-ahead
+            rf.seek(at)
+            assert rf.read(100) == blob[at:at + 100]
+        scattered = s3_server.stats.gets()
+    assert in_order <= (2 << 20) // READ_AHEAD + 8  # 16, 32, ... 1024 KB, then 1 MB each
+    assert largest == READ_AHEAD
+    assert len(scattered) == 16
+    assert all(n == METADATA_BLOCK for *_, n in scattered)

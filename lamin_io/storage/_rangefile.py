@@ -39,6 +39,10 @@ BRIDGE = 64 * 1024
 #: a file handle of its own (opening one costs a HEAD request); smaller ones through the
 #: shared handle, which copies (the reading thread's heap may keep the copy's memory).
 READ_INTO = 1 << 20
+#: Misses of the block cache that follow each other in the file read twice as far ahead
+#: each time, up to this many bytes (HDF5 reads a string column's heap in order, a block
+#: at a time).
+READ_AHEAD = 1 << 20
 #: Blocks kept by the metadata cache.
 MAX_BLOCKS = 256
 
@@ -60,6 +64,7 @@ class RangeFile(io.RawIOBase):
         self.size = int(self._reader.size())
         self._block = block_size
         self._blocks: dict[int, bytes] = {}
+        self._next_block, self._ahead = -1, 1  # read-ahead of in-order misses
         self._pos = 0
         self._starts: list[int] = []
         self._parts: list[tuple[int, memoryview]] = []
@@ -223,15 +228,19 @@ class RangeFile(io.RawIOBase):
     def _from_blocks(self, start: int, n: int) -> bytes:
         first, last = start // self._block, (start + n - 1) // self._block
         missing = [b for b in range(first, last + 1) if b not in self._blocks]
-        if missing:  # one read for the missing span
-            lo, hi = missing[0] * self._block, min(self.size, (missing[-1] + 1) * self._block)
+        if missing:  # one read for the missing span, longer while misses run in order
+            self._ahead = (min(2 * self._ahead, READ_AHEAD // self._block)
+                           if missing[0] == self._next_block else 1)
+            stop = max(missing[-1] + 1, missing[0] + self._ahead)
+            lo, hi = missing[0] * self._block, min(self.size, stop * self._block)
+            self._next_block = stop
             blob = self._reader.read_at(hi - lo, lo)
-            for b in range(missing[0], missing[-1] + 1):
+            for b in range(missing[0], -(-hi // self._block)):
                 self._blocks[b] = blob[(b - missing[0]) * self._block:
                                        (b - missing[0] + 1) * self._block]
-            while len(self._blocks) > MAX_BLOCKS:
-                self._blocks.pop(next(iter(self._blocks)))
         data = b"".join(self._blocks[b] for b in range(first, last + 1))
+        while len(self._blocks) > MAX_BLOCKS:  # the oldest go first
+            self._blocks.pop(next(iter(self._blocks)))
         offset = start - first * self._block
         return data[offset:offset + n]
 
