@@ -345,15 +345,14 @@ class _Store:
             size = os.stat(str(self.local_file)).st_size
         return IndexReader(read, size, whole=self.remote)
 
-    def _start_fetch(self, ranges: list[tuple[int, int]]) -> Callable[[], bytearray | None]:
+    def _start_fetch(self, ranges: list[tuple[int, int]]
+                     ) -> Callable[[], bytearray | memoryview | None]:
         """Start reading byte ranges of the file; the result waits for them, concatenated.
 
         ``None`` when the file is too short.
         """
         if self.rangefile is not None:
-            buffer = bytearray(sum(e - s for s, e in ranges))
-            wait = self.rangefile.start_read_into(ranges, memoryview(buffer))
-            return lambda: (wait(), buffer)[1]
+            return self.rangefile.start_read(ranges)
         import os
 
         from lamin_io.storage._localread import start_pread_ranges

@@ -105,21 +105,20 @@ class RangeFile(io.RawIOBase):
     def read_into(self, ranges: list[tuple[int, int]], view: memoryview) -> None:
         """Read ``ranges`` concurrently into ``view``, one after another in list order.
 
-        Neighbours in the list whose bytes touch share one request. Call only outside
-        HDF5 calls (see the module docstring).
+        Call only outside HDF5 calls (see the module docstring).
         """
-        self.start_read_into(ranges, view)()
+        view[:] = self.start_read(ranges)()
 
-    def start_read_into(self, ranges: list[tuple[int, int]],
-                        view: memoryview) -> Callable[[], None]:
-        """Start :meth:`read_into` in the background; return the function that waits for it.
+    def start_read(self, ranges: list[tuple[int, int]]) -> Callable[[], memoryview]:
+        """Start reading ``ranges`` concurrently; return the function that waits for them.
 
-        A range less than :data:`BRIDGE` bytes after the one before, and no farther than
-        that one is long, shares its request (through a scratch buffer, then copied into
-        place): a request costs far more than a few kilobytes, and the bytes read stay
-        within twice the bytes asked for.
-        The requests run in the I/O thread pool; call the returned function (which raises
-        what a request raised) outside HDF5 calls.
+        That function returns the ranges' bytes one after another in list order (and
+        raises what a request raised); call it outside HDF5 calls. A range that touches
+        the one before shares its request; so does one less than :data:`BRIDGE` bytes
+        after it and no farther than that one is long: a request costs far more than a
+        few kilobytes, and the bytes read stay within twice the bytes asked for. Requests
+        land in one buffer, the bytes between ranges are squeezed out in place at the
+        end, so a batch needs no second buffer.
         """
         from lamin_io.storage._localread import executor
 
@@ -133,29 +132,32 @@ class RangeFile(io.RawIOBase):
             else:
                 groups.append([start, stop, [(start, stop, offset)]])
             offset, previous = offset + stop - start, stop - start
-        futures = []
-        for first, last, parts in groups:
-            if all(a == b_prev for (a, _, _), (_, b_prev, _) in zip(parts[1:], parts,
-                                                                     strict=False)):
-                at = parts[0][2]  # the parts touch: read straight into place
-                futures.append(executor().submit(self._read_piece, first,
-                                                 view[at:at + last - first]))
-            else:
-                scratch = bytearray(last - first)  # allocated here, not in the pool
-                futures.append(executor().submit(self._read_parts, first, scratch, parts,
-                                                 view))
+        buffer = bytearray(sum(last - first for first, last, _ in groups))
+        view = memoryview(buffer)
+        futures, landed = [], 0
+        for group in groups:
+            first, last, _ = group
+            futures.append(executor().submit(self._read_piece, first,
+                                             view[landed:landed + last - first]))
+            group.append(landed)
+            landed += last - first
 
-        def wait() -> None:
+        def wait() -> memoryview:
             for future in futures:
                 future.result()
+            if landed != offset:  # squeeze the gaps out, left to right
+                import numpy as np
+
+                values = np.frombuffer(buffer, dtype=np.uint8)
+                for first, _, parts, at in groups:
+                    for start, stop, final in parts:
+                        source = at + start - first
+                        if source != final:
+                            values[final:final + stop - start] = values[source:source
+                                                                        + stop - start]
+            return view[:offset]
 
         return wait
-
-    def _read_parts(self, first: int, scratch: bytearray,
-                    parts: list[tuple[int, int, int]], view: memoryview) -> None:
-        self._read_piece(first, memoryview(scratch))
-        for start, stop, at in parts:
-            view[at:at + stop - start] = scratch[start - first:stop - first]
 
     def prefetch(self, ranges: list[tuple[int, int]]) -> int:
         """Fetch ``[(start, stop), ...]`` concurrently and serve later reads from them.
@@ -171,8 +173,7 @@ class RangeFile(io.RawIOBase):
         self._starts, self._parts = [], []
         if not merged:
             return 0
-        buffer = memoryview(bytearray(sum(b - a for a, b in merged)))
-        self.read_into([(a, b) for a, b in merged], buffer)
+        buffer = self.start_read([(a, b) for a, b in merged])()
         offset = 0
         for start, stop in merged:
             self._starts.append(start)
