@@ -110,3 +110,13 @@ def test_a_damaged_index_is_left_to_hdf5(tmp_path: Path) -> None:
     with h5py.File(path, "r") as f:
         assert chunk_table(f["values"], reader, reader.size) is None
     reader.close()
+
+
+def test_a_userblock_is_left_to_hdf5(tmp_path: Path) -> None:
+    path = tmp_path / "userblock.h5"
+    with h5py.File(path, "w", userblock_size=512) as f:
+        f.create_dataset("values", data=np.arange(5_000, dtype="i4"), chunks=(100,))
+    reader = Reader(path)
+    with h5py.File(path, "r") as f:
+        assert chunk_table(f["values"], reader, reader.size) is None
+    reader.close()

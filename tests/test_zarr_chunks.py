@@ -169,3 +169,35 @@ def test_damaged_chunk_is_a_corrupt_artifact(truth: ad.AnnData, tmp_path: Path,
     chunk.write_bytes(chunk.read_bytes()[:40])
     with ln.open(path) as acc, pytest.raises(errors.CorruptArtifactError, match="X"):
         _ = acc[:].X
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5ad"])
+def test_damaged_indptr_is_a_corrupt_artifact(truth: ad.AnnData, tmp_path: Path,
+                                              suffix: str) -> None:
+    """An indptr pointing past the stored values must not read as zeros or padding."""
+    import h5py
+
+    path = tmp_path / f"bad{suffix}"
+    if suffix == ".zarr":
+        _write(truth, path, "v2-blosc")
+        indptr = zarr.open_group(path, mode="r+", use_consolidated=False)["X/indptr"]
+    else:
+        truth.write_h5ad(path)
+        indptr = h5py.File(path, "r+")["X/indptr"]
+    values = np.asarray(indptr[:])
+    values[-1] += 5_000  # past the end of data and indices
+    indptr[:] = values
+    if suffix == ".h5ad":
+        indptr.file.close()
+    with ln.open(path) as acc, pytest.raises(errors.CorruptArtifactError, match="indptr"):
+        _ = acc[-3:].X
+
+
+def test_runs_in_any_order_decode_each_chunk_once(stores: dict[str, Path],
+                                                  truth: ad.AnnData) -> None:
+    with ln.open(stores["v2-blosc"]) as acc:
+        arr = acc.storage["X/data"]
+        starts, stops = np.array([5000, 10, 2990]), np.array([5100, 30, 3010])
+        (got,) = _zarr.read_runs([(arr, starts, stops)])
+    expected = np.concatenate([truth.X.data[s:e] for s, e in zip(starts, stops, strict=True)])
+    np.testing.assert_array_equal(got, expected)

@@ -62,6 +62,12 @@ def matrix(elem: Any) -> Any:
         msg = (f"sparse matrix {elem.name} is damaged: indptr has {len(indptr)} entries "
                f"for {n_major} {'rows' if fmt == 'csr' else 'columns'}")
         raise CorruptArtifactError(msg)
+    n_stored = int(elem["data"].shape[0])
+    if (len(indptr) and (indptr[0] < 0 or indptr[-1] > n_stored)) or np.any(
+            np.diff(indptr) < 0) or int(elem["indices"].shape[0]) != n_stored:
+        msg = (f"sparse matrix {elem.name} is damaged: its indptr does not rise from 0 to "
+               f"at most the {n_stored} stored values, or data and indices differ in length")
+        raise CorruptArtifactError(msg)
     return SparseParts(elem["data"], elem["indices"], indptr,
                        (int(shape[0]), int(shape[1])), fmt)
 

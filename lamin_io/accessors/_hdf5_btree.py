@@ -56,7 +56,10 @@ def _layout(ds: Any, read: Callable[[list[tuple[int, int]]], Sequence[Any]],
 
     # the object header's address (``h5o.get_info`` would also walk the chunk index, to
     # size it: the very requests this module saves)
-    address, high = h5py.h5g.get_objinfo(ds.id, b".").objno
+    try:
+        address, high = h5py.h5g.get_objinfo(ds.id, b".").objno
+    except (AttributeError, RuntimeError, ValueError):  # an h5py without the old call
+        return None
     if high:
         return None
     head = read([(address, min(size, address + _HEADER_READ))])[0]
@@ -92,8 +95,9 @@ def chunk_table(ds: Any, read: Callable[[list[tuple[int, int]]], Sequence[Any]],
     file's size. Returns ``None`` when the dataset's layout is not the one read here, or
     when the index looks inconsistent; HDF5 is then asked instead.
     """
-    if ds.ndim != 1 or not ds.chunks or ds.file.id.get_create_plist().get_sizes() != (8, 8):
-        return None
+    plist = ds.file.id.get_create_plist()
+    if ds.ndim != 1 or not ds.chunks or plist.get_sizes() != (8, 8) or plist.get_userblock():
+        return None  # (addresses count from the end of a userblock: none here)
     found = _layout(ds, read, size)
     if found is None:
         return None
@@ -112,14 +116,15 @@ def chunk_table(ds: Any, read: Callable[[list[tuple[int, int]]], Sequence[Any]],
         buffers = list(read([(a, min(size, a + guess)) for a in level_nodes]))
         children = []
         for i, buf in enumerate(buffers):
-            if bytes(buf[:4]) != b"TREE" or buf[4] != 1:
+            if len(buf) < _NODE_HEADER or bytes(buf[:4]) != b"TREE" or buf[4] != 1:
                 return None
             n, node_level = _u(buf, 6, 2), int(buf[5])
             if level is not None and node_level != level:
                 return None
             need = _NODE_HEADER + n * entry.itemsize + key
             if need > len(buf):  # more entries than the default node holds
-                buf = buffers[i] = read([(level_nodes[i], level_nodes[i] + need)])[0]
+                buf = buffers[i] = read([(level_nodes[i],
+                                          min(size, level_nodes[i] + need))])[0]
                 if len(buf) < need:
                     return None
             entries = np.frombuffer(buf, dtype=entry, count=n, offset=_NODE_HEADER)
@@ -129,7 +134,7 @@ def chunk_table(ds: Any, read: Callable[[list[tuple[int, int]]], Sequence[Any]],
             rows = entries["offset"][:, 0].astype(np.int64)
             which = rows // rows_per_chunk
             if (np.any(rows % rows_per_chunk) or np.any(which >= n_chunks)
-                    or np.any(entries["offset"][:, 1])):
+                    or np.any(which < 0) or np.any(entries["offset"][:, 1])):
                 return None
             table[which] = entries["child"].astype(np.int64)
             filled += n

@@ -211,6 +211,15 @@ def _begin_runs(items: list[tuple[Any, np.ndarray, np.ndarray]],
     return finish
 
 
+def _settle(pending: Callable[[], Any] | None) -> None:
+    """Wait for reads started ahead, ignoring their errors (another one is on its way)."""
+    if pending is not None:
+        try:
+            pending()
+        except Exception:  # noqa: BLE001, S110
+            pass
+
+
 def _read_runs_of(arr: Any, run_starts: np.ndarray, run_stops: np.ndarray) -> np.ndarray:
     """Read every run of one 1-D on-disk array through the array library."""
     if len(run_starts) == 1 and getattr(arr, "read_direct", None) is None:
@@ -378,7 +387,11 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
         current = upcoming  # drops the previous batch's buffers first
         assert current is not None  # noqa: S101
         upcoming = begin(b + 1) if b + 1 < len(batches) else None
-        data_buf, index_buf = current()  # the next batch is on its way meanwhile
+        try:
+            data_buf, index_buf = current()  # the next batch is on its way meanwhile
+        except BaseException:
+            _settle(upcoming)  # no read may outlive the request (the file may close)
+            raise
         in_batch = (run_of >= r0) & (run_of < r1)
         sel_rows = piece_rows[in_batch]  # a row has at most one piece in a batch
         sel_runs = run_of[in_batch]

@@ -181,10 +181,12 @@ def _plan(arr: Any, decode: Callable[[Any, np.ndarray], None], starts: np.ndarra
     chunk = expand(first, n_pieces)
     begin = np.maximum(starts[run], chunk * size)
     end = np.minimum(stops[run], (chunk + 1) * size)
-    run_out = np.cumsum(stops - starts) - (stops - starts)
+    out = (np.cumsum(stops - starts) - (stops - starts))[run] + begin - starts[run]
+    order = np.argsort(chunk, kind="stable")  # pieces of a chunk together, in any run order
+    chunk, begin, end, out = chunk[order], begin[order], end[order], out[order]
     chunks, first_piece = np.unique(chunk, return_index=True)
     return _Plan(arr, decode, chunks, np.append(first_piece, len(chunk)),
-                 begin - chunk * size, end - chunk * size, run_out[run] + begin - starts[run],
+                 begin - chunk * size, end - chunk * size, out,
                  np.empty(int((stops - starts).sum()), dtype=arr.dtype))
 
 

@@ -95,7 +95,10 @@ class RangeFile(io.RawIOBase):
                 done += n
         finally:
             with self._handles_lock:
-                self._handles.append(handle)
+                if self.closed:
+                    handle.close()
+                else:
+                    self._handles.append(handle)
 
     def _short(self, start: int, got: int, wanted: int) -> None:
         msg = (f"{self._path}: read {got} of {wanted} bytes at offset {start}: the object "
@@ -142,10 +145,13 @@ class RangeFile(io.RawIOBase):
             group.append(landed)
             landed += last - first
 
+        squeezed: list[bool] = []
+
         def wait() -> memoryview:
             for future in futures:
                 future.result()
-            if landed != offset:  # squeeze the gaps out, left to right
+            if landed != offset and not squeezed:  # squeeze the gaps out, left to right
+                squeezed.append(True)
                 import numpy as np
 
                 values = np.frombuffer(buffer, dtype=np.uint8)
