@@ -31,6 +31,16 @@ class Reader:
         os.close(self.fd)
 
 
+def _table(path: Path, name: str) -> np.ndarray | None:
+    """``chunk_table`` of dataset ``name`` in the file at ``path``."""
+    reader = Reader(path)
+    try:
+        with h5py.File(path, "r") as f:
+            return chunk_table(f[name], reader, reader.size)
+    finally:
+        reader.close()
+
+
 def _hdf5_table(ds: h5py.Dataset) -> np.ndarray:
     rows = int(ds.chunks[0])
     table = np.full(-(-ds.shape[0] // rows), -1, dtype=np.int64)
@@ -86,15 +96,9 @@ def test_other_layouts_are_left_to_hdf5(tmp_path: Path) -> None:
     latest = tmp_path / "latest.h5"
     with h5py.File(latest, "w", libver="latest") as f:
         f.create_dataset("values", data=np.arange(1000), chunks=(10,))
-    reader = Reader(path)
-    with h5py.File(path, "r") as f:
-        assert chunk_table(f["matrix"], reader, reader.size) is None
-        assert chunk_table(f["contiguous"], reader, reader.size) is None
-    reader.close()
-    reader = Reader(latest)
-    with h5py.File(latest, "r") as f:
-        assert chunk_table(f["values"], reader, reader.size) is None
-    reader.close()
+    assert _table(path, "matrix") is None
+    assert _table(path, "contiguous") is None
+    assert _table(latest, "values") is None
 
 
 def test_a_damaged_index_is_left_to_hdf5(tmp_path: Path) -> None:
@@ -106,17 +110,11 @@ def test_a_damaged_index_is_left_to_hdf5(tmp_path: Path) -> None:
         if data[at:at + 4] == b"TREE" and data[at + 4] == 1:
             data[at:at + 4] = b"TRE?"
     path.write_bytes(bytes(data))
-    reader = Reader(path)
-    with h5py.File(path, "r") as f:
-        assert chunk_table(f["values"], reader, reader.size) is None
-    reader.close()
+    assert _table(path, "values") is None
 
 
 def test_a_userblock_is_left_to_hdf5(tmp_path: Path) -> None:
     path = tmp_path / "userblock.h5"
     with h5py.File(path, "w", userblock_size=512) as f:
         f.create_dataset("values", data=np.arange(5_000, dtype="i4"), chunks=(100,))
-    reader = Reader(path)
-    with h5py.File(path, "r") as f:
-        assert chunk_table(f["values"], reader, reader.size) is None
-    reader.close()
+    assert _table(path, "values") is None
