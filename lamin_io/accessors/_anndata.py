@@ -173,6 +173,7 @@ class _Store:
         self.rangefile = source if source is not None and not isinstance(source, str) else None
         self.local_file = source if isinstance(source, str) else None
         self._fd: int | None = None
+        self._index: IndexReader | None = None
         self.closed = False
         self.modified = False
         self._cache: dict[str, Any] = {}
@@ -328,6 +329,9 @@ class _Store:
 
     def _index_reader(self) -> IndexReader:
         """Read chunk indexes with our own concurrent reads (whole ones, when remote)."""
+        if self._index is not None:
+            return self._index
+
         def read(ranges: list[tuple[int, int]]) -> list[memoryview]:
             buffer = self._start_fetch(ranges)()
             view = memoryview(buffer if buffer is not None else b"")
@@ -343,7 +347,8 @@ class _Store:
             import os
 
             size = os.stat(str(self.local_file)).st_size
-        return IndexReader(read, size, whole=self.remote)
+        self._index = IndexReader(read, size, whole=self.remote)
+        return self._index
 
     def _start_fetch(self, ranges: list[tuple[int, int]]
                      ) -> Callable[[], bytearray | memoryview | None]:

@@ -65,13 +65,13 @@ def _layout(ds: Any, read: Callable[[list[tuple[int, int]]], Sequence[Any]],
     head = read([(address, min(size, address + _HEADER_READ))])[0]
     if len(head) < 16 or head[0] != 1:  # version 2 headers start with "OHDR"
         return None
-    blocks = [(head, 16, 16 + _u(head, 8, 4), address)]
+    blocks = [(head, 16, 16 + _u(head, 8, 4))]
     if 16 + _u(head, 8, 4) > len(head):  # a long header: read it whole
         whole = read([(address, min(size, address + 16 + _u(head, 8, 4)))])[0]
-        blocks = [(whole, 16, 16 + _u(head, 8, 4), address)]
+        blocks = [(whole, 16, 16 + _u(head, 8, 4))]
     seen = 0
     while blocks and seen < 64:
-        buf, at, end, _ = blocks.pop()
+        buf, at, end = blocks.pop()
         seen += 1
         while at + 8 <= min(end, len(buf)):
             kind, length = _u(buf, at, 2), _u(buf, at + 2, 2)
@@ -82,7 +82,7 @@ def _layout(ds: Any, read: Callable[[list[tuple[int, int]]], Sequence[Any]],
                 return _u(body, 3, 8), int(body[2])
             if kind == _CONTINUATION and len(body) >= 16:
                 start, n = _u(body, 0, 8), _u(body, 8, 8)
-                blocks.append((read([(start, min(size, start + n))])[0], 0, n, start))
+                blocks.append((read([(start, min(size, start + n))])[0], 0, n))
             at += 8 + length
     return None
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["READ_THREADS", "executor", "pread_ranges", "start_pread_ranges"]
+__all__ = ["READ_THREADS", "executor", "start_pread_ranges"]
 
 #: Threads of the pool that reads byte ranges (local files and remote objects) in parallel:
 #: each blocks in a system call or in a C++ client, with the GIL released.
@@ -84,17 +84,12 @@ def _read_some(fd: int, ranges: list[tuple[int, int]], view: memoryview,
     return True
 
 
-def pread_ranges(fd: int, ranges: list[tuple[int, int]]) -> bytearray | None:
-    """Read ``[start, stop)`` byte ranges of an open file, concatenated in order.
-
-    Returns ``None`` when a range reaches past the end of the file.
-    """
-    return start_pread_ranges(fd, ranges)()
-
-
 def start_pread_ranges(fd: int, ranges: list[tuple[int, int]]
                        ) -> Callable[[], bytearray | None]:
-    """Start :func:`pread_ranges`; return the function that waits for its result.
+    """Start reading ``[start, stop)`` byte ranges of an open file; return what waits.
+
+    The returned function gives the ranges concatenated in order, or ``None`` when a
+    range reaches past the end of the file.
 
     Cached ranges are copied at once; the others are read in the I/O thread pool (or at
     the wait, when there are few of them).

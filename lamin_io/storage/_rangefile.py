@@ -105,13 +105,6 @@ class RangeFile(io.RawIOBase):
                "is shorter than its metadata says (truncated?)")
         raise OSError(msg)
 
-    def read_into(self, ranges: list[tuple[int, int]], view: memoryview) -> None:
-        """Read ``ranges`` concurrently into ``view``, one after another in list order.
-
-        Call only outside HDF5 calls (see the module docstring).
-        """
-        view[:] = self.start_read(ranges)()
-
     def start_read(self, ranges: list[tuple[int, int]]) -> Callable[[], memoryview]:
         """Start reading ``ranges`` concurrently; return the function that waits for them.
 
