@@ -173,7 +173,7 @@ class _Store:
         self.rangefile = source if source is not None and not isinstance(source, str) else None
         self.local_file = source if isinstance(source, str) else None
         self._fd: int | None = None
-        self._index: IndexReader | None = None
+        self._size: int | None = None  # of the file, once asked
         self.closed = False
         self.modified = False
         self._cache: dict[str, Any] = {}
@@ -329,9 +329,6 @@ class _Store:
 
     def _index_reader(self) -> IndexReader:
         """Read chunk indexes with our own concurrent reads (whole ones, when remote)."""
-        if self._index is not None:
-            return self._index
-
         def read(ranges: list[tuple[int, int]]) -> list[memoryview]:
             buffer = self._start_fetch(ranges)()
             view = memoryview(buffer if buffer is not None else b"")
@@ -341,14 +338,14 @@ class _Store:
                 at += stop - start
             return out
 
-        if self.rangefile is not None:
-            size = self.rangefile.size
-        else:
+        if self._size is None:
             import os
 
-            size = os.stat(str(self.local_file)).st_size
-        self._index = IndexReader(read, size, whole=self.remote)
-        return self._index
+            self._size = (self.rangefile.size if self.rangefile is not None
+                          else os.stat(str(self.local_file)).st_size)
+        # made anew each time: kept on the store, its closure would tie the store into a
+        # reference cycle, left to the garbage collector to free (with its HDF5 handles)
+        return IndexReader(read, self._size, whole=self.remote)
 
     def _start_fetch(self, ranges: list[tuple[int, int]]
                      ) -> Callable[[], bytearray | memoryview | None]:
