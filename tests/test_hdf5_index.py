@@ -2,33 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 import pytest
+from byte_reader import Reader
 
 from lamin_io.accessors._hdf5_btree import chunk_table
 
 if TYPE_CHECKING:
     from pathlib import Path
-
-
-class Reader:
-    """Reads byte ranges of a file with ``os.pread``, counting calls (round trips)."""
-
-    def __init__(self, path: Path) -> None:
-        self.fd = os.open(path, os.O_RDONLY)
-        self.size = os.fstat(self.fd).st_size
-        self.calls = 0
-
-    def __call__(self, ranges: list[tuple[int, int]]) -> list[bytes]:
-        self.calls += 1
-        return [os.pread(self.fd, b - a, a) for a, b in ranges]
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 def _table(path: Path, name: str) -> np.ndarray | None:

@@ -234,3 +234,20 @@ def test_range_file_reads_ahead_of_in_order_small_reads_only(s3_server, tmp_path
     assert largest == READ_AHEAD
     assert len(scattered) == 16
     assert all(n == METADATA_BLOCK for *_, n in scattered)
+
+
+def test_h5ad_names_come_from_the_string_heap_in_few_requests(atlas, s3_server) -> None:
+    """obs and var names: the heap IDs in one request, their heap collections in one more."""
+    folder, adata = atlas
+    remote = _upload(folder / "atlas.h5ad", s3_server.endpoint)
+    with ln.open(remote) as acc:
+        acc.storage["obs/_index"].id.get_offset()  # the dataset's header, read by HDF5
+        s3_server.reset()
+        names = acc.obs_names
+        gets = s3_server.stats.gets()
+        assert list(names) == list(adata.obs_names)
+        with h5py.File(folder / "atlas.h5ad") as f:
+            ids = f["obs/_index"].id.get_storage_size()
+        # the IDs and every collection, each once (HDF5 reads a collection at a time)
+        assert len(gets) <= 4, gets
+        assert sum(n for *_, n in gets) < 4 * ids

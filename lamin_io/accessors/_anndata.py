@@ -100,6 +100,10 @@ def is_anndata(path: UPath) -> bool:
         return suffix_of(path.name).lower().startswith(".h5ad")  # let the opener report it
     try:
         return _is_anndata_group(file)
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:  # attributes HDF5 cannot read
+        msg = (f"{path}: the file's root metadata cannot be read ({exc}); the file is "
+               f"damaged: restore it from its source")
+        raise CorruptArtifactError(msg) from exc
     finally:
         file.close()
         for h in handles:
@@ -155,6 +159,9 @@ def load_anndata(path: UPath, **kwargs: Any) -> ad.AnnData:
 
 
 # -- the shared store ----------------------------------------------------------------------
+
+_FEW_STRINGS = 1024  # h5py reads fewer strings faster than our two rounds of reads
+
 
 class _Store:
     """An open file or group shared by an accessor and every subset made from it."""
@@ -247,7 +254,7 @@ class _Store:
             elem = self.get(key)
             if el.is_group(elem) and el.encoding(elem) == "dataframe":
                 # reuse the index if the names were read already; read each column once
-                return el.read_dataframe_columns(elem, self.axis_names(key))
+                return el.read_dataframe_columns(elem, self.axis_names(key), self.strings)
             return el.read_dataframe(elem, self.uns_group())
 
         return self.cached(f"df:{key}", load)
@@ -327,25 +334,37 @@ class _Store:
 
         return finish
 
-    def _index_reader(self) -> IndexReader:
-        """Read chunk indexes with our own concurrent reads (whole ones, when remote)."""
-        def read(ranges: list[tuple[int, int]]) -> list[memoryview]:
-            buffer = self._start_fetch(ranges)()
-            view = memoryview(buffer if buffer is not None else b"")
-            out, at = [], 0
-            for start, stop in ranges:
-                out.append(view[at:at + stop - start])
-                at += stop - start
-            return out
+    def _read_ranges(self, ranges: list[tuple[int, int]]) -> list[memoryview]:
+        """Read byte ranges of the file concurrently; each one's bytes (short past the end)."""
+        buffer = self._start_fetch(ranges)()
+        view = memoryview(buffer if buffer is not None else b"")
+        out, at = [], 0
+        for start, stop in ranges:
+            out.append(view[at:at + stop - start])
+            at += stop - start
+        return out
 
+    def _file_size(self) -> int:
         if self._size is None:
             import os
 
             self._size = (self.rangefile.size if self.rangefile is not None
                           else os.stat(str(self.local_file)).st_size)
-        # made anew each time: kept on the store, its closure would tie the store into a
-        # reference cycle, left to the garbage collector to free (with its HDF5 handles)
-        return IndexReader(read, self._size, whole=self.remote)
+        return self._size
+
+    def _index_reader(self) -> IndexReader:
+        """Read chunk indexes with our own concurrent reads (whole ones, when remote)."""
+        # made anew each time: kept on the store, its bound method would tie the store into
+        # a reference cycle, left to the garbage collector to free (with its HDF5 handles)
+        return IndexReader(self._read_ranges, self._file_size(), whole=self.remote)
+
+    def strings(self, ds: Any) -> np.ndarray | None:
+        """Read an HDF5 variable-length string array from its heap ourselves (else ``None``)."""
+        if self.local_file is None and self.rangefile is None or ds.shape[0] < _FEW_STRINGS:
+            return None
+        from lamin_io.accessors._hdf5_strings import read_vlen_strings
+
+        return read_vlen_strings(ds, self._read_ranges, self._file_size())
 
     def _start_fetch(self, ranges: list[tuple[int, int]]
                      ) -> Callable[[], bytearray | memoryview | None]:
@@ -415,7 +434,7 @@ def _index_of(elem: Any, store: _Store, key: str) -> pd.Index:
 
     if el.is_group(elem) and el.encoding(elem) == "dataframe":
         index_key = el.attr(elem, "_index", "_index")
-        values = el.read_element(elem[index_key])
+        values = el.read_element(elem[index_key], store.strings)
         return pd.Index(values, name=None if index_key == "_index" else index_key)
     return store.dataframe(key).index
 

@@ -16,7 +16,12 @@ from lamin_io.accessors._rows import SparseParts
 from lamin_io.errors import CorruptArtifactError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import pandas as pd
+
+    #: Reads a string array faster than h5py, or returns ``None`` where it cannot.
+    StringReader = Callable[[Any], np.ndarray | None]
 
 __all__ = ["attr", "encoding", "is_group", "matrix", "read_dataframe",
            "read_dataframe_columns", "read_element",
@@ -91,16 +96,21 @@ def _hdf5_strings(ds: Any) -> np.ndarray | None:
     return values.astype(object)
 
 
-def read_element(elem: Any) -> Any:
-    """Read a whole element into memory (anndata's reader for encoded elements)."""
+def read_element(elem: Any, strings: StringReader | None = None) -> Any:
+    """Read a whole element into memory (anndata's reader for encoded elements).
+
+    ``strings`` may read a string array faster than h5py (``None`` where it cannot).
+    """
     from anndata.io import read_elem
 
     if not is_group(elem) and elem.dtype.names is not None:
         return read_dataframe(elem)
     if encoding(elem) == "string-array":
-        strings = _hdf5_strings(elem)
-        if strings is not None:
-            return strings
+        values = strings(elem) if strings is not None else None
+        if values is None:
+            values = _hdf5_strings(elem)
+        if values is not None:
+            return values
     if not encoding(elem) and is_group(elem):
         if attr(elem, "h5sparse_format"):
             parts = matrix(elem)
@@ -149,13 +159,15 @@ def read_dataframe(elem: Any, uns: Any = None) -> pd.DataFrame:
     return df
 
 
-def read_dataframe_columns(group: Any, index: pd.Index) -> pd.DataFrame:
+def read_dataframe_columns(group: Any, index: pd.Index,
+                           strings: StringReader | None = None) -> pd.DataFrame:
     """Read an encoded data frame's columns (in their stored order) around a known index."""
     import pandas as pd
 
     order = attr(group, "column-order")
     names = list(order) if order is not None else []
-    return pd.DataFrame({n: read_element(group[n]) for n in names}, index=index.copy(),
+    return pd.DataFrame({n: read_element(group[n], strings) for n in names},
+                        index=index.copy(),
                         columns=pd.Index(names, dtype=object))
 
 
