@@ -302,12 +302,14 @@ class _MinorFilter:
 
 
 def _inside_mask(n: int, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Boolean mask of the buffer positions inside ``[starts[i], starts[i] + lengths[i])``."""
-    delta = np.zeros(n + 1, dtype=np.int8)
+    """Boolean mask of the buffer positions inside ``[starts[i], starts[i] + lengths[i])``.
+
+    The ranges are in order and do not overlap (a batch's pieces of distinct rows).
+    """
     nonzero = lengths > 0
-    np.add.at(delta, starts[nonzero], 1)
-    np.add.at(delta, starts[nonzero] + lengths[nonzero], -1)
-    return np.cumsum(delta[:-1], dtype=np.int8).astype(bool)
+    begin, end = starts[nonzero], starts[nonzero] + lengths[nonzero]
+    segments = np.diff(np.column_stack([begin, end]).reshape(-1), prepend=0, append=n)
+    return np.repeat(np.tile(np.array([False, True]), len(begin) + 1)[:-1], segments)
 
 
 def _cut(rows: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
