@@ -48,6 +48,7 @@ def _collections(path: Path, name: str) -> set[int]:
 
 CASES = {
     "names": [f"cell_{i}" for i in range(30_000)],
+    "many": [f"AACGT{i:08d}-1" for i in range(120_000)],  # heap collections over several slabs
     "unicode": [["Zelle_ü", "細胞", "", "a" * 100, "x"][i % 5] + str(i) * (i % 3)
                 for i in range(5_000)],
     "empty": [""] * 1_000,
