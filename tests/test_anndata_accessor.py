@@ -296,3 +296,21 @@ def test_other_layouts_on_s3(layout: tuple[Any, str], truths: dict[str, ad.AnnDa
         index = _keys(truth)["mask_x_gene_names"]
         assert_values_equal(acc[index].X, truth[index].X, "X")
         assert_values_equal(acc[index].obs, truth[index].obs, "obs")
+
+
+def test_matrix_values_behind_an_external_link_come_from_the_linked_file(
+        tmp_path: Path) -> None:
+    import h5py
+    import scipy.sparse as sp
+
+    x = sp.random(2_000, 50, density=0.1, format="csr", dtype=np.float32, random_state=0)
+    adata = ad.AnnData(x)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    adata.X = x * 2
+    adata.write_h5ad(tmp_path / "b.h5ad")
+    with h5py.File(tmp_path / "a.h5ad", "r+") as f:
+        del f["X/data"]
+        f["X/data"] = h5py.ExternalLink(str(tmp_path / "b.h5ad"), "X/data")
+    rows = np.arange(0, 2_000, 7)
+    with ln.open(tmp_path / "a.h5ad") as acc:
+        np.testing.assert_array_equal(acc[rows].X.toarray(), (x * 2)[rows].toarray())

@@ -23,10 +23,15 @@ VLEN = h5py.string_dtype()
 
 def _read(path: Path, name: str) -> tuple[np.ndarray | None, int]:
     """``read_vlen_strings`` of dataset ``name``, and how many round trips it took."""
+    got, reader = _read_counted(path, name)
+    return got, reader.calls
+
+
+def _read_counted(path: Path, name: str) -> tuple[np.ndarray | None, Reader]:
     reader = Reader(path)
     try:
         with h5py.File(path, "r") as f:
-            return read_vlen_strings(f[name], reader, reader.size), reader.calls
+            return read_vlen_strings(f[name], reader, reader.size), reader
     finally:
         reader.close()
 
@@ -166,3 +171,63 @@ def test_accessor_names_from_the_heap_and_a_damaged_one(tmp_path: Path) -> None:
         fh.write(b"XXXX")
     with pytest.raises(CorruptArtifactError, match="damaged"):
         ln.open(path)
+
+
+def test_a_nul_ends_a_string_as_in_h5py(tmp_path: Path) -> None:
+    path = tmp_path / "s.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("s", data=np.array([f"cell_{i}" for i in range(2_000)], dtype=object),
+                         dtype=VLEN)
+    data = path.read_bytes()
+    at = data.index(b"cell_1234")
+    path.write_bytes(data[:at + 2] + b"\x00" + data[at + 3:])
+    got, _ = _read(path, "s")
+    assert got is not None
+    assert list(got) == _h5py(path, "s")
+    assert got[1234] == "ce"
+
+
+def test_reads_only_the_collections_bytes_between_other_data(tmp_path: Path) -> None:
+    """Small collections far apart (other data between them): their bytes, not the gaps."""
+    path = tmp_path / "s.h5"
+    values = [f"name-{i}" for i in range(4_000)]
+    with h5py.File(path, "w") as f:
+        ds = f.create_dataset("s", shape=(len(values),), dtype=VLEN)
+        for k in range(0, len(values), 200):
+            ds[k:k + 200] = np.array(values[k:k + 200], dtype=object)
+            f.create_dataset(f"filler{k}", data=np.zeros(100_000))  # 800 KB apart
+    assert len(_collections(path, "s")) >= 10
+    got, reader = _read_counted(path, "s")
+    assert got is not None
+    assert list(got) == values
+    assert reader.bytes < 2 * 16 * len(values) + len(_collections(path, "s")) * 8192
+    assert reader.calls <= 3
+
+
+def test_addresses_outside_the_file_are_left_to_h5py(tmp_path: Path) -> None:
+    path = tmp_path / "s.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("s", data=np.array([f"x{i}" for i in range(2_000)], dtype=object),
+                         dtype=VLEN)
+        start = f["s"].id.get_offset()
+    size = path.stat().st_size
+    for address in (size + 10, 2**63 + 5):
+        with open(path, "r+b") as fh:  # the first heap ID's collection address
+            fh.seek(start + 4)
+            fh.write(address.to_bytes(8, "little"))
+        assert _read(path, "s")[0] is None
+
+
+def test_names_behind_an_external_link_come_from_the_linked_file(tmp_path: Path) -> None:
+    names = [f"cell_{i}" for i in range(3_000)]
+    adata = ad.AnnData(np.ones((3_000, 2), dtype=np.float32),
+                       obs=pd.DataFrame(index=names), var=pd.DataFrame(index=["a", "b"]))
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    adata.obs_names = [f"other_{i}" for i in range(3_000)]
+    adata.write_h5ad(tmp_path / "b.h5ad")
+    with h5py.File(tmp_path / "a.h5ad", "r+") as f:  # a's own names stay in its file
+        del f["obs/_index"]
+        f["obs/_index"] = h5py.ExternalLink(str(tmp_path / "b.h5ad"), "obs/_index")
+    with ln.open(tmp_path / "a.h5ad") as acc:
+        assert list(acc.obs_names) == list(adata.obs_names)
+

@@ -287,7 +287,12 @@ class _Store:
         """Whether ``arr``'s bytes can be read without HDF5 (1-D, unfiltered, allocated)."""
         from lamin_io.accessors._hdf5_ranges import is_direct
 
-        return bool(self.cached(f"direct:{arr.name}", lambda: is_direct(arr)))
+        return bool(self.cached(f"direct:{arr.name}",
+                                lambda: self._in_file(arr) and is_direct(arr)))
+
+    def _in_file(self, ds: Any) -> bool:
+        """Whether ``ds`` lies in this store's file (not in one behind an external link)."""
+        return bool(ds.file == self.group.file)
 
     def _start_runs(self, items: list[tuple[Any, np.ndarray, np.ndarray]]
                     ) -> Callable[[], list[np.ndarray | None]]:
@@ -360,7 +365,8 @@ class _Store:
 
     def strings(self, ds: Any) -> np.ndarray | None:
         """Read an HDF5 variable-length string array from its heap ourselves (else ``None``)."""
-        if self.local_file is None and self.rangefile is None or ds.shape[0] < _FEW_STRINGS:
+        if (self.local_file is None and self.rangefile is None or ds.shape[0] < _FEW_STRINGS
+                or not self._in_file(ds)):
             return None
         from lamin_io.accessors._hdf5_strings import read_vlen_strings
 

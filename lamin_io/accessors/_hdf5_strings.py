@@ -35,8 +35,8 @@ __all__ = ["read_vlen_strings"]
 _HEAP_ID = np.dtype([("length", "<u4"), ("collection", "<u8"), ("index", "<u4")])
 _COLLECTION_HEADER = 16  # "GCOL", version 1, 3 reserved bytes, collection size
 _OBJECT_HEADER = 16  # object index, reference count, 4 reserved bytes, object size
-_FIRST_READ = 1 << 16  # what is read of a collection before its size is known
-_MAX_GUESS = 1 << 20  # at most this much is read towards the next collection
+_MIN_COLLECTION = 4096  # HDF5 makes no smaller collection
+_MAX_OTHER = 1 << 20  # a collection holding more bytes than this beyond the objects named
 _SLAB_BYTES = 1 << 20  # collections are decoded this many bytes at a time
 
 
@@ -67,22 +67,28 @@ def _walk(buf: np.ndarray, begin: int, end: int) -> dict[int, int]:
     return found
 
 
-def _fetch_collections(addresses: np.ndarray, read: Callable[[list[tuple[int, int]]],
-                       Sequence[Any]], size: int) -> list[Any] | None:
-    """Read whole collections; return each one's bytes (a buffer of exactly its size)."""
+def _fetch_collections(addresses: np.ndarray, need: np.ndarray,
+                       read: Callable[[list[tuple[int, int]]], Sequence[Any]],
+                       size: int) -> list[Any] | None:
+    """Read whole collections; return each one's bytes (a buffer of exactly its size).
+
+    ``need`` is how many bytes each collection holds at least (its header and the objects
+    named): that much is read first, the rest (objects of other datasets, free space)
+    once the header tells the size. ``None`` for a collection that is not one, or that
+    holds far more than the objects named.
+    """
     nxt = np.append(addresses[1:], size)
-    first_stop = np.minimum(np.minimum(nxt, addresses + _MAX_GUESS), size)
-    # a collection ending where the next one begins is read whole in the first round
-    first_stop = np.where(nxt - addresses <= _MAX_GUESS, first_stop,
-                          np.minimum(addresses + _FIRST_READ, size))
+    # (a page more than the objects named: the free space's header, a few other objects)
+    first_stop = np.minimum(addresses + np.maximum(need, _MIN_COLLECTION) + _MIN_COLLECTION,
+                            nxt)
     pieces = list(read(list(zip(addresses.tolist(), first_stop.tolist(), strict=True))))
     sizes = []
     rest: list[tuple[int, int]] = []
-    for address, piece in zip(addresses.tolist(), pieces, strict=True):
+    for address, piece, least in zip(addresses.tolist(), pieces, need.tolist(), strict=True):
         if len(piece) < _COLLECTION_HEADER or bytes(piece[:4]) != b"GCOL" or piece[4] != 1:
             return None
         n = int.from_bytes(bytes(piece[8:16]), "little")
-        if n < _COLLECTION_HEADER or address + n > size:
+        if n < max(_COLLECTION_HEADER, least) or address + n > size or n > least + _MAX_OTHER:
             return None
         sizes.append(n)
         if n > len(piece):
@@ -194,7 +200,8 @@ def _to_strings(buf: np.ndarray, positions: np.ndarray, lengths: np.ndarray,
     else:  # NUL inside a string
         stops = np.cumsum(lengths + 1) - 1
         bounds = zip((stops - lengths).tolist(), stops.tolist(), strict=True)
-        out[:] = [raw[a:b].decode() for a, b in bounds]
+        # HDF5's strings end at a NUL, as h5py reads them
+        out[:] = [raw[a:b].split(b"\x00", 1)[0].decode() for a, b in bounds]
     if order is not None:
         out[order] = out.copy()
     return out
@@ -229,18 +236,23 @@ def read_vlen_strings(ds: Any, read: Callable[[list[tuple[int, int]]], Sequence[
         return None
     if not stored.any():
         return np.full(n, "", dtype=object)
+    if np.any(collection > max(0, size - _COLLECTION_HEADER)):
+        return None  # an address outside the file
     found = _objects(*((collection, index) if every else (collection[stored], index[stored])))
     if found is None:
         return None
     addresses, which, objects_index, element_object = found
-    collections = _fetch_collections(addresses, read, size)
-    if collections is None:
-        return None
     stored_lengths = lengths if every else lengths[stored]
     object_length = np.zeros(len(objects_index), dtype=np.int64)  # what the IDs say
     object_length[element_object] = stored_lengths
     if np.any(object_length[element_object] != stored_lengths):
         return None  # one heap object named with different lengths
+    need = _COLLECTION_HEADER + np.bincount(
+        which, weights=_OBJECT_HEADER + _padded(object_length),
+        minlength=len(addresses)).astype(np.int64)
+    collections = _fetch_collections(addresses, need, read, size)
+    if collections is None:
+        return None
     strings = np.empty(len(objects_index), dtype=object)
     # a slab of collections at a time: the work arrays stay small
     slab_of = np.cumsum([len(c) for c in collections]) // _SLAB_BYTES

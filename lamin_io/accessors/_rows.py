@@ -385,50 +385,53 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
                             (parts.indices, run_starts[r0:r1], run_stops[r0:r1])], hooks)
 
     upcoming = begin(0) if batches else None
-    for b, (r0, r1) in enumerate(batches):
-        current = upcoming  # drops the previous batch's buffers first
-        assert current is not None  # noqa: S101
-        upcoming = begin(b + 1) if b + 1 < len(batches) else None
-        try:
-            data_buf, index_buf = current()  # the next batch is on its way meanwhile
-        except BaseException:
-            _settle(upcoming)  # no read may outlive the request (the file may close)
-            raise
-        in_batch = (run_of >= r0) & (run_of < r1)
-        sel_rows = piece_rows[in_batch]  # a row has at most one piece in a batch
-        sel_runs = run_of[in_batch]
-        buffer_offsets = np.concatenate(([0], np.cumsum(run_sizes[r0:r1])[:-1]))
-        local_starts = buffer_offsets[sel_runs - r0] + (piece_starts[in_batch]
-                                                        - run_starts[sel_runs])
-        sel_lengths = piece_lengths[in_batch]
-        n_selected = int(sel_lengths.sum())
-        inside = None
-        if 4 * n_selected < len(data_buf):  # a small selection in a large read: gather it
-            gather = expand(local_starts, sel_lengths)
-            data_buf, index_buf = data_buf[gather], index_buf[gather]
-            local_starts = np.cumsum(sel_lengths) - sel_lengths
-        elif n_selected != len(data_buf):  # gaps were read: mask them out
-            inside = _inside_mask(len(data_buf), local_starts, sel_lengths)
-        keep = minor_filter.mask(index_buf)
-        if inside is not None:
-            keep = inside if keep is None else keep & inside
-        if keep is None:
-            counts[sel_rows] += sel_lengths
-            data_parts.append(data_buf)
-            index_parts.append(minor_filter.remap(index_buf))
-        elif 8 * int(np.count_nonzero(keep)) < len(keep):  # few kept (a gene list)
-            at = np.flatnonzero(keep)
-            row_of = np.searchsorted(local_starts, at, side="right") - 1
-            counts[sel_rows] += np.bincount(row_of, minlength=len(sel_rows))
-            data_parts.append(data_buf[at])
-            index_parts.append(minor_filter.remap(index_buf[at]))
-        else:
-            kept = np.concatenate(([0], np.cumsum(keep, dtype=np.int64 if len(keep) >= 2**31
-                                                  else np.int32)))
-            counts[sel_rows] += kept[local_starts + sel_lengths] - kept[local_starts]
-            data_parts.append(data_buf[keep])
-            index_parts.append(minor_filter.remap(index_buf[keep]))
-        del data_buf, index_buf, keep  # before the next batch's buffer is made
+    current = None
+    try:
+        for b, (r0, r1) in enumerate(batches):
+            current, upcoming = upcoming, None  # drops the previous batch's buffers first
+            assert current is not None  # noqa: S101
+            upcoming = begin(b + 1) if b + 1 < len(batches) else None
+            pending, current = current, None  # (a wait that raises has ended its reads)
+            data_buf, index_buf = pending()  # the next batch is on its way meanwhile
+            in_batch = (run_of >= r0) & (run_of < r1)
+            sel_rows = piece_rows[in_batch]  # a row has at most one piece in a batch
+            sel_runs = run_of[in_batch]
+            buffer_offsets = np.concatenate(([0], np.cumsum(run_sizes[r0:r1])[:-1]))
+            local_starts = buffer_offsets[sel_runs - r0] + (piece_starts[in_batch]
+                                                            - run_starts[sel_runs])
+            sel_lengths = piece_lengths[in_batch]
+            n_selected = int(sel_lengths.sum())
+            inside = None
+            if 4 * n_selected < len(data_buf):  # a small selection in a large read: gather it
+                gather = expand(local_starts, sel_lengths)
+                data_buf, index_buf = data_buf[gather], index_buf[gather]
+                local_starts = np.cumsum(sel_lengths) - sel_lengths
+            elif n_selected != len(data_buf):  # gaps were read: mask them out
+                inside = _inside_mask(len(data_buf), local_starts, sel_lengths)
+            keep = minor_filter.mask(index_buf)
+            if inside is not None:
+                keep = inside if keep is None else keep & inside
+            if keep is None:
+                counts[sel_rows] += sel_lengths
+                data_parts.append(data_buf)
+                index_parts.append(minor_filter.remap(index_buf))
+            elif 8 * int(np.count_nonzero(keep)) < len(keep):  # few kept (a gene list)
+                at = np.flatnonzero(keep)
+                row_of = np.searchsorted(local_starts, at, side="right") - 1
+                counts[sel_rows] += np.bincount(row_of, minlength=len(sel_rows))
+                data_parts.append(data_buf[at])
+                index_parts.append(minor_filter.remap(index_buf[at]))
+            else:
+                kept = np.concatenate(([0], np.cumsum(keep, dtype=np.int64 if len(keep) >= 2**31
+                                                      else np.int32)))
+                counts[sel_rows] += kept[local_starts + sel_lengths] - kept[local_starts]
+                data_parts.append(data_buf[keep])
+                index_parts.append(minor_filter.remap(index_buf[keep]))
+            del data_buf, index_buf, keep  # before the next batch's buffer is made
+    except BaseException:
+        _settle(current)  # no read may outlive the request (the file may close)
+        _settle(upcoming)
+        raise
 
     dtype = parts.data.dtype
     data = np.concatenate(data_parts) if data_parts else np.empty(0, dtype=dtype)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -39,8 +40,9 @@ _pool_lock = threading.Lock()
 
 
 def _reset_after_fork() -> None:
-    global _pool
+    global _pool, _pool_lock
     _pool = None  # a pool's threads do not survive fork: the child makes its own
+    _pool_lock = threading.Lock()  # (a pool thread may have held it at the fork)
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
@@ -68,7 +70,7 @@ def _read_cached(fd: int, ranges: list[tuple[int, int]], view: memoryview,
         except BlockingIOError:
             n = -1
         except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL) or start < 0:
                 raise
             _NOWAIT = 0  # this kernel or filesystem cannot: read everything normally
             return list(range(i, len(ranges)))
@@ -120,7 +122,9 @@ def start_pread_ranges(fd: int, ranges: list[tuple[int, int]]
 
     def wait() -> bytearray | None:
         done = started.result()
-        ok = done if isinstance(done, bool) else all(f.result() for f in done)
-        return buffer if ok else None
+        if isinstance(done, bool):
+            return buffer if done else None
+        futures.wait(done)  # all of them, before any error is raised
+        return buffer if all(f.result() for f in done) else None
 
     return wait

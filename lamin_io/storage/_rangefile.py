@@ -18,6 +18,7 @@ fetches use a thread pool and are only made outside HDF5 calls.
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import io
 import threading
 from typing import TYPE_CHECKING, Any
@@ -141,6 +142,7 @@ class RangeFile(io.RawIOBase):
         squeezed: list[bool] = []
 
         def wait() -> memoryview:
+            concurrent.futures.wait(futures)  # all of them, before any error is raised
             for future in futures:
                 future.result()
             if landed != offset and not squeezed:  # squeeze the gaps out, left to right
