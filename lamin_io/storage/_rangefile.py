@@ -62,6 +62,7 @@ class RangeFile(io.RawIOBase):
         # straight into the caller's buffer (``read_at`` would allocate a copy per request)
         self._handles: list[Any] = []
         self._handles_lock = threading.Lock()
+        self._closing = False
         self.size = int(self._reader.size())
         self._block = block_size
         self._blocks: dict[int, bytes] = {}
@@ -95,11 +96,14 @@ class RangeFile(io.RawIOBase):
                     self._short(start, done, len(view))
                 done += n
         finally:
+            # nothing that may run the garbage collector under the lock: a collection
+            # there can wait on HDF5's lock, held by a thread that waits on this one
             with self._handles_lock:
-                if self.closed:
-                    handle.close()
-                else:
+                kept = not self._closing
+                if kept:
                     self._handles.append(handle)
+            if not kept:
+                handle.close()
 
     def _short(self, start: int, got: int, wanted: int) -> None:
         msg = (f"{self._path}: read {got} of {wanted} bytes at offset {start}: the object "
@@ -250,9 +254,10 @@ class RangeFile(io.RawIOBase):
         if not self.closed:
             self._reader.close()
             with self._handles_lock:
-                for handle in self._handles:
-                    handle.close()
-                self._handles.clear()
+                self._closing = True  # handles in use are closed when returned
+                idle, self._handles = self._handles, []
+            for handle in idle:
+                handle.close()
             self._blocks.clear()
             self.release()
         super().close()
