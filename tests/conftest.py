@@ -15,6 +15,16 @@ if TYPE_CHECKING:
 BUCKET = "lamin-io-test"
 
 
+def upload(local: Path, endpoint: str) -> Any:
+    """Copy a local file or folder to a fresh place in the test bucket; its ``UPath``."""
+    from lamin_io.storage import to_upath
+
+    remote = to_upath(f"s3://{BUCKET}/{uuid.uuid4().hex}/{local.name}",
+                      {"endpoint_url": endpoint})
+    remote.fs.put(str(local), remote.path, recursive=local.is_dir())
+    return remote
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[Any]:
     """moto's S3 server on 127.0.0.1 at a free port, with one bucket, counting traffic."""

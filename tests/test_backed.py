@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 import pytest
 import zarr
-from conftest import BUCKET
+from conftest import upload
 
 import lamin_io as ln
 from lamin_io import errors
 from lamin_io.accessors._backed import BackedAccessor
-from lamin_io.storage import to_upath
 
 if TYPE_CHECKING:
     from pathlib import Path
 
 
-def _upload(local: Path, endpoint: str) -> Any:
-    remote = to_upath(f"s3://{BUCKET}/{uuid.uuid4().hex}/{local.name}",
-                      {"endpoint_url": endpoint})
-    remote.fs.put(str(local), remote.path, recursive=local.is_dir())
-    return remote
 
 
 def _write_h5(tmp_path: Path) -> Path:
@@ -52,7 +45,7 @@ def _open(path: Path, where: str, request: pytest.FixtureRequest) -> BackedAcces
         acc = ln.open(path)
     else:
         endpoint = request.getfixturevalue("s3_endpoint")
-        remote = _upload(path, endpoint)
+        remote = upload(path, endpoint)
         acc = ln.open(str(remote), storage_options={"endpoint_url": endpoint})
     assert isinstance(acc, BackedAccessor)
     return acc

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -12,10 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from conftest import BUCKET
+from conftest import upload
 
 import lamin_io as ln
-from lamin_io.storage import to_upath
 from lamin_io.storage._localread import READ_THREADS
 
 if TYPE_CHECKING:
@@ -45,11 +43,6 @@ def atlas(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ad.AnnData]:
     return folder, adata
 
 
-def _upload(local: Path, endpoint: str) -> Any:
-    remote = to_upath(f"s3://{BUCKET}/{uuid.uuid4().hex}/{local.name}",
-                      {"endpoint_url": endpoint})
-    remote.fs.put(str(local), remote.path, recursive=local.is_dir())
-    return remote
 
 
 def _selection(adata: ad.AnnData) -> tuple[np.ndarray, list[str]]:
@@ -92,7 +85,7 @@ def test_h5ad_reads_only_the_chunks_holding_the_selection(atlas, s3_server, tmp_
         with h5py.File(local, "r+") as f:
             del f["X"]
             ad.io.write_elem(f, "X", adata.X, dataset_kwargs={"chunks": (chunk,)})
-    remote = _upload(local, s3_server.endpoint)
+    remote = upload(local, s3_server.endpoint)
     mask, genes = _selection(adata)
     assert 0.03 < mask.mean() < 0.07
     # what the same steps read with no cell selected: headers, b-trees, obs, var, indptr
@@ -159,7 +152,7 @@ def _zarr_chunk_sizes(remote: Any, array: str) -> dict[int, int]:
 
 def test_zarr_reads_only_the_chunks_holding_the_selection(atlas, s3_server) -> None:
     folder, adata = atlas
-    remote = _upload(folder / "atlas.zarr", s3_server.endpoint)
+    remote = upload(folder / "atlas.zarr", s3_server.endpoint)
     mask, genes = _selection(adata)
     s3_server.reset()
     got = _read(remote, mask, genes)
@@ -199,7 +192,7 @@ def test_range_file_shares_requests_across_small_gaps_only(s3_server, tmp_path) 
 
     blob = np.random.default_rng(0).integers(0, 255, 3 << 20, dtype=np.uint8).tobytes()
     (tmp_path / "blob.bin").write_bytes(blob)
-    remote = _upload(tmp_path / "blob.bin", s3_server.endpoint)
+    remote = upload(tmp_path / "blob.bin", s3_server.endpoint)
     # a gap no longer than the range before it is read through; a longer one is not; a
     # large range is read straight into place
     ranges = [(0, 1000), (1500, 2000), (2600, 2700), (100_000, 100_010), (1 << 20, 3 << 20)]
@@ -217,7 +210,7 @@ def test_range_file_reads_ahead_of_in_order_small_reads_only(s3_server, tmp_path
 
     blob = np.random.default_rng(1).integers(0, 255, 4 << 20, dtype=np.uint8).tobytes()
     (tmp_path / "heap.bin").write_bytes(blob)
-    remote = _upload(tmp_path / "heap.bin", s3_server.endpoint)
+    remote = upload(tmp_path / "heap.bin", s3_server.endpoint)
     with RangeFile(remote) as rf:
         s3_server.reset()
         for at in range(0, 2 << 20, 4096):  # HDF5 reading a heap in order, 4 KB at a time
@@ -239,7 +232,7 @@ def test_range_file_reads_ahead_of_in_order_small_reads_only(s3_server, tmp_path
 def test_h5ad_names_come_from_the_string_heap_in_few_requests(atlas, s3_server) -> None:
     """obs and var names: the heap IDs in one request, their heap collections in one more."""
     folder, adata = atlas
-    remote = _upload(folder / "atlas.h5ad", s3_server.endpoint)
+    remote = upload(folder / "atlas.h5ad", s3_server.endpoint)
     with ln.open(remote) as acc:
         acc.storage["obs/_index"].id.get_offset()  # the dataset's header, read by HDF5
         s3_server.reset()

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from conftest import BUCKET
+from conftest import BUCKET, upload
 
 import lamin_io as ln
 from lamin_io import errors
@@ -99,11 +99,6 @@ def build(layout: str, suffix: str, df: pd.DataFrame, base: Path) -> Path:
     return root
 
 
-def upload(local: Path, endpoint: str) -> Any:
-    remote = to_upath(f"s3://{BUCKET}/{uuid.uuid4().hex}/{local.name}",
-                      {"endpoint_url": endpoint})
-    remote.fs.put(str(local), remote.path, recursive=local.is_dir())
-    return remote
 
 
 def read(opened: Any, engine: str) -> pd.DataFrame:

@@ -19,6 +19,7 @@ import pytest
 import scipy.sparse as sp
 import zarr
 import zarr.codecs
+from conftest import upload
 
 import lamin_io as ln
 from lamin_io import errors
@@ -201,3 +202,41 @@ def test_runs_in_any_order_decode_each_chunk_once(stores: dict[str, Path],
         (got,) = _zarr.read_runs([(arr, starts, stops)])
     expected = np.concatenate([truth.X.data[s:e] for s, e in zip(starts, stops, strict=True)])
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("codec", ["v2-blosc", "v3-zstd"])
+def test_s3_each_chunk_is_read_once_and_only_chunks_holding_rows(
+        stores: dict[str, Path], truth: ad.AnnData, s3_server: Any, small_batches: None,
+        codec: str) -> None:
+    remote = upload(stores[codec], s3_server.endpoint)
+    in_a = np.flatnonzero(np.asarray(truth.obs["group"] == "a"))
+    rows = np.concatenate((in_a[in_a < 150], in_a[in_a > 450]))[::3]
+    with ln.open(remote) as acc:
+        s3_server.reset()
+        got = acc[rows, ["g7", "g1", "g299"]].X
+    np.testing.assert_array_equal(got.toarray(), truth[rows, ["g7", "g1", "g299"]].X.toarray())
+    indptr = truth.X.indptr
+    touched = {c for r in rows for c in range(indptr[r] // CHUNK,
+                                              (indptr[r + 1] - 1) // CHUNK + 1)
+               if indptr[r + 1] > indptr[r]}
+    for name in ("data", "indices"):
+        chunks = [int(path.rsplit("/", 1)[-1]) for _, path, _, _ in s3_server.stats.gets()
+                  if f"/X/{name}/" in path]
+        assert sorted(chunks) == sorted(touched), name  # each once, none without rows
+
+
+def test_s3_missing_and_damaged_chunks(truth: ad.AnnData, tmp_path: Path,
+                                       s3_server: Any) -> None:
+    path = tmp_path / "holes.zarr"
+    _write(truth, path, "v2-blosc")
+    (path / "X" / "data" / "2").unlink()
+    expected = ad.read_zarr(path)
+    chunk = path / "X" / "indices" / "4"
+    chunk.write_bytes(chunk.read_bytes()[:40])
+    remote = upload(path, s3_server.endpoint)
+    with ln.open(remote) as acc:  # chunk 2 of data: as zarr reads it, the fill value
+        np.testing.assert_array_equal(acc[100:200].X.toarray(),
+                                      expected[100:200].X.toarray())
+    with ln.open(remote) as acc, pytest.raises(errors.CorruptArtifactError, match="X"):
+        _ = acc[:].X
+

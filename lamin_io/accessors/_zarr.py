@@ -9,6 +9,7 @@ documents and directory listings it has seen; chunks are never cached.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -268,7 +269,9 @@ def _gather(plans: list[_Plan]) -> None:
         for job in jobs:
             _decode_into(*job)
         return
-    for future in [executor().submit(_decode_into, *job) for job in jobs]:
+    futures = [executor().submit(_decode_into, *job) for job in jobs]
+    concurrent.futures.wait(futures)  # all of them, before any error is raised
+    for future in futures:
         future.result()
 
 
