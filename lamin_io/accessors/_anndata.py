@@ -80,10 +80,15 @@ def _open_hdf5(path: UPath, mode: str) -> tuple[Any, list[Any], Any]:
         raise CorruptArtifactError(msg) from exc
 
 
-def _is_anndata_group(group: Any) -> bool:
-    if el.encoding(group) == "anndata":
-        return True
-    keys = set(group.keys())
+def _is_anndata_group(group: Any, path: UPath) -> bool:
+    try:
+        if el.encoding(group) == "anndata":
+            return True
+        keys = set(group.keys())
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:  # attributes HDF5 cannot read
+        msg = (f"{path}: the file's root metadata cannot be read ({exc}); the file is "
+               f"damaged: restore it from its source")
+        raise CorruptArtifactError(msg) from exc
     return "obs" in keys and "var" in keys
 
 
@@ -94,16 +99,12 @@ def is_anndata(path: UPath) -> bool:
             attrs = zarr_root_attrs(path)
             if attrs is not None and attrs.get("encoding-type") == "anndata":
                 return True
-            return _is_anndata_group(open_zarr_group(path, "r"))
+            return _is_anndata_group(open_zarr_group(path, "r"), path)
         file, handles, _ = _open_hdf5(path, "r")
     except CorruptArtifactError:
         return suffix_of(path.name).lower().startswith(".h5ad")  # let the opener report it
     try:
-        return _is_anndata_group(file)
-    except (OSError, RuntimeError, KeyError, ValueError) as exc:  # attributes HDF5 cannot read
-        msg = (f"{path}: the file's root metadata cannot be read ({exc}); the file is "
-               f"damaged: restore it from its source")
-        raise CorruptArtifactError(msg) from exc
+        return _is_anndata_group(file, path)
     finally:
         file.close()
         for h in handles:
@@ -134,7 +135,12 @@ def open_anndata(path: UPath, *, mode: str = "r",
         file, handles, source = _open_hdf5(path, "r")
         store = _Store(file, handles=[file, *handles], path=str(path), mode="r",
                        source=source, remote=remote, endpoint=endpoint)
-    if not _is_anndata_group(store.group):
+    try:
+        holds_anndata = _is_anndata_group(store.group, path)
+    except CorruptArtifactError:
+        store.close()
+        raise
+    if not holds_anndata:
         store.close()
         msg = f"{path} holds no AnnData (no obs/var); open it with lamin_io.open() as generic"
         raise UnsupportedFormatError(msg)

@@ -143,6 +143,8 @@ def format_for(suffix: str, path: Any = None, *, what: str = "load") -> Format:
                       if s and any(getattr(f, what) for f in fs))
         msg = f"cannot {what} {shown}; supported suffixes: {', '.join(able)}"
         raise UnsupportedFormatError(msg)
+    if len(candidates) == 1:  # nothing to tell apart: no probe (it may read the file)
+        return candidates[0]
     for fmt in candidates:
         if fmt.can_open is None or path is None or fmt.resolve("can_open")(path):
             return fmt

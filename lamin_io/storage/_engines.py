@@ -9,6 +9,8 @@ this module only rename them.
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +26,10 @@ __all__ = ["S3Access", "polars_storage_options", "pyarrow_filesystem", "s3_acces
 
 #: URL schemes that s3fs, pyarrow and polars all read as S3.
 S3_PROTOCOLS = frozenset({"s3", "s3a"})
+
+
+def _forget_clients_after_fork() -> None:
+    _s3_filesystem.cache_clear()
 
 
 @dataclass(frozen=True)
@@ -173,7 +179,17 @@ def pyarrow_filesystem(path: UPath, *, use_fsspec: bool = False) -> pyarrow.fs.F
         return pafs.LocalFileSystem()
     if use_fsspec or path.protocol not in S3_PROTOCOLS:
         return pafs.PyFileSystem(pafs.FSSpecHandler(path.fs))
-    access = s3_access(path)
+    return _s3_filesystem(s3_access(path))
+
+
+@functools.lru_cache(maxsize=32)
+def _s3_filesystem(access: S3Access) -> pyarrow.fs.S3FileSystem:
+    """Return pyarrow's S3 client for ``access``, one per process and access (pooled connections).
+
+    Made anew in a forked child: the parent's client threads and connections are not there.
+    """
+    import pyarrow.fs as pafs
+
     options: dict[str, Any] = {"region": access.region, "scheme": access.scheme,
                                "endpoint_override": access.endpoint_host,
                                "connect_timeout": access.connect_timeout,
@@ -220,3 +236,6 @@ def polars_storage_options(path: UPath) -> dict[str, str] | None:
     if access.connect_timeout is not None:
         options["connect_timeout"] = f"{access.connect_timeout:g}s"
     return options
+
+
+os.register_at_fork(after_in_child=_forget_clients_after_fork)
