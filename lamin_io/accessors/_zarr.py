@@ -9,7 +9,6 @@ documents and directory listings it has seen; chunks are never cached.
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -245,7 +244,7 @@ def _gather(plans: list[_Plan]) -> None:
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
-    from lamin_io.storage._localread import executor
+    from lamin_io.storage._localread import executor, results
 
     prototype = default_buffer_prototype()
     sources: list[Any] = [_local_folder(plan.arr) for plan in plans]
@@ -269,10 +268,7 @@ def _gather(plans: list[_Plan]) -> None:
         for job in jobs:
             _decode_into(*job)
         return
-    futures = [executor().submit(_decode_into, *job) for job in jobs]
-    concurrent.futures.wait(futures)  # all of them, before any error is raised
-    for future in futures:
-        future.result()
+    results([executor().submit(_decode_into, *job) for job in jobs])
 
 
 def _split(n: int, parts: int) -> list[tuple[int, int]]:

@@ -17,14 +17,15 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from concurrent import futures
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
-__all__ = ["READ_THREADS", "executor", "start_pread_ranges"]
+__all__ = ["READ_THREADS", "executor", "results", "start_pread_ranges"]
+
+T = TypeVar("T")
 
 #: Threads of the pool that reads byte ranges (local files and remote objects) in parallel:
 #: each blocks in a system call or in a C++ client, with the GIL released.
@@ -55,6 +56,16 @@ def executor() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="lamin-io-read")
         return _pool
+
+
+def results(futures: Sequence[Future[T]]) -> list[T]:
+    """Wait for every future, then return their results (raising the first error).
+
+    Waiting for all before raising means no task of a failed request is still running
+    when its caller moves on (and, say, closes the file the tasks read).
+    """
+    wait(futures)
+    return [f.result() for f in futures]
 
 
 def _read_cached(fd: int, ranges: list[tuple[int, int]], view: memoryview,
@@ -120,11 +131,11 @@ def start_pread_ranges(fd: int, ranges: list[tuple[int, int]]
         return lambda: buffer if _read_all(fd, ranges, view, offsets) else None
     started = executor().submit(_read_all, fd, ranges, view, offsets)
 
-    def wait() -> bytearray | None:
+    def finish() -> bytearray | None:
         done = started.result()
         if isinstance(done, bool):
             return buffer if done else None
-        futures.wait(done)  # all of them, before any error is raised
-        return buffer if all(f.result() for f in done) else None
+        ok: list[bool] = results(done)
+        return buffer if all(ok) else None
 
-    return wait
+    return finish

@@ -18,7 +18,6 @@ fetches use a thread pool and are only made outside HDF5 calls.
 from __future__ import annotations
 
 import bisect
-import concurrent.futures
 import io
 import threading
 from typing import TYPE_CHECKING, Any
@@ -121,7 +120,7 @@ class RangeFile(io.RawIOBase):
         land in one buffer, the bytes between ranges are squeezed out in place at the
         end, so a batch needs no second buffer.
         """
-        from lamin_io.storage._localread import executor
+        from lamin_io.storage._localread import executor, results
 
         groups: list[list[Any]] = []  # [file start, file stop, [(start, stop, at), ...]]
         offset, previous = 0, 0
@@ -146,9 +145,7 @@ class RangeFile(io.RawIOBase):
         squeezed: list[bool] = []
 
         def wait() -> memoryview:
-            concurrent.futures.wait(futures)  # all of them, before any error is raised
-            for future in futures:
-                future.result()
+            results(futures)
             if landed != offset and not squeezed:  # squeeze the gaps out, left to right
                 squeezed.append(True)
                 import numpy as np
