@@ -311,17 +311,18 @@ class _Store:
         """
         from lamin_io.accessors._hdf5_ranges import byte_ranges
 
-        plans: list[tuple[int, int, Any] | None] = []  # (first range, n ranges, dtype)
+        plans: list[tuple[int, Any] | None] = []  # (values, dtype)
         ranges: list[tuple[int, int]] = []
         for arr, starts, stops in items:
             if not self._direct(arr):
                 plans.append(None)
                 continue
             these = byte_ranges(arr, starts, stops, self._cache, self._index_reader())
-            if sum(e - s for s, e in these) != int((stops - starts).sum()) * arr.dtype.itemsize:
+            count = int((stops - starts).sum())
+            if sum(e - s for s, e in these) != count * arr.dtype.itemsize:
                 plans.append(None)  # unallocated chunks read as fill values: HDF5 does it
                 continue
-            plans.append((len(ranges), len(these), arr.dtype))
+            plans.append((count, arr.dtype))
             ranges.extend(these)
         if not ranges:
             return lambda: [None] * len(items)
@@ -335,12 +336,10 @@ class _Store:
                 if plan is None or buffer is None:
                     out.append(None)
                     continue
-                first, n, dtype = plan
-                size = sum(e - s for s, e in ranges[first:first + n])
-                values = np.frombuffer(buffer, dtype=dtype, count=size // dtype.itemsize,
-                                       offset=offset)
+                count, dtype = plan
+                values = np.frombuffer(buffer, dtype=dtype, count=count, offset=offset)
                 out.append(values.astype(dtype.newbyteorder("="), copy=False))
-                offset += size
+                offset += count * dtype.itemsize
             return out
 
         return finish
