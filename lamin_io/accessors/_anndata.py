@@ -167,6 +167,8 @@ def load_anndata(path: UPath, **kwargs: Any) -> ad.AnnData:
 # -- the shared store ----------------------------------------------------------------------
 
 _FEW_STRINGS = 1024  # h5py reads fewer strings faster than our two rounds of reads
+#: Runs of a request probed for being cached before read-ahead advice (see ``_advise``).
+_ADVICE_PROBES = 4
 
 
 class _Store:
@@ -287,7 +289,8 @@ class _Store:
                              gathers=_zarr.gathers)
         return ReadHooks(prefetch=self._prefetch if self.rangefile is not None else None,
                          start_runs=self._start_runs, slack_bytes=slack,
-                         whole_chunks=self.remote)
+                         whole_chunks=self.remote,
+                         advise=self._advise if self.local_file is not None else None)
 
     def _direct(self, arr: Any) -> bool:
         """Whether ``arr``'s bytes can be read without HDF5 (1-D, unfiltered, allocated)."""
@@ -343,6 +346,31 @@ class _Store:
             return out
 
         return finish
+
+    def _advise(self, items: list[tuple[Any, np.ndarray, np.ndarray]]) -> Callable[[], None]:
+        """Have the kernel read ahead the byte ranges of runs read later by ``_start_runs``.
+
+        Nothing is done when a sample of the first array's runs is cached (a warm file
+        gains nothing; locating a run's chunk can cost an HDF5 index walk, so few are
+        sampled).
+        """
+        from lamin_io.accessors._hdf5_ranges import direct_ranges
+        from lamin_io.storage._localread import cached, start_advice
+
+        items = [item for item in items if self._direct(item[0])]
+        if self._fd is None or not items:
+            return lambda: None
+        index = self._index_reader()
+        arr, starts, stops = items[0]
+        step = max(1, len(starts) // _ADVICE_PROBES)
+        begin, end = direct_ranges(arr, starts[step // 2::step], stops[step // 2::step],
+                                   self._cache, index)
+        if cached(self._fd, begin):
+            return lambda: None
+        located = [direct_ranges(arr, starts, stops, self._cache, index)
+                   for arr, starts, stops in items]
+        return start_advice(self._fd, np.concatenate([b for b, _ in located]),
+                            np.concatenate([e for _, e in located]))
 
     def _read_ranges(self, ranges: list[tuple[int, int]]) -> list[memoryview]:
         """Read byte ranges of the file concurrently; each one's bytes (short past the end)."""

@@ -11,7 +11,7 @@ from lamin_io.accessors._rows import expand
 if TYPE_CHECKING:
     from lamin_io.accessors._hdf5_btree import IndexReader
 
-__all__ = ["byte_ranges", "is_direct"]
+__all__ = ["byte_ranges", "direct_ranges", "is_direct"]
 
 
 def is_direct(ds: Any) -> bool:
@@ -38,20 +38,13 @@ def byte_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray, cache: dict[str,
     """
     if not hasattr(ds, "id") or len(starts) == 0:
         return []
-    row_bytes = int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize
     chunks = ds.chunks
-    if chunks is None:
-        offset = ds.id.get_offset()
-        if offset is None:
-            return []
-        return [(offset + int(s) * row_bytes, offset + int(e) * row_bytes)
-                for s, e in zip(starts.tolist(), stops.tolist(), strict=True) if e > s]
+    rows_whole = chunks is not None and all(
+        int(c) == int(n) for c, n in zip(chunks[1:], ds.shape[1:], strict=True))
+    if chunks is None or rows_whole and ds.id.get_create_plist().get_nfilters() == 0:
+        begin, end = direct_ranges(ds, starts, stops, cache, index)
+        return list(zip(begin.tolist(), end.tolist(), strict=True))
     rows_per_chunk = int(chunks[0])
-    unfiltered = ds.id.get_create_plist().get_nfilters() == 0
-    rows_whole = all(int(c) == int(n) for c, n in zip(chunks[1:], ds.shape[1:], strict=True))
-    if unfiltered and rows_whole:
-        return _partial_chunk_ranges(ds, starts, stops, rows_per_chunk, row_bytes, cache,
-                                     index)
     first = np.asarray(starts) // rows_per_chunk
     last = (np.asarray(stops) - 1) // rows_per_chunk
     lengths = last - first + 1
@@ -72,6 +65,25 @@ def byte_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray, cache: dict[str,
             if where is not None and where[1] > 0:
                 out.append((where[0], where[0] + where[1]))
     return out
+
+
+def direct_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray, cache: dict[str, Any],
+                  index: IndexReader | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`byte_ranges` of a contiguous, or unfiltered and chunked by rows, dataset.
+
+    Returns the ranges' starts and stops as arrays (nothing for an unallocated dataset).
+    """
+    starts, stops = np.asarray(starts, dtype=np.int64), np.asarray(stops, dtype=np.int64)
+    keep = stops > starts
+    starts, stops = starts[keep], stops[keep]
+    row_bytes = int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize
+    if ds.chunks is not None:
+        return _partial_chunk_ranges(ds, starts, stops, int(ds.chunks[0]), row_bytes, cache,
+                                     index)
+    offset = ds.id.get_offset()
+    if offset is None:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    return offset + starts * row_bytes, offset + stops * row_bytes
 
 
 def _chunk_offsets(ds: Any, chunk_ids: np.ndarray, rows_per_chunk: int,
@@ -127,14 +139,12 @@ def _chunk_offsets(ds: Any, chunk_ids: np.ndarray, rows_per_chunk: int,
 
 def _partial_chunk_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray,
                           rows_per_chunk: int, row_bytes: int, cache: dict[str, Any],
-                          index: IndexReader | None) -> list[tuple[int, int]]:
+                          index: IndexReader | None) -> tuple[np.ndarray, np.ndarray]:
     """Exact byte ranges inside unfiltered chunks that hold whole rows (vectorized).
 
-    Unallocated chunks are skipped; callers compare sizes to notice them.
+    ``starts`` and ``stops`` are non-empty ranges. Unallocated chunks are skipped; callers
+    compare sizes to notice them.
     """
-    starts, stops = np.asarray(starts, dtype=np.int64), np.asarray(stops, dtype=np.int64)
-    keep = stops > starts
-    starts, stops = starts[keep], stops[keep]
     first = starts // rows_per_chunk
     n_pieces = (stops - 1) // rows_per_chunk - first + 1
     chunk = expand(first, n_pieces)
@@ -145,7 +155,7 @@ def _partial_chunk_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray,
     allocated = offsets >= 0
     begin = offsets + (piece_start - chunk * rows_per_chunk) * row_bytes
     end = begin + (piece_stop - piece_start) * row_bytes
-    return list(zip(begin[allocated].tolist(), end[allocated].tolist(), strict=True))
+    return begin[allocated], end[allocated]
 
 
 def _product(row: int, other: list[range]) -> list[tuple[int, ...]]:

@@ -15,7 +15,8 @@ layers, ``obsm``, and later the training loaders). It
    :attr:`ReadHooks.whole_chunks`),
 3. reads in batches of at most :data:`BATCH_BYTES`, selecting columns in memory per
    batch, so peak memory follows the selection, not the file; where the store can
-   (:attr:`ReadHooks.start_runs`), the next batch is fetched while one is processed.
+   (:attr:`ReadHooks.start_runs`), the next batch is fetched while one is processed, and
+   a local file has the kernel read all later batches ahead (:attr:`ReadHooks.advise`).
 
 CSR matrices are read along rows; CSC along columns (the compressed axis), filtering rows
 in memory; dense arrays by row blocks.
@@ -83,6 +84,12 @@ class ReadHooks:
     #: processed. Takes precedence over ``read_runs``.
     start_runs: Callable[[list[tuple[Any, np.ndarray, np.ndarray]]],
                          Callable[[], list[np.ndarray | None]]] | None = None
+    #: Told, as the first batch starts, the runs of every later batch, so a local file can
+    #: have the kernel read them all ahead (a disk then works on the whole request, not
+    #: two batches at a time). Returns a function that ends the advice before the
+    #: request returns.
+    advise: Callable[[list[tuple[Any, np.ndarray, np.ndarray]]],
+                     Callable[[], None]] | None = None
 
 
 NO_HOOKS = ReadHooks()
@@ -386,7 +393,12 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
 
     upcoming = begin(0) if batches else None
     current = None
+    end_advice = None
     try:
+        if hooks.advise is not None and len(batches) > 2:
+            later = slice(batches[1][0], None)
+            end_advice = hooks.advise([(parts.data, run_starts[later], run_stops[later]),
+                                       (parts.indices, run_starts[later], run_stops[later])])
         for b, (r0, r1) in enumerate(batches):
             current, upcoming = upcoming, None  # drops the previous batch's buffers first
             assert current is not None  # noqa: S101
@@ -432,6 +444,9 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
         _settle(current)  # no read may outlive the request (the file may close)
         _settle(upcoming)
         raise
+    finally:
+        if end_advice is not None:
+            end_advice()
 
     dtype = parts.data.dtype
     data = np.concatenate(data_parts) if data_parts else np.empty(0, dtype=dtype)

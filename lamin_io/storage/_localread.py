@@ -10,6 +10,14 @@ to deliver their throughput. Measured on a virtual disk, 4.5k reads of ~4 KB: ca
 The first pass in one thread beside the caller (which meanwhile processes the batch
 before) made a 200k-cell subset's X read ~8% faster than in the caller; splitting it
 over 2 or 4 threads was slower on 2 cores.
+
+A request read in several batches tells the kernel its later ranges up front
+(:func:`start_advice`, ``POSIX_FADV_WILLNEED``): on an uncached file the device then has
+all of them queued, instead of two batches' worth at a time. The advice queues reads at
+the device's pace (~14 us a 4 KB range here, from one thread; more threads gain nothing),
+faster than 8 reading threads (~25 us) since no thread waits on each read. A cached
+request (sampled with ``RWF_NOWAIT``) is not advised. Measured on the 50k- and 200k-cell
+benchmark files, cold: X 5-15% faster.
 """
 
 from __future__ import annotations
@@ -23,7 +31,10 @@ from typing import TYPE_CHECKING, TypeVar
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-__all__ = ["READ_THREADS", "executor", "results", "start_pread_ranges"]
+    import numpy as np
+
+__all__ = ["READ_THREADS", "cached", "executor", "results", "start_advice",
+           "start_pread_ranges"]
 
 T = TypeVar("T")
 
@@ -34,6 +45,8 @@ READ_THREADS = 16
 LOCAL_THREADS = 8
 #: Below this many uncached ranges, the calling thread reads them itself.
 _MIN_PARALLEL = 64
+#: Ranges advised between checks whether the request still wants them.
+_ADVICE_STEP = 256
 
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _pool: ThreadPoolExecutor | None = None
@@ -139,3 +152,47 @@ def start_pread_ranges(fd: int, ranges: list[tuple[int, int]]
         return buffer if all(ok) else None
 
     return finish
+
+
+
+
+
+def cached(fd: int, starts: np.ndarray) -> bool:
+    """Whether the bytes at these offsets are in the page cache (``False`` if unknown).
+
+    A miss has the kernel start reading there.
+    """
+    if not _NOWAIT:
+        return False
+    probe = bytearray(1)
+    try:
+        return all(os.preadv(fd, [probe], start, _NOWAIT) == 1 for start in starts.tolist())
+    except OSError:
+        return False  # not cached (BlockingIOError), or the reads will tell what is wrong
+
+
+def _willneed(fd: int, starts: np.ndarray, stops: np.ndarray, stop: threading.Event) -> None:
+    for at in range(0, len(starts), _ADVICE_STEP):
+        if stop.is_set():
+            return
+        piece = slice(at, at + _ADVICE_STEP)
+        for start, end in zip(starts[piece].tolist(), stops[piece].tolist(), strict=True):
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+
+
+def start_advice(fd: int, starts: np.ndarray, stops: np.ndarray) -> Callable[[], None]:
+    """Have the kernel read byte ranges of a file into its cache, from a pool thread.
+
+    The device then has every range of a request queued, ahead of the reads that will
+    copy them (``posix_fadvise`` returns once a range's read is queued). Returns a
+    function that stops the advice and waits for it to end: call it before the file may
+    be closed.
+    """
+    stop = threading.Event()
+    task = executor().submit(_willneed, fd, starts, stops, stop)
+
+    def end() -> None:
+        stop.set()
+        wait([task])
+
+    return end

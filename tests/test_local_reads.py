@@ -1,0 +1,180 @@
+"""Local byte-range reads: telling cached ranges apart, and read-ahead advice."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import lamin_io as ln
+from lamin_io.accessors import _rows
+from lamin_io.storage import _localread
+from lamin_io.storage._localread import cached, start_advice, start_pread_ranges
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+pytestmark = pytest.mark.skipif(not getattr(os, "RWF_NOWAIT", 0),
+                                reason="needs preadv2 with RWF_NOWAIT (Linux)")
+
+PAGE = 4096
+
+
+def _evict(fd: int) -> None:
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Iterator[tuple[int, bytes]]:
+    """An open 8 MB file of random bytes, not in the page cache."""
+    payload = np.random.default_rng(0).bytes(8 << 20)
+    path = tmp_path / "blob.bin"
+    path.write_bytes(payload)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _evict(fd)
+        if cached(fd, np.arange(0, len(payload), 64 * PAGE)):
+            pytest.skip("this filesystem keeps its pages cached (no eviction)")
+        yield fd, payload
+    finally:
+        os.close(fd)
+
+
+def _wait_cached(fd: int, starts: np.ndarray, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if cached(fd, starts):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_cached_tells_read_pages_from_evicted_ones(data_file: tuple[int, bytes]) -> None:
+    fd, payload = data_file
+    os.pread(fd, 16 * PAGE, 0)
+    assert cached(fd, np.array([0, 5 * PAGE, 15 * PAGE + 100]))
+    assert not cached(fd, np.array([0, 1 << 20]))  # the second is not cached
+
+
+def test_advice_reads_the_advised_ranges_only(data_file: tuple[int, bytes]) -> None:
+    fd, payload = data_file
+    starts = np.arange(0, 4 << 20, 64 * PAGE, dtype=np.int64)  # every 64th page
+    stops = starts + 100
+    start_advice(fd, starts, stops)()
+    assert _wait_cached(fd, starts)
+    # pages between them were not read (one probe each, as a probe's miss reads it)
+    assert not cached(fd, starts[:8] + 32 * PAGE)
+    assert not cached(fd, np.array([6 << 20]))
+    # and the reads that follow copy the right bytes
+    ranges = list(zip(starts.tolist(), stops.tolist(), strict=True))
+    got = start_pread_ranges(fd, ranges)()
+    assert got == b"".join(payload[s:e] for s, e in ranges)
+
+
+def test_ended_advice_stops_advising(data_file: tuple[int, bytes],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    fd, payload = data_file
+    monkeypatch.setattr(_localread, "_ADVICE_STEP", 1)
+    # every page, a few times over: far longer to advise than to end
+    starts = np.tile(np.arange(0, len(payload), PAGE, dtype=np.int64), 8)
+    end = start_advice(fd, starts, starts + 1)
+    end()  # returns once the advising thread has stopped
+    # stopped at a check between ranges: the last pages were never advised
+    assert not cached(fd, starts[-1:])
+
+
+# -- the accessor: an uncached file read in many batches -----------------------------------
+
+@pytest.fixture(scope="module")
+def h5ad(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ad.AnnData]:
+    rng = np.random.default_rng(3)
+    x = sp.random(4000, 300, density=0.05, format="csr", dtype=np.float32, random_state=rng)
+    obs = pd.DataFrame({"g": pd.Categorical(rng.choice(list("abcdefgh"), 4000))},
+                       index=[f"c{i}" for i in range(4000)])
+    adata = ad.AnnData(x, obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(300)]))
+    path = tmp_path_factory.mktemp("advice") / "cells.h5ad"
+    adata.write_h5ad(path)
+    return path, adata
+
+
+def _evict_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _evict(fd)
+    finally:
+        os.close(fd)
+
+
+def test_uncached_file_in_many_batches_is_advised_and_reads_right(
+        h5ad: tuple[Path, ad.AnnData], monkeypatch: pytest.MonkeyPatch) -> None:
+    path, adata = h5ad
+    monkeypatch.setattr(_rows, "BATCH_BYTES", 8192)
+    advised: list[int] = []
+    real = _localread.start_advice
+
+    def counting(fd: int, starts: np.ndarray, stops: np.ndarray) -> object:
+        advised.append(len(starts))
+        return real(fd, starts, stops)
+
+    monkeypatch.setattr(_localread, "start_advice", counting)
+    rows = np.flatnonzero(np.asarray(adata.obs["g"] == "c"))[::-1]
+    genes = ["g3", "g250", "g0"]
+    with ln.open(path) as acc:
+        acc.var_names  # noqa: B018 (metadata is read before the file is evicted)
+        _evict_path(path)
+        cold = acc[rows, genes].X
+        warm = acc[rows, genes].X  # cached now: the sample says so, no advice
+    expected = adata[rows, genes].X.toarray()
+    np.testing.assert_array_equal(cold.toarray(), expected)
+    np.testing.assert_array_equal(warm.toarray(), expected)
+    assert len(advised) == 1
+    assert advised[0] > 0
+
+
+def test_advice_ends_when_a_batch_fails(h5ad: tuple[Path, ad.AnnData],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request that fails mid-way ends its advice before raising."""
+    path, adata = h5ad
+    monkeypatch.setattr(_rows, "BATCH_BYTES", 8192)
+    ended: list[bool] = []
+
+    def advise(items: list[tuple[object, np.ndarray, np.ndarray]]) -> object:
+        (_, data_starts, _), (_, index_starts, _) = items  # data and indices, same runs
+        np.testing.assert_array_equal(data_starts, index_starts)
+        assert data_starts[0] > 0  # the runs after the first batch
+        return lambda: ended.append(True)
+
+    class Boom(Exception):
+        pass
+
+    calls = 0
+
+    def start_runs(items: list[tuple[object, np.ndarray, np.ndarray]]) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise Boom
+        return lambda: [None] * len(items)
+
+    import h5py
+
+    with h5py.File(path) as f:
+        g = f["X"]
+        parts = _rows.SparseParts(g["data"], g["indices"], g["indptr"][:], (4000, 300), "csr")
+        hooks = _rows.ReadHooks(advise=advise, start_runs=start_runs)  # type: ignore[arg-type]
+        with pytest.raises(Boom):
+            _rows.read_sparse(parts, np.arange(4000), None, hooks)
+        assert ended == [True]
+        # without failure: the same answer as the file, advice ended once more
+        calls = -10**9
+        got = _rows.read_sparse(parts, np.arange(0, 4000, 3), None, hooks)
+    np.testing.assert_array_equal(got.toarray(), adata.X[::3].toarray())
+    assert ended == [True, True]
