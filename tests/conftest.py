@@ -118,6 +118,23 @@ def conn_any_db(storage_root: str, registry_url: str, request: pytest.FixtureReq
     return ln.connect(registry_url, storage_root, endpoint_url=endpoint)
 
 
+def grouped_h5ad(path: Path, n_obs: int, n_vars: int, groups: str, seed: int) -> Any:
+    """Write a CSR AnnData (~4% dense) with a categorical obs column ``g``; return it."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    x = sp.random(n_obs, n_vars, density=0.04, format="csr", dtype=np.float32,
+                  random_state=rng)
+    obs = pd.DataFrame({"g": pd.Categorical(rng.choice(list(groups), n_obs))},
+                       index=[f"c{i}" for i in range(n_obs)])
+    adata = ad.AnnData(x, obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(n_vars)]))
+    adata.write_h5ad(path)
+    return adata
+
+
 def write_bytes(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)

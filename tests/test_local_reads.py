@@ -6,11 +6,9 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
-import scipy.sparse as sp
+from conftest import grouped_h5ad
 
 import lamin_io as ln
 from lamin_io.accessors import _rows
@@ -20,6 +18,8 @@ from lamin_io.storage._localread import cached, start_advice, start_pread_ranges
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
+
+    import anndata as ad
 
 pytestmark = pytest.mark.skipif(not getattr(os, "RWF_NOWAIT", 0),
                                 reason="needs preadv2 with RWF_NOWAIT (Linux)")
@@ -95,14 +95,8 @@ def test_ended_advice_stops_advising(data_file: tuple[int, bytes],
 
 @pytest.fixture(scope="module")
 def h5ad(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ad.AnnData]:
-    rng = np.random.default_rng(3)
-    x = sp.random(4000, 300, density=0.05, format="csr", dtype=np.float32, random_state=rng)
-    obs = pd.DataFrame({"g": pd.Categorical(rng.choice(list("abcdefgh"), 4000))},
-                       index=[f"c{i}" for i in range(4000)])
-    adata = ad.AnnData(x, obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(300)]))
     path = tmp_path_factory.mktemp("advice") / "cells.h5ad"
-    adata.write_h5ad(path)
-    return path, adata
+    return path, grouped_h5ad(path, 4000, 300, "abcdefgh", seed=3)
 
 
 def _evict_path(path: Path) -> None:

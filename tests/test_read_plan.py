@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
-import scipy.sparse as sp
+from conftest import grouped_h5ad
 
 import lamin_io as ln
 from lamin_io.accessors import _rows
@@ -16,6 +14,8 @@ from lamin_io.accessors._rows import coalesce
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    import anndata as ad
 
 
 def _chunks_read(starts: np.ndarray, stops: np.ndarray, chunk: int) -> set[int]:
@@ -67,14 +67,8 @@ def test_cut_every_keeps_runs_inside_windows() -> None:
 
 @pytest.fixture(scope="module")
 def h5ad(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ad.AnnData]:
-    rng = np.random.default_rng(7)
-    x = sp.random(3000, 400, density=0.04, format="csr", dtype=np.float32, random_state=rng)
-    obs = pd.DataFrame({"g": pd.Categorical(rng.choice(list("abcd"), 3000))},
-                       index=[f"c{i}" for i in range(3000)])
-    adata = ad.AnnData(x, obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(400)]))
     path = tmp_path_factory.mktemp("plan") / "small.h5ad"
-    adata.write_h5ad(path)
-    return path, adata
+    return path, grouped_h5ad(path, 3000, 400, "abcd", seed=7)
 
 
 @pytest.mark.parametrize("batch_bytes", [64, 4096, 40_000])
