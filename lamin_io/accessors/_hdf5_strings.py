@@ -56,10 +56,13 @@ def _fields(buf: np.ndarray, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _walk(buf: np.ndarray, begin: int, end: int) -> dict[int, int]:
     """Object index -> object offset (from ``begin``), walking a collection's headers."""
-    found, at = {}, _COLLECTION_HEADER
-    while at + _OBJECT_HEADER <= end - begin:
-        index = int(buf[begin + at]) | int(buf[begin + at + 1]) << 8
-        size = int(np.frombuffer(buf[begin + at + 8:begin + at + 16].tobytes(), "<u8")[0])
+    import struct
+
+    header = struct.Struct("<H6xQ")  # object index, reference count and reserved, size
+    view = memoryview(buf.data)
+    found, at, last = {}, _COLLECTION_HEADER, end - begin - _OBJECT_HEADER
+    while at <= last:
+        index, size = header.unpack_from(view, begin + at)
         if index == 0:  # the free space: the objects end here
             break
         found[index] = at
