@@ -244,3 +244,37 @@ def test_h5ad_names_come_from_the_string_heap_in_few_requests(atlas, s3_server) 
         # the IDs and every collection, each once (HDF5 reads a collection at a time)
         assert len(gets) <= 4, gets
         assert sum(n for *_, n in gets) < 4 * ids
+
+
+def test_zarr_dataframe_arrays_are_fetched_together_once(atlas, s3_server) -> None:
+    """obs of a remote zarr: every object of its arrays in one concurrent batch, once."""
+    folder, adata = atlas
+    remote = upload(folder / "atlas.zarr", s3_server.endpoint)
+    with ln.open(remote) as acc:
+        s3_server.reset()
+        s3_server.stats.get_delay = 0.05  # slow enough that requests in one batch overlap
+        try:
+            obs = acc.obs
+        finally:
+            s3_server.stats.get_delay = 0.0
+        paths = [path for _, path, _, _ in s3_server.stats.gets()]
+        in_flight = s3_server.stats.max_in_flight
+    pd.testing.assert_frame_equal(obs, adata.obs)
+    objects = {p for p in paths if "/obs/" in p and p.rsplit("/", 1)[-1].isdigit()}
+    assert objects == {p for p in paths if "/obs/" in p}  # no metadata asked for again
+    assert len(objects) == len(paths) == 3  # the index, the codes and the categories
+    assert in_flight == 3  # all at once
+
+
+def test_zarr_store_opens_and_reads_without_a_head_per_object(atlas, s3_server) -> None:
+    """Remote zarr: probes read root attributes with plain GETs; chunks cost one GET each."""
+    folder, adata = atlas
+    remote = upload(folder / "atlas.zarr", s3_server.endpoint)
+    s3_server.reset()
+    with ln.open(remote) as acc:
+        opened = list(s3_server.stats.log)
+        got = acc[:100, ["gene_3", "gene_1999"]].X
+    np.testing.assert_array_equal(got.toarray(), adata[:100, ["gene_3", "gene_1999"]].X.toarray())
+    heads = [path for method, path, _, _ in s3_server.stats.log if method == "HEAD"]
+    assert len(heads) <= 1, heads  # the existence check alone
+    assert len(opened) <= 12, opened

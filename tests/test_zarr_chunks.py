@@ -240,3 +240,19 @@ def test_s3_missing_and_damaged_chunks(truth: ad.AnnData, tmp_path: Path,
     with ln.open(remote) as acc, pytest.raises(errors.CorruptArtifactError, match="X"):
         _ = acc[:].X
 
+
+
+def test_s3_next_batch_is_fetched_while_one_decodes(stores: dict[str, Path], truth: ad.AnnData,
+                                                    s3_server: Any, small_batches: None) -> None:
+    """Batches of 3 chunks per array: the next batch's requests overlap this one's."""
+    remote = upload(stores["v2-blosc"], s3_server.endpoint)
+    with ln.open(remote) as acc:
+        s3_server.reset()
+        s3_server.stats.get_delay = 0.05  # slow enough that requests in flight overlap
+        try:
+            got = acc[:].X
+        finally:
+            s3_server.stats.get_delay = 0.0
+        in_flight = s3_server.stats.max_in_flight
+    np.testing.assert_array_equal(got.toarray(), truth.X.toarray())
+    assert in_flight > 2 * 3  # more than one batch's 3 data and 3 indices chunks

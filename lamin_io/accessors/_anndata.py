@@ -260,10 +260,19 @@ class _Store:
     def dataframe(self, key: str) -> pd.DataFrame:
         def load() -> pd.DataFrame:
             elem = self.get(key)
-            if el.is_group(elem) and el.encoding(elem) == "dataframe":
-                # reuse the index if the names were read already; read each column once
-                return el.read_dataframe_columns(elem, self.axis_names(key), self.strings)
-            return el.read_dataframe(elem, self.uns_group())
+            forget = lambda: None  # noqa: E731
+            if self.remote:
+                from lamin_io.accessors._zarr import fetch_arrays_ahead
+
+                forget = fetch_arrays_ahead(elem)  # a zarr group's arrays, in one round trip
+            try:
+                if el.is_group(elem) and el.encoding(elem) == "dataframe":
+                    # reuse the index if the names were read already; read each column once
+                    return el.read_dataframe_columns(elem, self.axis_names(key),
+                                                     self.strings)
+                return el.read_dataframe(elem, self.uns_group())
+            finally:
+                forget()
 
         return self.cached(f"df:{key}", load)
 
@@ -285,7 +294,7 @@ class _Store:
         if self.local_file is None and self.rangefile is None:
             from lamin_io.accessors import _zarr
 
-            return ReadHooks(slack_bytes=slack, read_runs=_zarr.read_runs,
+            return ReadHooks(slack_bytes=slack, start_runs=_zarr.start_runs,
                              gathers=_zarr.gathers)
         return ReadHooks(prefetch=self._prefetch if self.rangefile is not None else None,
                          start_runs=self._start_runs, slack_bytes=slack,

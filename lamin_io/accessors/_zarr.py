@@ -4,7 +4,11 @@ A store read through fsspec without consolidated metadata answers every ``group[
 fresh requests for the node's metadata documents, and AnnData's readers ask for the same
 node many times: reading a small unconsolidated store from S3 took over a thousand
 requests. :class:`MetadataCacheStore` keeps, for one open read-only group, the metadata
-documents and directory listings it has seen; chunks are never cached.
+documents and directory listings it has seen; chunks are never cached (except those fetched
+ahead for one read: a dataframe's arrays, all requested at once, see
+:func:`fetch_arrays_ahead`). Reading an opened AnnData zarr on S3: 10 requests to open
+(was 14 to 19, depending on the s3fs version), and obs in one round trip instead of one
+per array (with 20 ms per request: open 372 -> 238 ms, obs 171 -> 62 ms).
 """
 
 from __future__ import annotations
@@ -26,26 +30,55 @@ if TYPE_CHECKING:
     from zarr.abc.store import ByteRequest, Store
     from zarr.core.buffer import Buffer, BufferPrototype
 
-__all__ = ["MetadataCacheStore", "chunk_decoder", "gathers", "open_zarr_group", "read_runs",
-           "zarr_root_attrs"]
+__all__ = ["MetadataCacheStore", "chunk_decoder", "fetch_arrays_ahead", "gathers",
+           "open_zarr_group", "read_runs", "start_runs", "zarr_root_attrs"]
 
+#: Objects of a group fetched ahead at most (a larger one is read as its readers ask).
+_MAX_AHEAD = 4096
 #: Names of the documents that describe nodes (never chunks) in zarr formats 2 and 3.
 METADATA_NAMES = frozenset({"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"})
 
 
 class MetadataCacheStore(WrapperStore["Store"]):
-    """A read-only zarr store that remembers metadata documents and listings it has read."""
+    """A read-only zarr store that remembers metadata documents and listings it has read.
+
+    Chunks are never kept, except those fetched ahead with :meth:`fetch_ahead`, until
+    their one read.
+    """
 
     def __init__(self, store: Store) -> None:
         super().__init__(store)
         self._documents: dict[str, Buffer | None] = {}
         self._listings: dict[str, list[str]] = {}
+        self._ahead: dict[str, Buffer | None] = {}
 
     def _with_store(self, store: Store) -> MetadataCacheStore:
         # zarr re-wraps stores (e.g. ``with_read_only``): the copy shares what was read
         copy = type(self)(store)
-        copy._documents, copy._listings = self._documents, self._listings
+        copy._documents, copy._listings, copy._ahead = (self._documents, self._listings,
+                                                        self._ahead)
         return copy
+
+    async def fetch_ahead(self, keys: list[str]) -> None:
+        """Fetch whole objects concurrently; each is served once, to the next read of it.
+
+        Readers that take arrays one after another (anndata's, column by column) then
+        wait for one round trip instead of one per object.
+        """
+        import asyncio
+
+        from zarr.core.buffer import default_buffer_prototype
+
+        prototype = default_buffer_prototype()
+        got = await asyncio.gather(*(self._store.get(k, prototype) for k in keys),
+                                   return_exceptions=True)
+        for key, value in zip(keys, got, strict=True):
+            if not isinstance(value, BaseException):  # a failed one is asked for again
+                self._ahead[key] = value
+
+    def drop_ahead(self) -> None:
+        """Forget objects fetched ahead and not read."""
+        self._ahead.clear()
 
     @staticmethod
     def _is_metadata(key: str) -> bool:
@@ -54,6 +87,8 @@ class MetadataCacheStore(WrapperStore["Store"]):
     async def get(self, key: str, prototype: BufferPrototype,
                   byte_range: ByteRequest | None = None) -> Buffer | None:
         """Read ``key``; metadata documents come from memory after their first read."""
+        if byte_range is None and key in self._ahead:
+            return self._ahead.pop(key)
         if byte_range is not None or not self._is_metadata(key):
             return await self._store.get(key, prototype, byte_range)
         if key not in self._documents:
@@ -84,6 +119,36 @@ class MetadataCacheStore(WrapperStore["Store"]):
     def list_dir(self, prefix: str) -> AsyncIterator[str]:
         """List the members under ``prefix`` (once per prefix)."""
         return self._listed(prefix)
+
+
+def fetch_arrays_ahead(group: Any) -> Callable[[], None]:
+    """Fetch every stored object of the arrays under a remote zarr group, concurrently.
+
+    For a group read whole (a dataframe: its index, columns, categories), so its arrays
+    cost one round trip, not one each. Returns the function that forgets what was not
+    read. Does nothing for other stores (local, HDF5), or past :data:`_MAX_AHEAD` objects.
+    """
+    import itertools
+
+    import zarr
+    from zarr.core.sync import sync
+
+    store = getattr(group, "store", None)  # (an HDF5 group has none)
+    if not isinstance(store, MetadataCacheStore):
+        return lambda: None
+    keys: list[str] = []
+    for _, node in group.members(max_depth=None):
+        if not isinstance(node, zarr.Array):
+            continue
+        grid = node.shards or node.chunks  # objects are shards where there are shards
+        counts = [-(-int(n) // int(c)) for n, c in zip(node.shape, grid, strict=True)]
+        if len(keys) + int(np.prod(counts, dtype=np.int64)) > _MAX_AHEAD:
+            return lambda: None
+        keys += [f"{node.path}/{node.metadata.encode_chunk_key(coords)}"
+                 for coords in itertools.product(*(range(n) for n in counts))]
+    if keys:
+        sync(store.fetch_ahead(keys))
+    return store.drop_ahead
 
 
 def _numcodecs_decoder(codec: Any) -> Any:
@@ -232,11 +297,12 @@ def _decode_into(plan: _Plan, raws: list[Any] | str, which: range) -> None:
             plan.out[o:o + e - s] = buffer[s:e]
 
 
-def _gather(plans: list[_Plan]) -> None:
-    """Fetch and decode the chunks of every plan, on every core.
+def _start_gather(plans: list[_Plan]) -> Callable[[], None]:
+    """Start fetching the chunks of every plan; return what decodes them, on every core.
 
-    Chunks of a local store are read by the threads that decode them; remote ones are
-    all requested at once first (one round trip to zarr's event loop).
+    Remote chunks are all requested at once (one round trip to zarr's event loop, from a
+    pool thread) and are on their way when this returns; chunks of a local store are read
+    by the threads that decode them, once the returned function is called.
     """
     import asyncio
     import os
@@ -251,24 +317,35 @@ def _gather(plans: list[_Plan]) -> None:
     remote = [i for i, source in enumerate(sources) if source is None]
 
     async def fetch() -> list[list[Any]]:
-        async def one(plan: _Plan) -> list[Any]:
-            where, meta = plan.arr.async_array.store_path, plan.arr.metadata
-            return list(await asyncio.gather(
-                *((where / meta.encode_chunk_key((k,))).get(prototype=prototype)
-                  for k in plan.chunks.tolist())))
+        requests = [(where / meta.encode_chunk_key((k,))).get(prototype=prototype)
+                    for i in remote
+                    for where, meta in [(plans[i].arr.async_array.store_path,
+                                         plans[i].arr.metadata)]
+                    for k in plans[i].chunks.tolist()]
+        # every request ends before an error is raised
+        got = await asyncio.gather(*requests, return_exceptions=True)
+        failed = [r for r in got if isinstance(r, BaseException)]
+        if failed:
+            raise failed[0]
+        bounds = np.cumsum([0, *(len(plans[i].chunks) for i in remote)]).tolist()
+        return [got[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
-        return list(await asyncio.gather(*(one(plans[i]) for i in remote)))
+    fetched = executor().submit(sync, fetch()) if remote else None
 
-    if remote:
-        for i, raws in zip(remote, sync(fetch()), strict=True):
-            sources[i] = raws
-    jobs = [(plan, source, range(a, b)) for plan, source in zip(plans, sources, strict=True)
-            for a, b in _split(len(plan.chunks), os.cpu_count() or 1)]
-    if len(jobs) <= 1:
-        for job in jobs:
-            _decode_into(*job)
-        return
-    results([executor().submit(_decode_into, *job) for job in jobs])
+    def decode() -> None:
+        if fetched is not None:
+            for i, raws in zip(remote, fetched.result(), strict=True):
+                sources[i] = raws
+        jobs = [(plan, source, range(a, b))
+                for plan, source in zip(plans, sources, strict=True)
+                for a, b in _split(len(plan.chunks), os.cpu_count() or 1)]
+        if len(jobs) <= 1:
+            for job in jobs:
+                _decode_into(*job)
+            return
+        results([executor().submit(_decode_into, *job) for job in jobs])
+
+    return decode
 
 
 def _split(n: int, parts: int) -> list[tuple[int, int]]:
@@ -277,31 +354,53 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
 
 
-def read_runs(items: list[tuple[Any, np.ndarray, np.ndarray]]) -> list[np.ndarray | None]:
-    """Read runs of several zarr arrays in one round trip to zarr's event loop.
+def start_runs(items: list[tuple[Any, np.ndarray, np.ndarray]]
+               ) -> Callable[[], list[np.ndarray | None]]:
+    """Start reading runs of several zarr arrays; return the function that waits for them.
 
     ``items`` are ``(array, starts, stops)``; each array's runs come back concatenated
     (``None`` for an array that is not zarr's). Arrays :func:`chunk_decoder` covers are
-    read chunk by chunk: every chunk holding a run is fetched once (all at once), decoded
-    once into a reused buffer, and only the runs are copied out, so memory follows the
-    runs, not the chunks (measured on a 50k-cell matrix, 5% of cells: 190 -> 60 ms). The
-    others go through zarr, every run of every array requested at once, so the chunks of,
-    say, a sparse matrix's data and indices decode together.
+    read chunk by chunk: every chunk holding a run is fetched once (all at once; remote
+    ones right away, so a batch's requests are in flight while the one before decodes),
+    decoded once into a reused buffer, and only the runs are copied out, so memory follows
+    the runs, not the chunks (measured on a 50k-cell matrix, 5% of cells: 190 -> 60 ms).
+    The others go through zarr when waited for, every run of every array requested at
+    once, so the chunks of, say, a sparse matrix's data and indices decode together.
     """
-    import asyncio
-
-    from zarr.core.sync import sync
-
-    out: list[np.ndarray | None] = [None] * len(items)
     plans: dict[int, _Plan] = {}
     for i, (arr, starts, stops) in enumerate(items):
         decode = chunk_decoder(arr)
         if decode is not None and len(starts):
             plans[i] = _plan(arr, decode, starts, stops)
-    if plans:
-        _gather(list(plans.values()))
-        for i, plan in plans.items():
-            out[i] = plan.out
+    gather = _start_gather(list(plans.values())) if plans else None
+
+    def finish() -> list[np.ndarray | None]:
+        out: list[np.ndarray | None] = [None] * len(items)
+        if gather is not None:
+            gather()
+            for i, plan in plans.items():
+                out[i] = plan.out
+        rest = [i for i, (arr, _, _) in enumerate(items)
+                if i not in plans and hasattr(arr, "async_array")]
+        if rest:
+            for i, values in zip(rest, _read_through_zarr([items[i] for i in rest]),
+                                 strict=True):
+                out[i] = values
+        return out
+
+    return finish
+
+
+def read_runs(items: list[tuple[Any, np.ndarray, np.ndarray]]) -> list[np.ndarray | None]:
+    """:func:`start_runs`, waited for."""
+    return start_runs(items)()
+
+
+def _read_through_zarr(items: list[tuple[Any, np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    """Each array's runs, concatenated, read by zarr in one round trip to its event loop."""
+    import asyncio
+
+    from zarr.core.sync import sync
 
     async def one(arr: Any, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
         runs = await asyncio.gather(*(arr.async_array.getitem(slice(int(s), int(e)))
@@ -311,16 +410,10 @@ def read_runs(items: list[tuple[Any, np.ndarray, np.ndarray]]) -> list[np.ndarra
             return np.empty(0, dtype=arr.dtype)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    rest = [i for i, (arr, _, _) in enumerate(items)
-            if i not in plans and hasattr(arr, "async_array")]
-
     async def every() -> list[np.ndarray]:
-        return list(await asyncio.gather(*(one(*items[i]) for i in rest)))
+        return list(await asyncio.gather(*(one(*item) for item in items)))
 
-    if rest:
-        for i, values in zip(rest, sync(every()), strict=True):
-            out[i] = values
-    return out
+    return sync(every())
 
 
 def open_zarr_group(path: UPath, mode: Literal["r", "r+"]) -> Any:
@@ -338,7 +431,13 @@ def open_zarr_group(path: UPath, mode: Literal["r", "r+"]) -> Any:
             return zarr.open_group(path.path, mode=mode, use_consolidated=consolidated)
         from zarr.storage import FsspecStore
 
-        store: Any = FsspecStore.from_url(str(path), storage_options=dict(path.storage_options),
+        options = dict(path.storage_options)
+        if path.protocol in ("s3", "s3a"):
+            # s3fs would ask each object's size first (a HEAD before every chunk's GET), to
+            # split large objects into concurrent parts; chunks are small, and zarr already
+            # fetches many at once
+            options.setdefault("max_concurrency", 1)
+        store: Any = FsspecStore.from_url(str(path), storage_options=options,
                                           read_only=mode == "r")
         if mode == "r":
             store = MetadataCacheStore(store)
@@ -353,11 +452,22 @@ def zarr_root_attrs(path: UPath) -> dict[str, Any] | None:
 
     Probes use this instead of opening the group, which parses all (consolidated)
     metadata: a store opened through :func:`lamin_io.open` is probed by several formats.
+    The documents of both formats are asked for at once, each with a single request (a
+    remote read that first asks for the object's size costs two).
     """
-    for name, key in (("zarr.json", "attributes"), (".zattrs", None)):
+    root = path.path.rstrip("/")
+    names = {f"{root}/zarr.json": "attributes", f"{root}/.zattrs": None}
+    try:
+        # (from offset 0: a plain GET, where s3fs would first ask the object's size)
+        found = path.fs.cat(list(names), on_error="omit", start=0)
+    except (OSError, ValueError):
+        return None
+    for name, key in names.items():
+        if name not in found:
+            continue
         try:
-            data = json.loads((path / name).read_bytes())
-        except (OSError, ValueError):
+            data = json.loads(found[name])
+        except ValueError:
             continue
         attrs = data.get(key, {}) if key else data
         return attrs if isinstance(attrs, dict) else None
