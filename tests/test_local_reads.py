@@ -61,7 +61,8 @@ def test_cached_tells_read_pages_from_evicted_ones(data_file: tuple[int, bytes])
     fd, payload = data_file
     os.pread(fd, 16 * PAGE, 0)
     assert cached(fd, np.array([0, 5 * PAGE, 15 * PAGE + 100]))
-    assert not cached(fd, np.array([0, 1 << 20]))  # the second is not cached
+    # far past what the kernel may have read ahead: not cached
+    assert not cached(fd, np.array([0, len(payload) - PAGE]))
 
 
 def test_advice_reads_the_advised_ranges_only(data_file: tuple[int, bytes]) -> None:
@@ -79,16 +80,47 @@ def test_advice_reads_the_advised_ranges_only(data_file: tuple[int, bytes]) -> N
     assert got == b"".join(payload[s:e] for s, e in ranges)
 
 
-def test_ended_advice_stops_advising(data_file: tuple[int, bytes],
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    fd, payload = data_file
-    monkeypatch.setattr(_localread, "_ADVICE_STEP", 1)
-    # every page, a few times over: far longer to advise than to end
-    starts = np.tile(np.arange(0, len(payload), PAGE, dtype=np.int64), 8)
-    end = start_advice(fd, starts, starts + 1)
-    end()  # returns once the advising thread has stopped
-    # stopped at a check between ranges: the last pages were never advised
-    assert not cached(fd, starts[-1:])
+def test_advice_stops_at_the_check_after_it_is_ended(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The advising loop looks at its stop flag every ``_ADVICE_STEP`` ranges."""
+    import threading
+
+    monkeypatch.setattr(_localread, "_ADVICE_STEP", 4)
+    stop = threading.Event()
+    advised: list[int] = []
+
+    def advise(fd: int, start: int, length: int, advice: int) -> None:
+        advised.append(start)
+        if len(advised) == 6:
+            stop.set()  # ended while the second step of 4 is advised
+
+    monkeypatch.setattr(os, "posix_fadvise", advise)
+    starts = np.arange(0, 100 * PAGE, PAGE, dtype=np.int64)
+    _localread._willneed(-1, starts, starts + 1, stop)  # noqa: SLF001
+    assert advised == starts[:8].tolist()  # that step finished, no other began
+
+
+def test_ending_advice_waits_for_the_range_being_advised(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After ``end()`` no advice of the request runs (its file may then be closed)."""
+    import threading
+
+    entered = threading.Event()
+    calls: list[str] = []
+
+    def slow_advise(fd: int, start: int, length: int, advice: int) -> None:
+        calls.append("in")
+        entered.set()
+        time.sleep(0.05)
+        calls.append("out")
+
+    monkeypatch.setattr(os, "posix_fadvise", slow_advise)
+    monkeypatch.setattr(_localread, "_ADVICE_STEP", 2)
+    starts = np.arange(0, 1000 * PAGE, PAGE, dtype=np.int64)
+    end = start_advice(-1, starts, starts + 1)
+    assert entered.wait(10)
+    end()
+    assert calls.count("in") == calls.count("out") >= 1
+    assert calls.count("in") < len(starts)  # it stopped
 
 
 # -- the accessor: an uncached file read in many batches -----------------------------------
@@ -96,7 +128,7 @@ def test_ended_advice_stops_advising(data_file: tuple[int, bytes],
 @pytest.fixture(scope="module")
 def h5ad(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ad.AnnData]:
     path = tmp_path_factory.mktemp("advice") / "cells.h5ad"
-    return path, grouped_h5ad(path, 4000, 300, "abcdefgh", seed=3)
+    return path, grouped_h5ad(path, 12_000, 500, "abcdefgh", seed=3)
 
 
 def _evict_path(path: Path) -> None:
@@ -162,13 +194,47 @@ def test_advice_ends_when_a_batch_fails(h5ad: tuple[Path, ad.AnnData],
 
     with h5py.File(path) as f:
         g = f["X"]
-        parts = _rows.SparseParts(g["data"], g["indices"], g["indptr"][:], (4000, 300), "csr")
+        parts = _rows.SparseParts(g["data"], g["indices"], g["indptr"][:], adata.shape, "csr")
         hooks = _rows.ReadHooks(advise=advise, start_runs=start_runs)  # type: ignore[arg-type]
         with pytest.raises(Boom):
-            _rows.read_sparse(parts, np.arange(4000), None, hooks)
+            _rows.read_sparse(parts, np.arange(adata.n_obs), None, hooks)
         assert ended == [True]
         # without failure: the same answer as the file, advice ended once more
         calls = -10**9
-        got = _rows.read_sparse(parts, np.arange(0, 4000, 3), None, hooks)
+        got = _rows.read_sparse(parts, np.arange(0, adata.n_obs, 3), None, hooks)
     np.testing.assert_array_equal(got.toarray(), adata.X[::3].toarray())
     assert ended == [True, True]
+
+
+def test_advice_covers_the_batches_after_the_first_two_up_to_its_bound(
+        h5ad: tuple[Path, ad.AnnData], monkeypatch: pytest.MonkeyPatch) -> None:
+    import h5py
+
+    path, adata = h5ad
+    monkeypatch.setattr(_rows, "BATCH_BYTES", 8192)
+    item = 8  # float32 values and int32 indices
+    advised: list[np.ndarray] = []
+
+    def advise(items: list[tuple[object, np.ndarray, np.ndarray]]) -> object:
+        advised.append(items[0][1])
+        return lambda: None
+
+    with h5py.File(path) as f:
+        g = f["X"]
+        parts = _rows.SparseParts(g["data"], g["indices"], g["indptr"][:], adata.shape, "csr")
+        rows = np.arange(0, adata.n_obs, 2)
+        for limit in (1 << 30, 40 * 8192):
+            monkeypatch.setattr(_rows, "ADVICE_BYTES", limit)
+            hooks = _rows.ReadHooks(advise=advise)  # type: ignore[arg-type]
+            got = _rows.read_sparse(parts, rows, None, hooks)
+            np.testing.assert_array_equal(got.toarray(), adata.X[rows].toarray())
+    everything, bounded = advised
+    # rows 0, 2, 4, ...: their runs merge (the gaps are short), so a run's start is about
+    # the elements read before it; batches and runs hold about 1024 elements (8 KB)
+    per_batch = 8192 // item
+    assert 2 * per_batch <= everything[0] <= 4 * per_batch  # after the first two batches
+    assert everything[-1] <= adata.X.indptr[rows[-1]]  # to the last run
+    # the bounded advice is the start of the full one, and ends at its bound
+    np.testing.assert_array_equal(bounded, everything[:len(bounded)])
+    bound = 40 * 8192 // item
+    assert bounded[-1] < bound <= everything[len(bounded)] + per_batch

@@ -264,6 +264,32 @@ def test_zarr_dataframe_arrays_are_fetched_together_once(atlas, s3_server) -> No
     assert objects == {p for p in paths if "/obs/" in p}  # no metadata asked for again
     assert len(objects) == len(paths) == 3  # the index, the codes and the categories
     assert in_flight == 3  # all at once
+    with ln.open(remote) as acc:
+        names = acc.obs_names
+        s3_server.reset()
+        obs = acc.obs  # the index was read already: not fetched again
+        paths = [path for _, path, _, _ in s3_server.stats.gets()]
+    assert list(names) == list(adata.obs_names)
+    pd.testing.assert_frame_equal(obs, adata.obs)
+    assert len(paths) == 2
+    assert not [p for p in paths if "/obs/_index/" in p]
+
+
+def test_fetching_ahead_leaves_arrays_and_local_groups_alone(atlas, s3_server) -> None:
+    """Only a remote zarr group is fetched ahead; an array (an old, structured obs) or a
+    local group gets a no-op, and nothing is requested."""
+    from lamin_io.accessors._zarr import fetch_arrays_ahead, open_zarr_group
+
+    folder, _ = atlas
+    remote = upload(folder / "atlas.zarr", s3_server.endpoint)
+    group = open_zarr_group(remote, "r")
+    s3_server.reset()
+    fetch_arrays_ahead(group["obs/_index"])()
+    assert s3_server.stats.requests == 0
+    import zarr
+
+    fetch_arrays_ahead(zarr.open_group(folder / "atlas.zarr", mode="r")["obs"])()
+    assert s3_server.stats.requests == 0
 
 
 def test_zarr_store_opens_and_reads_without_a_head_per_object(atlas, s3_server) -> None:

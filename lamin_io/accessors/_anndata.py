@@ -264,7 +264,8 @@ class _Store:
             if self.remote:
                 from lamin_io.accessors._zarr import fetch_arrays_ahead
 
-                forget = fetch_arrays_ahead(elem)  # a zarr group's arrays, in one round trip
+                # a zarr group's arrays in one round trip (not the index, if read already)
+                forget = fetch_arrays_ahead(elem, skip_index=f"names:{key}" in self._cache)
             try:
                 if el.is_group(elem) and el.encoding(elem) == "dataframe":
                     # reuse the index if the names were read already; read each column once
@@ -364,10 +365,10 @@ class _Store:
         sampled).
         """
         from lamin_io.accessors._hdf5_ranges import direct_ranges
-        from lamin_io.storage._localread import cached, start_advice
+        from lamin_io.storage._localread import cached, can_advise, start_advice
 
         items = [item for item in items if self._direct(item[0])]
-        if self._fd is None or not items:
+        if self._fd is None or not items or not can_advise():
             return lambda: None
         index = self._index_reader()
         arr, starts, stops = items[0]

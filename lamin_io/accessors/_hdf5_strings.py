@@ -22,6 +22,7 @@ of variable-length data).
 
 from __future__ import annotations
 
+import struct
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,6 +36,7 @@ __all__ = ["read_vlen_strings"]
 _HEAP_ID = np.dtype([("length", "<u4"), ("collection", "<u8"), ("index", "<u4")])
 _COLLECTION_HEADER = 16  # "GCOL", version 1, 3 reserved bytes, collection size
 _OBJECT_HEADER = 16  # object index, reference count, 4 reserved bytes, object size
+_OBJECT_FIELDS = struct.Struct("<H6xQ")  # its index and size (the rest skipped)
 _MIN_COLLECTION = 4096  # HDF5 makes no smaller collection
 _MAX_OTHER = 1 << 20  # a collection holding more bytes than this beyond the objects named
 _SLAB_BYTES = 1 << 20  # collections are decoded this many bytes at a time
@@ -56,13 +58,10 @@ def _fields(buf: np.ndarray, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _walk(buf: np.ndarray, begin: int, end: int) -> dict[int, int]:
     """Object index -> object offset (from ``begin``), walking a collection's headers."""
-    import struct
-
-    header = struct.Struct("<H6xQ")  # object index, reference count and reserved, size
     view = memoryview(buf.data)
     found, at, last = {}, _COLLECTION_HEADER, end - begin - _OBJECT_HEADER
     while at <= last:
-        index, size = header.unpack_from(view, begin + at)
+        index, size = _OBJECT_FIELDS.unpack_from(view, begin + at)
         if index == 0:  # the free space: the objects end here
             break
         found[index] = at

@@ -16,7 +16,7 @@ layers, ``obsm``, and later the training loaders). It
 3. reads in batches of at most :data:`BATCH_BYTES`, selecting columns in memory per
    batch, so peak memory follows the selection, not the file; where the store can
    (:attr:`ReadHooks.start_runs`), the next batch is fetched while one is processed, and
-   a local file has the kernel read all later batches ahead (:attr:`ReadHooks.advise`).
+   a local file has the kernel read later batches ahead (:attr:`ReadHooks.advise`).
 
 CSR matrices are read along rows; CSC along columns (the compressed axis), filtering rows
 in memory; dense arrays by row blocks.
@@ -46,6 +46,9 @@ SLACK_BYTES = 4096
 #: Upper bound on the bytes one batch reads before columns are selected (two batches are
 #: in memory at once: one processed, the next on its way).
 BATCH_BYTES = 4 << 20
+#: Bytes of a request's runs (from its start) a local file is advised to read ahead: the
+#: page cache holds them until their batch copies them.
+ADVICE_BYTES = 256 << 20
 #: Decoded bytes of the chunks one batch covers where the store decodes chunks itself
 #: (``ReadHooks.gathers``): it holds the selected values only, plus a chunk per thread.
 GATHER_BYTES = 16 << 20
@@ -84,10 +87,10 @@ class ReadHooks:
     #: processed. Takes precedence over ``read_runs``.
     start_runs: Callable[[list[tuple[Any, np.ndarray, np.ndarray]]],
                          Callable[[], list[np.ndarray | None]]] | None = None
-    #: Told, as the first batch starts, the runs of every later batch, so a local file can
-    #: have the kernel read them all ahead (a disk then works on the whole request, not
-    #: two batches at a time). Returns a function that ends the advice before the
-    #: request returns.
+    #: Told, as the first two batches start, the runs of the batches after them (up to
+    #: :data:`ADVICE_BYTES`), so a local file can have the kernel read them ahead (a disk
+    #: then works on much of the request, not two batches at a time). Returns a function
+    #: that ends the advice before the request returns.
     advise: Callable[[list[tuple[Any, np.ndarray, np.ndarray]]],
                      Callable[[], None]] | None = None
 
@@ -396,9 +399,14 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
     end_advice = None
     try:
         if hooks.advise is not None and len(batches) > 2:
-            later = slice(batches[1][0], None)
-            end_advice = hooks.advise([(parts.data, run_starts[later], run_stops[later]),
-                                       (parts.indices, run_starts[later], run_stops[later])])
+            # the batches after the two started, as far as the advice may reach
+            first = batches[2][0]
+            last = int(np.searchsorted(np.cumsum(run_sizes), ADVICE_BYTES // item, "right"))
+            if last > first:
+                later = slice(first, last)
+                end_advice = hooks.advise([
+                    (parts.data, run_starts[later], run_stops[later]),
+                    (parts.indices, run_starts[later], run_stops[later])])
         for b, (r0, r1) in enumerate(batches):
             current, upcoming = upcoming, None  # drops the previous batch's buffers first
             assert current is not None  # noqa: S101

@@ -121,27 +121,30 @@ class MetadataCacheStore(WrapperStore["Store"]):
         return self._listed(prefix)
 
 
-def fetch_arrays_ahead(group: Any) -> Callable[[], None]:
+def fetch_arrays_ahead(group: Any, *, skip_index: bool = False) -> Callable[[], None]:
     """Fetch every stored object of the arrays under a remote zarr group, concurrently.
 
     For a group read whole (a dataframe: its index, columns, categories), so its arrays
-    cost one round trip, not one each. Returns the function that forgets what was not
-    read. Does nothing for other stores (local, HDF5), or past :data:`_MAX_AHEAD` objects.
+    cost one round trip, not one each; ``skip_index`` leaves out the array the group's
+    ``_index`` attribute names (read already). Returns the function that forgets what
+    was not read. Does nothing for other stores (local, HDF5) or nodes (an array), or
+    past :data:`_MAX_AHEAD` objects; sharded arrays are left to zarr (it may read a
+    shard in parts).
     """
     import itertools
 
     import zarr
     from zarr.core.sync import sync
 
-    store = getattr(group, "store", None)  # (an HDF5 group has none)
-    if not isinstance(store, MetadataCacheStore):
+    store = getattr(group, "store", None)
+    if not isinstance(group, zarr.Group) or not isinstance(store, MetadataCacheStore):
         return lambda: None
+    index = group.attrs.get("_index") if skip_index else None
     keys: list[str] = []
-    for _, node in group.members(max_depth=None):
-        if not isinstance(node, zarr.Array):
+    for name, node in group.members(max_depth=None):
+        if not isinstance(node, zarr.Array) or node.shards is not None or name == index:
             continue
-        grid = node.shards or node.chunks  # objects are shards where there are shards
-        counts = [-(-int(n) // int(c)) for n, c in zip(node.shape, grid, strict=True)]
+        counts = [-(-int(n) // int(c)) for n, c in zip(node.shape, node.chunks, strict=True)]
         if len(keys) + int(np.prod(counts, dtype=np.int64)) > _MAX_AHEAD:
             return lambda: None
         keys += [f"{node.path}/{node.metadata.encode_chunk_key(coords)}"
@@ -317,11 +320,11 @@ def _start_gather(plans: list[_Plan]) -> Callable[[], None]:
     remote = [i for i, source in enumerate(sources) if source is None]
 
     async def fetch() -> list[list[Any]]:
-        requests = [(where / meta.encode_chunk_key((k,))).get(prototype=prototype)
-                    for i in remote
-                    for where, meta in [(plans[i].arr.async_array.store_path,
-                                         plans[i].arr.metadata)]
-                    for k in plans[i].chunks.tolist()]
+        requests = []
+        for i in remote:
+            where, meta = plans[i].arr.async_array.store_path, plans[i].arr.metadata
+            requests += [(where / meta.encode_chunk_key((k,))).get(prototype=prototype)
+                         for k in plans[i].chunks.tolist()]
         # every request ends before an error is raised
         got = await asyncio.gather(*requests, return_exceptions=True)
         failed = [r for r in got if isinstance(r, BaseException)]
@@ -432,7 +435,7 @@ def open_zarr_group(path: UPath, mode: Literal["r", "r+"]) -> Any:
         from zarr.storage import FsspecStore
 
         options = dict(path.storage_options)
-        if path.protocol in ("s3", "s3a"):
+        if path.protocol in ("s3", "s3a") and mode == "r":
             # s3fs would ask each object's size first (a HEAD before every chunk's GET), to
             # split large objects into concurrent parts; chunks are small, and zarr already
             # fetches many at once
@@ -458,17 +461,19 @@ def zarr_root_attrs(path: UPath) -> dict[str, Any] | None:
     root = path.path.rstrip("/")
     names = {f"{root}/zarr.json": "attributes", f"{root}/.zattrs": None}
     try:
-        # (from offset 0: a plain GET, where s3fs would first ask the object's size)
-        found = path.fs.cat(list(names), on_error="omit", start=0)
+        # in order, without globbing; from offset 0: a plain GET, where s3fs would first
+        # ask the object's size
+        found = path.fs.cat_ranges(list(names), [0] * len(names), [None] * len(names),
+                                   on_error="return")
     except (OSError, ValueError):
         return None
-    for name, key in names.items():
-        if name not in found:
+    for (_, key), data in zip(names.items(), found, strict=True):
+        if isinstance(data, BaseException):
             continue
         try:
-            data = json.loads(found[name])
+            doc = json.loads(data)
         except ValueError:
             continue
-        attrs = data.get(key, {}) if key else data
+        attrs = doc.get(key, {}) if key else doc
         return attrs if isinstance(attrs, dict) else None
     return None

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     import numpy as np
 
-__all__ = ["READ_THREADS", "cached", "executor", "results", "start_advice",
+__all__ = ["READ_THREADS", "cached", "can_advise", "executor", "results", "start_advice",
            "start_pread_ranges"]
 
 T = TypeVar("T")
@@ -154,7 +154,9 @@ def start_pread_ranges(fd: int, ranges: list[tuple[int, int]]
     return finish
 
 
-
+def can_advise() -> bool:
+    """Whether this system can tell cached ranges (``RWF_NOWAIT``) and advise the others."""
+    return bool(_NOWAIT) and hasattr(os, "posix_fadvise")
 
 
 def cached(fd: int, starts: np.ndarray) -> bool:
@@ -162,13 +164,18 @@ def cached(fd: int, starts: np.ndarray) -> bool:
 
     A miss has the kernel start reading there.
     """
+    global _NOWAIT
     if not _NOWAIT:
         return False
     probe = bytearray(1)
     try:
         return all(os.preadv(fd, [probe], start, _NOWAIT) == 1 for start in starts.tolist())
-    except OSError:
-        return False  # not cached (BlockingIOError), or the reads will tell what is wrong
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            _NOWAIT = 0  # this kernel or filesystem cannot (as in _read_cached)
+        return False  # the reads will tell what else is wrong
 
 
 def _willneed(fd: int, starts: np.ndarray, stops: np.ndarray, stop: threading.Event) -> None:
