@@ -87,10 +87,11 @@ class ReadHooks:
     #: processed. Takes precedence over ``read_runs``.
     start_runs: Callable[[list[tuple[Any, np.ndarray, np.ndarray]]],
                          Callable[[], list[np.ndarray | None]]] | None = None
-    #: Told, as the first two batches start, the runs of the batches after them (up to
-    #: :data:`ADVICE_BYTES`), so a local file can have the kernel read them ahead (a disk
-    #: then works on much of the request, not two batches at a time). Returns a function
-    #: that ends the advice before the request returns.
+    #: Told, as the first batch starts, the runs of the batches after it (up to
+    #: :data:`ADVICE_BYTES`; only for requests of three batches or more), so a local file
+    #: can have the kernel read them ahead (a disk then works on much of the request, not
+    #: two batches at a time). Returns a function that ends the advice before the request
+    #: returns.
     advise: Callable[[list[tuple[Any, np.ndarray, np.ndarray]]],
                      Callable[[], None]] | None = None
 
@@ -399,8 +400,12 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
     end_advice = None
     try:
         if hooks.advise is not None and len(batches) > 2:
-            # the batches after the two started, as far as the advice may reach
-            first = batches[2][0]
+            # the batches after the first, as far as the advice may reach; the second is
+            # being started too, but one thread queueing it with the rest, in file order,
+            # keeps the disk's queue in the order the batches are needed (measured cold, 50k
+            # and 200k cells: X 86 and 303 ms; advising from the third batch 95 and 316 ms;
+            # no advice 92 and 374 ms)
+            first = batches[1][0]
             last = int(np.searchsorted(np.cumsum(run_sizes), ADVICE_BYTES // item, "right"))
             if last > first:
                 later = slice(first, last)
