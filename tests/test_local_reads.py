@@ -238,3 +238,9 @@ def test_advice_covers_the_batches_after_the_first_up_to_its_bound(
     np.testing.assert_array_equal(bounded, everything[:len(bounded)])
     bound = 40 * 8192 // item
     assert bounded[-1] < bound <= everything[len(bounded)] + per_batch
+
+
+def test_a_negative_offset_leaves_nowait_on(data_file: tuple[int, bytes]) -> None:
+    fd, _ = data_file
+    assert not cached(fd, np.array([-PAGE]))  # damaged metadata, say: not cached
+    assert _localread.can_advise()  # RWF_NOWAIT still in use for the next request

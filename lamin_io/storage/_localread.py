@@ -12,12 +12,12 @@ before) made a 200k-cell subset's X read ~8% faster than in the caller; splittin
 over 2 or 4 threads was slower on 2 cores.
 
 A request read in several batches tells the kernel its later ranges up front
-(:func:`start_advice`, ``POSIX_FADV_WILLNEED``): on an uncached file the device then has
-all of them queued, instead of two batches' worth at a time. The advice queues reads at
-the device's pace (~14 us a 4 KB range here, from one thread; more threads gain nothing),
-faster than 8 reading threads (~25 us) since no thread waits on each read. A cached
-request (sampled with ``RWF_NOWAIT``) is not advised. Measured on the 50k- and 200k-cell
-benchmark files, cold: X 5-15% faster.
+(:func:`start_advice`, ``POSIX_FADV_WILLNEED``; up to ``_rows.ADVICE_BYTES``): on an
+uncached file the device then has them queued, instead of two batches' worth at a time.
+The advice queues reads at the device's pace (~14 us a 4 KB range here, from one thread;
+more threads gain nothing), faster than 8 reading threads (~25 us) since no thread waits
+on each read. A cached request (sampled with ``RWF_NOWAIT``) is not advised. Measured on
+the 50k- and 200k-cell benchmark files, cold: X 5-15% faster.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def cached(fd: int, starts: np.ndarray) -> bool:
     except BlockingIOError:
         return False
     except OSError as exc:
-        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL) and int(starts.min()) >= 0:
             _NOWAIT = 0  # this kernel or filesystem cannot (as in _read_cached)
         return False  # the reads will tell what else is wrong
 
