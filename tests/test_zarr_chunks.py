@@ -248,7 +248,7 @@ def test_s3_next_batch_is_fetched_while_one_decodes(stores: dict[str, Path], tru
     remote = upload(stores["v2-blosc"], s3_server.endpoint)
     with ln.open(remote) as acc:
         s3_server.reset()
-        s3_server.stats.get_delay = 0.05  # slow enough that requests in flight overlap
+        s3_server.stats.get_delay = 0.2  # slow enough that requests in flight overlap
         try:
             got = acc[:].X
         finally:
