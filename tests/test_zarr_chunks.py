@@ -199,7 +199,7 @@ def test_runs_in_any_order_decode_each_chunk_once(stores: dict[str, Path],
     with ln.open(stores["v2-blosc"]) as acc:
         arr = acc.storage["X/data"]
         starts, stops = np.array([5000, 10, 2990]), np.array([5100, 30, 3010])
-        (got,) = _zarr.read_runs([(arr, starts, stops)])
+        (got,) = _zarr.start_runs([(arr, starts, stops)])()
     expected = np.concatenate([truth.X.data[s:e] for s, e in zip(starts, stops, strict=True)])
     np.testing.assert_array_equal(got, expected)
 

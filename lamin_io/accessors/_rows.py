@@ -59,15 +59,10 @@ class ReadHooks:
     """How a store can speed up reads; every hook is optional.
 
     ``prefetch`` is told ``[(on-disk array, starts, stops), ...]`` (elements or rows) before
-    they are read, so a remote file can fetch them concurrently. ``read_runs`` is given
-    ``[(1-D on-disk array, starts, stops), ...]`` and may read the runs
-    ``[starts[i], stops[i])`` of each array itself, all in one go, returning for each
-    array its runs concatenated, or ``None`` to leave that array to the array library.
+    they are read by the array library, so a remote file can fetch them concurrently.
     """
 
     prefetch: Callable[[list[tuple[Any, np.ndarray, np.ndarray]]], None] | None = None
-    read_runs: Callable[[list[tuple[Any, np.ndarray, np.ndarray]]],
-                        list[np.ndarray | None]] | None = None
     #: Gaps up to this many bytes are read through even after a short range (a local
     #: page costs no more to read whole); remote stores use 0, which keeps every request
     #: within twice the bytes of its ranges.
@@ -78,13 +73,15 @@ class ReadHooks:
     #: gaps first, up to as many chunks as hold the selection (never more than twice the
     #: bytes of the chunks that hold it).
     whole_chunks: bool = False
-    #: Whether ``read_runs`` reads any ranges of an array at the cost of the chunks they
+    #: Whether ``start_runs`` reads any ranges of an array at the cost of the chunks they
     #: touch, decoding each chunk once and keeping only the ranges: such arrays get the
     #: exact ranges (no gaps read through), in batches that never share a chunk.
     gathers: Callable[[Any], bool] | None = None
-    #: Start reading runs like ``read_runs`` (planning in the calling thread) and return
-    #: a function that waits for them: the next batch is then fetched while this one is
-    #: processed. Takes precedence over ``read_runs``.
+    #: Given ``[(1-D on-disk array, starts, stops), ...]``, start reading the runs
+    #: ``[starts[i], stops[i])`` of each array, all in one go (planning in the calling
+    #: thread), and return a function that waits for them: for each array its runs
+    #: concatenated, or ``None`` to leave it to the array library. The next batch is
+    #: then fetched while this one is processed.
     start_runs: Callable[[list[tuple[Any, np.ndarray, np.ndarray]]],
                          Callable[[], list[np.ndarray | None]]] | None = None
     #: Told, as the first batch starts, the runs of the batches after it (up to
@@ -185,20 +182,6 @@ def expand(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.repeat(shifts, lengths) + np.arange(total, dtype=np.int64)
 
 
-def _read_runs(items: list[tuple[Any, np.ndarray, np.ndarray]],
-               hooks: ReadHooks = NO_HOOKS) -> list[np.ndarray]:
-    """Read the runs of several 1-D on-disk arrays, each into one contiguous buffer.
-
-    ``items`` are ``(array, run_starts, run_stops)``; the store's ``read_runs`` hook gets
-    them all at once, so their reads can be in flight together.
-    """
-    out: list[np.ndarray | None] = (hooks.read_runs(items) if hooks.read_runs is not None
-                                    else [None] * len(items))
-    # what no hook read goes through the array library, one array after the other
-    return [d if d is not None else _read_runs_of(*item)
-            for d, item in zip(out, items, strict=True)]
-
-
 def _begin_runs(items: list[tuple[Any, np.ndarray, np.ndarray]],
                 hooks: ReadHooks) -> Callable[[], list[np.ndarray]]:
     """Start reading runs where the store can (``start_runs``); return what waits for them.
@@ -208,11 +191,8 @@ def _begin_runs(items: list[tuple[Any, np.ndarray, np.ndarray]],
     wait = hooks.start_runs(items) if hooks.start_runs is not None else None
 
     def finish() -> list[np.ndarray]:
-        if wait is None:
-            if hooks.prefetch is not None:
-                hooks.prefetch(items)
-            return _read_runs(items, hooks)
-        out = wait()
+        out = wait() if wait is not None else [None] * len(items)
+        # what the store did not read goes through the array library, an array at a time
         left = [item for d, item in zip(out, items, strict=True) if d is None]
         if left and hooks.prefetch is not None:
             hooks.prefetch(left)

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from zarr.core.buffer import Buffer, BufferPrototype
 
 __all__ = ["MetadataCacheStore", "chunk_decoder", "fetch_arrays_ahead", "gathers",
-           "open_zarr_group", "read_runs", "start_runs", "zarr_root_attrs"]
+           "open_zarr_group", "start_runs", "zarr_root_attrs"]
 
 #: Objects of a group fetched ahead at most (a larger one is read as its readers ask).
 _MAX_AHEAD = 4096
@@ -219,7 +219,7 @@ def chunk_decoder(arr: Any) -> Callable[[Any, np.ndarray], None] | None:
 
 
 def gathers(arr: Any) -> bool:
-    """Whether :func:`read_runs` reads any ranges of ``arr`` decoding each chunk once."""
+    """Whether :func:`start_runs` reads any ranges of ``arr`` decoding each chunk once."""
     return chunk_decoder(arr) is not None
 
 
@@ -392,11 +392,6 @@ def start_runs(items: list[tuple[Any, np.ndarray, np.ndarray]]
         return out
 
     return finish
-
-
-def read_runs(items: list[tuple[Any, np.ndarray, np.ndarray]]) -> list[np.ndarray | None]:
-    """:func:`start_runs`, waited for."""
-    return start_runs(items)()
 
 
 def _read_through_zarr(items: list[tuple[Any, np.ndarray, np.ndarray]]) -> list[np.ndarray]:
