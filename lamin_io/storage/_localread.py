@@ -81,10 +81,22 @@ def results(futures: Sequence[Future[T]]) -> list[T]:
     return [f.result() for f in futures]
 
 
+def _nowait_refused(exc: OSError, offset: int) -> bool:
+    """Whether ``RWF_NOWAIT`` failed because the kernel or filesystem cannot do it.
+
+    If so, it is off for the rest of the process (reads go the ordinary way). A bad
+    offset fails with the same error and says nothing about the kernel.
+    """
+    global _NOWAIT
+    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL) or offset < 0:
+        return False
+    _NOWAIT = 0
+    return True
+
+
 def _read_cached(fd: int, ranges: list[tuple[int, int]], view: memoryview,
                  offsets: list[int]) -> list[int]:
     """Read the ranges the page cache holds; return the indices of the others."""
-    global _NOWAIT
     if not _NOWAIT:
         return list(range(len(ranges)))
     left = []
@@ -94,10 +106,9 @@ def _read_cached(fd: int, ranges: list[tuple[int, int]], view: memoryview,
         except BlockingIOError:
             n = -1
         except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL) or start < 0:
+            if not _nowait_refused(exc, start):
                 raise
-            _NOWAIT = 0  # this kernel or filesystem cannot: read everything normally
-            return list(range(i, len(ranges)))
+            return list(range(i, len(ranges)))  # read everything the ordinary way
         if n != stop - start:
             left.append(i)  # not (all) cached, or past the end: read it again below
     return left
@@ -164,7 +175,6 @@ def cached(fd: int, starts: np.ndarray) -> bool:
 
     A miss has the kernel start reading there.
     """
-    global _NOWAIT
     if not _NOWAIT:
         return False
     probe = bytearray(1)
@@ -173,8 +183,7 @@ def cached(fd: int, starts: np.ndarray) -> bool:
     except BlockingIOError:
         return False
     except OSError as exc:
-        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL) and int(starts.min()) >= 0:
-            _NOWAIT = 0  # this kernel or filesystem cannot (as in _read_cached)
+        _nowait_refused(exc, int(starts.min()))
         return False  # the reads will tell what else is wrong
 
 
