@@ -80,6 +80,51 @@ def test_advice_reads_the_advised_ranges_only(data_file: tuple[int, bytes]) -> N
     assert got == b"".join(payload[s:e] for s, e in ranges)
 
 
+def test_uncached_ranges_are_advised_in_order_then_read(
+        data_file: tuple[int, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first pass leaves the uncached ranges; they are advised in order, then read."""
+    fd, payload = data_file
+    advised: list[int] = []
+    real = os.posix_fadvise
+
+    def recording(fd: int, start: int, length: int, advice: int) -> None:
+        advised.append(start)
+        real(fd, start, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", recording)
+    starts = np.arange(0, 6 << 20, 16 * PAGE, dtype=np.int64)
+    os.pread(fd, 3000, int(starts[40]))  # that range is cached (the kernel may read more)
+    ranges = [(s, s + 3000) for s in starts.tolist()]
+    got = start_pread_ranges(fd, ranges)()
+    assert got == b"".join(payload[s:e] for s, e in ranges)
+    assert advised == sorted(advised)  # in file order
+    assert int(starts[40]) not in advised  # not the cached one
+    assert set(starts[starts >= 4 << 20].tolist()) <= set(advised)  # the uncached ones
+
+
+def test_advised_ranges_are_read_without_a_first_pass(
+        data_file: tuple[int, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranges advised before (``advised=True``) are read in order, and right."""
+    fd, payload = data_file
+    flags: list[int] = []
+    real = os.preadv
+
+    def recording(fd: int, buffers: list[memoryview], offset: int, flag: int = 0) -> int:
+        flags.append(flag)
+        return real(fd, buffers, offset, flag)
+
+    starts = np.arange(PAGE // 2, 6 << 20, 16 * PAGE, dtype=np.int64)
+    ranges = [(s, s + 5000) for s in starts.tolist()]
+    end = start_advice(fd, starts, starts + 5000)
+    monkeypatch.setattr(os, "preadv", recording)
+    try:
+        got = start_pread_ranges(fd, ranges, advised=True)()
+    finally:
+        end()
+    assert got == b"".join(payload[s:e] for s, e in ranges)
+    assert flags == [0] * len(ranges)  # one plain read a range, no RWF_NOWAIT pass
+
+
 def test_advice_stops_at_the_check_after_it_is_ended(monkeypatch: pytest.MonkeyPatch) -> None:
     """The advising loop looks at its stop flag every ``_ADVICE_STEP`` ranges."""
     import threading
@@ -175,7 +220,7 @@ def test_advice_ends_when_a_batch_fails(h5ad: tuple[Path, ad.AnnData],
     def advise(items: list[tuple[object, np.ndarray, np.ndarray]]) -> object:
         (_, data_starts, _), (_, index_starts, _) = items  # data and indices, same runs
         np.testing.assert_array_equal(data_starts, index_starts)
-        assert data_starts[0] > 0  # the runs after the first batch
+        assert data_starts[0] == 0  # the first batch's runs too
         return lambda: ended.append(True)
 
     class Boom(Exception):
@@ -183,7 +228,8 @@ def test_advice_ends_when_a_batch_fails(h5ad: tuple[Path, ad.AnnData],
 
     calls = 0
 
-    def start_runs(items: list[tuple[object, np.ndarray, np.ndarray]]) -> object:
+    def start_runs(items: list[tuple[object, np.ndarray, np.ndarray]], *,
+                   advised: bool = False) -> object:
         nonlocal calls
         calls += 1
         if calls == 3:
@@ -206,18 +252,25 @@ def test_advice_ends_when_a_batch_fails(h5ad: tuple[Path, ad.AnnData],
     assert ended == [True, True]
 
 
-def test_advice_covers_the_batches_after_the_first_up_to_its_bound(
+def test_advice_covers_every_batch_up_to_its_bound(
         h5ad: tuple[Path, ad.AnnData], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The advice starts at the first run; batches within it are read as advised."""
     import h5py
 
     path, adata = h5ad
     monkeypatch.setattr(_rows, "BATCH_BYTES", 8192)
     item = 8  # float32 values and int32 indices
-    advised: list[np.ndarray] = []
+    advised: list[tuple[np.ndarray, np.ndarray]] = []  # the advised runs
+    started: list[tuple[int, bool]] = []  # (a batch's last run stop, advised)
 
     def advise(items: list[tuple[object, np.ndarray, np.ndarray]]) -> object:
-        advised.append(items[0][1])
+        advised.append(items[0][1:])
         return lambda: None
+
+    def start_runs(items: list[tuple[object, np.ndarray, np.ndarray]], *,
+                   advised: bool = False) -> object:
+        started.append((int(items[0][2][-1]), advised))
+        return lambda: [None] * len(items)
 
     with h5py.File(path) as f:
         g = f["X"]
@@ -225,19 +278,48 @@ def test_advice_covers_the_batches_after_the_first_up_to_its_bound(
         rows = np.arange(0, adata.n_obs, 2)
         for limit in (1 << 30, 40 * 8192):
             monkeypatch.setattr(_rows, "ADVICE_BYTES", limit)
-            hooks = _rows.ReadHooks(advise=advise)  # type: ignore[arg-type]
+            hooks = _rows.ReadHooks(advise=advise, start_runs=start_runs)  # type: ignore[arg-type]
             got = _rows.read_sparse(parts, rows, None, hooks)
             np.testing.assert_array_equal(got.toarray(), adata.X[rows].toarray())
-    everything, bounded = advised
-    # rows 0, 2, 4, ...: their runs merge (the gaps are short), so a run's start is about
-    # the elements read before it; batches and runs hold about 1024 elements (8 KB)
-    per_batch = 8192 // item
-    assert per_batch <= everything[0] <= 3 * per_batch  # after the first batch
-    assert everything[-1] <= adata.X.indptr[rows[-1]]  # to the last run
+    (starts, stops), (_, bounded) = advised
+    assert starts[0] == 0  # from the first run
+    assert stops[-1] == adata.X.indptr[rows[-1] + 1]  # to the last
     # the bounded advice is the start of the full one, and ends at its bound
-    np.testing.assert_array_equal(bounded, everything[:len(bounded)])
-    bound = 40 * 8192 // item
-    assert bounded[-1] < bound <= everything[len(bounded)] + per_batch
+    np.testing.assert_array_equal(bounded, stops[:len(bounded)])
+    read = np.cumsum(stops - starts)
+    assert read[len(bounded) - 1] <= 40 * 8192 // item < read[len(bounded)]
+    # every batch of the first request was advised; the second's up to the bound only
+    first = started[:len(started) // 2]
+    second = started[len(started) // 2:]
+    assert [a for _, a in first] == [True] * len(first)
+    assert [a for _, a in second] == [stop <= bounded[-1] for stop, _ in second]
+    assert second[0][1]
+    assert not second[-1][1]
+
+
+def test_batches_are_not_read_as_advised_when_nothing_was(
+        h5ad: tuple[Path, ad.AnnData]) -> None:
+    """A store that advises nothing (a cached file) has every batch read the usual way."""
+    import h5py
+
+    path, adata = h5ad
+    flags: list[bool] = []
+
+    def start_runs(items: list[tuple[object, np.ndarray, np.ndarray]], *,
+                   advised: bool = False) -> object:
+        flags.append(advised)
+        return lambda: [None] * len(items)
+
+    with h5py.File(path) as f:
+        g = f["X"]
+        parts = _rows.SparseParts(g["data"], g["indices"], g["indptr"][:], adata.shape, "csr")
+        hooks = _rows.ReadHooks(advise=lambda items: None, start_runs=start_runs)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(_rows, "BATCH_BYTES", 8192)
+            got = _rows.read_sparse(parts, np.arange(0, adata.n_obs, 2), None, hooks)
+    np.testing.assert_array_equal(got.toarray(), adata.X[::2].toarray())
+    assert len(flags) > 2
+    assert not any(flags)
 
 
 def test_a_negative_offset_leaves_nowait_on(data_file: tuple[int, bytes]) -> None:

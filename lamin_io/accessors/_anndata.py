@@ -313,14 +313,15 @@ class _Store:
         """Whether ``ds`` lies in this store's file (not in one behind an external link)."""
         return bool(ds.file == self.group.file)
 
-    def _start_runs(self, items: list[tuple[Any, np.ndarray, np.ndarray]]
-                    ) -> Callable[[], list[np.ndarray | None]]:
+    def _start_runs(self, items: list[tuple[Any, np.ndarray, np.ndarray]], *,
+                    advised: bool = False) -> Callable[[], list[np.ndarray | None]]:
         """Start reading runs of unfiltered 1-D HDF5 arrays straight from their byte ranges.
 
         The ranges are located now (HDF5 calls stay in this thread); the ranges of every
-        array in ``items`` are then read in one go, in the background. The returned
-        function waits for them; an array HDF5 must read itself (filtered, strings,
-        unallocated chunks) gets ``None``.
+        array in ``items`` are then read in one go, in the background (``advised``: the
+        kernel was told them already, see :meth:`_advise`). The returned function waits
+        for them; an array HDF5 must read itself (filtered, strings, unallocated chunks)
+        gets ``None``.
         """
         from lamin_io.accessors._hdf5_ranges import byte_ranges
 
@@ -339,7 +340,7 @@ class _Store:
             ranges.extend(these)
         if not ranges:
             return lambda: [None] * len(items)
-        fetched = self._start_fetch(ranges)
+        fetched = self._start_fetch(ranges, advised=advised)
 
         def finish() -> list[np.ndarray | None]:
             buffer = fetched()
@@ -357,30 +358,40 @@ class _Store:
 
         return finish
 
-    def _advise(self, items: list[tuple[Any, np.ndarray, np.ndarray]]) -> Callable[[], None]:
+    def _advise(self, items: list[tuple[Any, np.ndarray, np.ndarray]]
+                ) -> Callable[[], None] | None:
         """Have the kernel read ahead the byte ranges of runs read later by ``_start_runs``.
 
-        Nothing is done when a sample of the first array's runs is cached (a warm file
-        gains nothing; locating a run's chunk can cost an HDF5 index walk, so few are
-        sampled).
+        Nothing is done (``None``) when a sample of the first array's runs is cached (a
+        warm file gains nothing; locating a run's chunk can cost an HDF5 index walk, so
+        few are sampled).
         """
         from lamin_io.accessors._hdf5_ranges import direct_ranges
         from lamin_io.storage._localread import cached, can_advise, start_advice
 
         items = [item for item in items if self._direct(item[0])]
-        if self._fd is None or not items or not can_advise():
-            return lambda: None
+        if self.local_file is None or not items or not can_advise():
+            return None
+        fd = self._local_fd()
         index = self._index_reader()
         arr, starts, stops = items[0]
         step = max(1, len(starts) // _ADVICE_PROBES)
         begin, end = direct_ranges(arr, starts[step // 2::step], stops[step // 2::step],
                                    self._cache, index)
-        if cached(self._fd, begin):
-            return lambda: None
+        if cached(fd, begin):
+            return None
         located = [direct_ranges(arr, starts, stops, self._cache, index)
                    for arr, starts, stops in items]
-        return start_advice(self._fd, np.concatenate([b for b, _ in located]),
+        return start_advice(fd, np.concatenate([b for b, _ in located]),
                             np.concatenate([e for _, e in located]))
+
+    def _local_fd(self) -> int:
+        """Return the local file's descriptor for our own reads (opened on first use)."""
+        if self._fd is None:
+            import os
+
+            self._fd = os.open(str(self.local_file), os.O_RDONLY)
+        return self._fd
 
     def _read_ranges(self, ranges: list[tuple[int, int]]) -> list[memoryview]:
         """Read byte ranges of the file concurrently; each one's bytes (short past the end)."""
@@ -415,21 +426,17 @@ class _Store:
 
         return read_vlen_strings(ds, self._read_ranges, self._file_size())
 
-    def _start_fetch(self, ranges: list[tuple[int, int]]
+    def _start_fetch(self, ranges: list[tuple[int, int]], *, advised: bool = False
                      ) -> Callable[[], bytearray | memoryview | None]:
         """Start reading byte ranges of the file; the result waits for them, concatenated.
 
-        ``None`` when the file is too short.
+        ``None`` when the file is too short. ``advised``: a local file was advised them.
         """
         if self.rangefile is not None:
             return self.rangefile.start_read(ranges)
-        import os
-
         from lamin_io.storage._localread import start_pread_ranges
 
-        if self._fd is None:
-            self._fd = os.open(str(self.local_file), os.O_RDONLY)
-        return start_pread_ranges(self._fd, ranges)
+        return start_pread_ranges(self._local_fd(), ranges, advised=advised)
 
     def _prefetch(self, requests: list[tuple[Any, np.ndarray, np.ndarray]]) -> None:
         from lamin_io.accessors._hdf5_ranges import byte_ranges

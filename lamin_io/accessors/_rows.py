@@ -16,7 +16,7 @@ layers, ``obsm``, and later the training loaders). It
 3. reads in batches of at most :data:`BATCH_BYTES`, selecting columns in memory per
    batch, so peak memory follows the selection, not the file; where the store can
    (:attr:`ReadHooks.start_runs`), the next batch is fetched while one is processed, and
-   a local file has the kernel read later batches ahead (:attr:`ReadHooks.advise`).
+   a local file has the kernel read the batches ahead (:attr:`ReadHooks.advise`).
 
 CSR matrices are read along rows; CSC along columns (the compressed axis), filtering rows
 in memory; dense arrays by row blocks.
@@ -25,7 +25,7 @@ in memory; dense arrays by row blocks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -54,6 +54,13 @@ ADVICE_BYTES = 256 << 20
 GATHER_BYTES = 16 << 20
 
 
+class StartRuns(Protocol):
+    """The ``start_runs`` hook of :class:`ReadHooks`."""
+
+    def __call__(self, items: list[tuple[Any, np.ndarray, np.ndarray]], *,
+                 advised: bool = False) -> Callable[[], list[np.ndarray | None]]: ...
+
+
 @dataclass(frozen=True)
 class ReadHooks:
     """How a store can speed up reads; every hook is optional.
@@ -77,20 +84,19 @@ class ReadHooks:
     #: touch, decoding each chunk once and keeping only the ranges: such arrays get the
     #: exact ranges (no gaps read through), in batches that never share a chunk.
     gathers: Callable[[Any], bool] | None = None
-    #: Given ``[(1-D on-disk array, starts, stops), ...]``, start reading the runs
-    #: ``[starts[i], stops[i])`` of each array, all in one go (planning in the calling
-    #: thread), and return a function that waits for them: for each array its runs
-    #: concatenated, or ``None`` to leave it to the array library. The next batch is
-    #: then fetched while this one is processed.
-    start_runs: Callable[[list[tuple[Any, np.ndarray, np.ndarray]]],
-                         Callable[[], list[np.ndarray | None]]] | None = None
-    #: Told, as the first batch starts, the runs of the batches after it (up to
-    #: :data:`ADVICE_BYTES`; only for requests of three batches or more), so a local file
+    #: Given ``[(1-D on-disk array, starts, stops), ...]`` and whether those runs were
+    #: advised (``advise``), start reading the runs ``[starts[i], stops[i])`` of each
+    #: array, all in one go (planning in the calling thread), and return a function that
+    #: waits for them: for each array its runs concatenated, or ``None`` to leave it to
+    #: the array library. The next batch is then fetched while this one is processed.
+    start_runs: StartRuns | None = None
+    #: Told, before the first batch starts, the runs of the first batches (up to
+    #: :data:`ADVICE_BYTES`; only for requests of two batches or more), so a local file
     #: can have the kernel read them ahead (a disk then works on much of the request, not
-    #: two batches at a time). Returns a function that ends the advice before the request
-    #: returns.
+    #: a batch at a time). Returns a function that ends the advice before the request
+    #: returns, or ``None`` when it advised nothing (a cached file).
     advise: Callable[[list[tuple[Any, np.ndarray, np.ndarray]]],
-                     Callable[[], None]] | None = None
+                     Callable[[], None] | None] | None = None
 
 
 NO_HOOKS = ReadHooks()
@@ -182,13 +188,13 @@ def expand(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.repeat(shifts, lengths) + np.arange(total, dtype=np.int64)
 
 
-def _begin_runs(items: list[tuple[Any, np.ndarray, np.ndarray]],
-                hooks: ReadHooks) -> Callable[[], list[np.ndarray]]:
+def _begin_runs(items: list[tuple[Any, np.ndarray, np.ndarray]], hooks: ReadHooks,
+                *, advised: bool = False) -> Callable[[], list[np.ndarray]]:
     """Start reading runs where the store can (``start_runs``); return what waits for them.
 
     Without ``start_runs`` nothing happens before the returned function is called.
     """
-    wait = hooks.start_runs(items) if hooks.start_runs is not None else None
+    wait = hooks.start_runs(items, advised=advised) if hooks.start_runs is not None else None
 
     def finish() -> list[np.ndarray]:
         out = wait() if wait is not None else [None] * len(items)
@@ -370,28 +376,31 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
     data_parts, index_parts = [], []
     counts = np.zeros(len(rows), dtype=np.int64)
 
+    advised_runs = 0  # the runs advised: every batch within them is read plainly
+
     def begin(b: int) -> Callable[[], list[np.ndarray]]:
         r0, r1 = batches[b]
         return _begin_runs([(parts.data, run_starts[r0:r1], run_stops[r0:r1]),
-                            (parts.indices, run_starts[r0:r1], run_stops[r0:r1])], hooks)
+                            (parts.indices, run_starts[r0:r1], run_stops[r0:r1])], hooks,
+                           advised=r1 <= advised_runs)
 
-    upcoming = begin(0) if batches else None
-    current = None
-    end_advice = None
+    upcoming: Callable[[], list[np.ndarray]] | None = None
+    current: Callable[[], list[np.ndarray]] | None = None
+    end_advice: Callable[[], None] | None = None
     try:
-        if hooks.advise is not None and len(batches) > 2:
-            # the batches after the first, as far as the advice may reach; the second is
-            # being started too, but one thread queueing it with the rest, in file order,
-            # keeps the disk's queue in the order the batches are needed (measured cold, 50k
-            # and 200k cells: X 86 and 303 ms; advising from the third batch 95 and 316 ms;
-            # no advice 92 and 374 ms)
-            first = batches[1][0]
+        if hooks.advise is not None and len(batches) > 1:
+            # every batch as far as the advice may reach, the first too: one thread
+            # queueing them all, in file order, keeps the disk's queue deep and in the
+            # order the batches are needed (measured cold, the benchmark's 50k- and
+            # 200k-cell subsets: X 73-79 and 275-286 ms; advised from the second batch
+            # on, with the first read by 8 threads, 83-96 and 336-355 ms)
             last = int(np.searchsorted(np.cumsum(run_sizes), ADVICE_BYTES // item, "right"))
-            if last > first:
-                later = slice(first, last)
-                end_advice = hooks.advise([
-                    (parts.data, run_starts[later], run_stops[later]),
-                    (parts.indices, run_starts[later], run_stops[later])])
+            last = max(last, batches[0][1])
+            end_advice = hooks.advise([(parts.data, run_starts[:last], run_stops[:last]),
+                                       (parts.indices, run_starts[:last], run_stops[:last])])
+            if end_advice is not None:
+                advised_runs = last
+        upcoming = begin(0) if batches else None
         for b, (r0, r1) in enumerate(batches):
             current, upcoming = upcoming, None  # drops the previous batch's buffers first
             assert current is not None  # noqa: S101

@@ -357,11 +357,12 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
 
 
-def start_runs(items: list[tuple[Any, np.ndarray, np.ndarray]]
+def start_runs(items: list[tuple[Any, np.ndarray, np.ndarray]], *, advised: bool = False
                ) -> Callable[[], list[np.ndarray | None]]:
     """Start reading runs of several zarr arrays; return the function that waits for them.
 
-    ``items`` are ``(array, starts, stops)``; each array's runs come back concatenated
+    ``items`` are ``(array, starts, stops)`` (``advised`` is for local files read by
+    byte range, which zarr stores are not); each array's runs come back concatenated
     (``None`` for an array that is not zarr's). Arrays :func:`chunk_decoder` covers are
     read chunk by chunk: every chunk holding a run is fetched once (all at once; remote
     ones right away, so a batch's requests are in flight while the one before decodes),

@@ -1,23 +1,25 @@
 """Many byte ranges of a local file, read into one buffer; the I/O thread pool.
 
-A scattered selection turns into thousands of small reads. A first pass, in one pool
-thread while the caller goes on, reads with ``RWF_NOWAIT``, which the kernel refuses for
-pages it would have to fetch from the device: cached ranges are copied at once. What is
-left waits on the device, and is read from several threads (``os.preadv`` releases the
-GIL) to keep several requests in flight, which fast disks and network block devices need
-to deliver their throughput. Measured on a virtual disk, 4.5k reads of ~4 KB: cached,
-1 thread 38 ms and 16 threads 56 ms; uncached, 1 thread 400 ms and 8 threads 145 ms.
-The first pass in one thread beside the caller (which meanwhile processes the batch
-before) made a 200k-cell subset's X read ~8% faster than in the caller; splitting it
-over 2 or 4 threads was slower on 2 cores.
+A scattered selection turns into thousands of small reads, which a disk serves fastest
+when it has many of them queued at once, in file order. A request's ranges are read in
+one pool thread while the caller goes on (it may be processing the ranges it asked for
+before). A first pass reads with ``RWF_NOWAIT``, which the kernel refuses for pages it
+would have to fetch from the device: cached ranges are copied at once. The others are
+then advised (``POSIX_FADV_WILLNEED``, which queues a range's read and returns), and read
+in order by the same thread, each waiting only for its own pages. Reading them from
+several threads instead keeps several requests in flight too, but on 2 cores the threads
+compete with the caller and with the queueing. Replaying a subset of the 50k-cell
+benchmark file, cold (4.6k ranges of ~2.4 KB in three batches, 3 ms of work on each):
+104 ms read by 8 threads, 89 ms by one, 83 ms advised and read by one. Cached, one thread
+copies 4.5k ranges faster than 16. Where ``posix_fadvise`` is missing, 8 threads read.
 
-A request read in several batches tells the kernel its later ranges up front
-(:func:`start_advice`, ``POSIX_FADV_WILLNEED``; up to ``_rows.ADVICE_BYTES``): on an
-uncached file the device then has them queued, instead of two batches' worth at a time.
-The advice queues reads at the device's pace (~14 us a 4 KB range here, from one thread;
-more threads gain nothing), faster than 8 reading threads (~25 us) since no thread waits
-on each read. A cached request (sampled with ``RWF_NOWAIT``) is not advised. Measured on
-the 50k- and 200k-cell benchmark files, cold: X 5-15% faster.
+A request read in several batches tells the kernel every batch's ranges up front
+(:func:`start_advice`, up to ``_rows.ADVICE_BYTES``): the device then has the whole
+request queued, instead of a batch's worth at a time, and each batch is read plainly
+(``advised``), with no first pass (it would queue the same pages a second time). The
+advice queues reads at the device's pace (~14 us a 4 KB range here, from one thread;
+more threads gain nothing). A cached request (sampled with ``RWF_NOWAIT``) is not
+advised. In the same replay, the three batches took 72 ms advised up front.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ T = TypeVar("T")
 #: Threads of the pool that reads byte ranges (local files and remote objects) in parallel:
 #: each blocks in a system call or in a C++ client, with the GIL released.
 READ_THREADS = 16
-#: Threads that read the uncached ranges of one local request (measured best at 8).
+#: Threads that read the uncached ranges of one local request where they cannot be advised.
 LOCAL_THREADS = 8
 #: Below this many uncached ranges, the calling thread reads them itself.
 _MIN_PARALLEL = 64
@@ -123,11 +125,23 @@ def _read_some(fd: int, ranges: list[tuple[int, int]], view: memoryview,
     return True
 
 
+def _advise_ranges(fd: int, ranges: list[tuple[int, int]], which: list[int]) -> None:
+    for i in which:
+        start, stop = ranges[i]
+        os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_WILLNEED)
+
+
 def _read_all(fd: int, ranges: list[tuple[int, int]], view: memoryview,
               offsets: list[int]) -> list[Future[bool]] | bool:
-    """Copy the cached ranges; read the others here (few) or in the pool (their futures)."""
+    """Copy the cached ranges; read the others here, advised first, or in the pool.
+
+    Returns whether every range was read whole, or the futures of the pool's reads.
+    """
     left = _read_cached(fd, ranges, view, offsets)
     if len(left) < _MIN_PARALLEL:
+        return _read_some(fd, ranges, view, offsets, left)
+    if hasattr(os, "posix_fadvise"):  # (a miss of the first pass may have queued it)
+        _advise_ranges(fd, ranges, left)
         return _read_some(fd, ranges, view, offsets, left)
     n_groups = min(len(left) // (_MIN_PARALLEL // 4), LOCAL_THREADS)
     bounds = [len(left) * g // n_groups for g in range(n_groups + 1)]
@@ -135,16 +149,17 @@ def _read_all(fd: int, ranges: list[tuple[int, int]], view: memoryview,
             for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def start_pread_ranges(fd: int, ranges: list[tuple[int, int]]
-                       ) -> Callable[[], bytearray | None]:
+def start_pread_ranges(fd: int, ranges: list[tuple[int, int]], *,
+                       advised: bool = False) -> Callable[[], bytearray | None]:
     """Start reading ``[start, stop)`` byte ranges of an open file; return what waits.
 
     The returned function gives the ranges concatenated in order, or ``None`` when a
     range reaches past the end of the file.
 
     Few ranges are read at the wait. Many are read by a pool thread, meanwhile the caller
-    goes on (it may be processing the ranges it asked for before): cached ones at once,
-    the others in several pool threads.
+    goes on: cached ones at once, the others advised, then read in order. ``advised``:
+    the ranges were advised already (:func:`start_advice`), so they are read in order
+    straight away.
     """
     offsets = [0]
     for start, stop in ranges:
@@ -153,7 +168,12 @@ def start_pread_ranges(fd: int, ranges: list[tuple[int, int]]
     view = memoryview(buffer)
     if len(ranges) < _MIN_PARALLEL:
         return lambda: buffer if _read_all(fd, ranges, view, offsets) else None
-    started = executor().submit(_read_all, fd, ranges, view, offsets)
+    started: Future[list[Future[bool]] | bool]
+    if advised:
+        started = executor().submit(_read_some, fd, ranges, view, offsets,
+                                    list(range(len(ranges))))
+    else:
+        started = executor().submit(_read_all, fd, ranges, view, offsets)
 
     def finish() -> bytearray | None:
         done = started.result()
