@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from byte_reader import Reader
 
-from lamin_io.accessors._hdf5_btree import chunk_table
+from lamin_io.accessors._hdf5_btree import IndexReader, chunk_table, chunk_tables
+from lamin_io.accessors._hdf5_ranges import direct_ranges, load_tables
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -51,6 +52,59 @@ def test_offsets_match_hdf5_in_one_round_trip_per_level(tmp_path: Path, n: int, 
         np.testing.assert_array_equal(got, _hdf5_table(ds))
     reader.close()
     assert reader.calls <= 1 + levels  # the object header, then one batch per tree level
+
+
+def test_several_tables_in_the_round_trips_of_the_deepest(tmp_path: Path) -> None:
+    """Indexes walked side by side: each step's reads of every dataset in one call."""
+    path = tmp_path / "x.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("X/data", data=np.arange(100_000, dtype=np.float32), chunks=(300,))
+        f.create_dataset("X/indices", data=np.arange(100_000, dtype=np.int32), chunks=(300,))
+        f.create_dataset("small", data=np.arange(1000, dtype=np.int64), chunks=(1000,))
+        f.create_dataset("contiguous", data=np.ones(100))
+    reader = Reader(path)
+    with h5py.File(path, "r") as f:
+        names = ["X/data", "small", "contiguous", "X/indices"]
+        got = chunk_tables([f[n] for n in names], reader, reader.size)
+        for name, table in zip(names, got, strict=True):
+            if name == "contiguous":
+                assert table is None  # not chunked: left to HDF5
+            else:
+                assert table is not None
+                np.testing.assert_array_equal(table, _hdf5_table(f[name]))
+    reader.close()
+    assert reader.calls <= 1 + 2  # the headers, then one batch per level of the deepest
+
+
+def test_tables_a_request_wants_are_loaded_together(tmp_path: Path) -> None:
+    """A request over many chunks has both indexes read at once; a small one neither."""
+    path = tmp_path / "x.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("data", data=np.arange(100_000, dtype=np.float32), chunks=(300,))
+        f.create_dataset("indices", data=np.arange(100_000, dtype=np.int32), chunks=(300,))
+    reader = Reader(path)
+    index = IndexReader(reader, reader.size)
+    with h5py.File(path, "r") as f:
+        data, indices = f["data"], f["indices"]
+        cache: dict[str, Any] = {}
+        few = (np.array([5, 40_000]), np.array([10, 40_010]))  # 2 of 334 chunks
+        load_tables([(data, *few), (indices, *few)], cache, index)
+        assert reader.calls == 0
+        assert "chunk-table:data" not in cache
+        many = (np.arange(0, 100_000, 250), np.arange(0, 100_000, 250) + 7)
+        load_tables([(data, *many), (indices, *many), (data, *many)], cache, index)
+        assert reader.calls <= 3  # both tables: the headers, then the tree's two levels
+        calls = reader.calls
+        for ds in (data, indices):
+            begin, end = direct_ranges(ds, *many, cache, index)  # served from the tables
+            np.testing.assert_array_equal(begin, _hdf5_table(ds)[many[0] // 300]
+                                          + many[0] % 300 * ds.dtype.itemsize)
+            np.testing.assert_array_equal(end - begin, 7 * ds.dtype.itemsize)
+        assert reader.calls == calls
+        empty = np.empty(0, dtype=np.int64)
+        load_tables([(data, empty, empty)], {}, IndexReader(reader, reader.size, whole=True))
+        assert reader.calls == calls  # nothing to locate: no index read, even remotely
+    reader.close()
 
 
 def test_unwritten_chunks_are_minus_one(tmp_path: Path) -> None:

@@ -323,15 +323,17 @@ class _Store:
         for them; an array HDF5 must read itself (filtered, strings, unallocated chunks)
         gets ``None``.
         """
-        from lamin_io.accessors._hdf5_ranges import byte_ranges
+        from lamin_io.accessors._hdf5_ranges import byte_ranges, load_tables
 
         plans: list[tuple[int, Any] | None] = []  # (values, dtype)
         ranges: list[tuple[int, int]] = []
+        index = self._index_reader()
+        load_tables([item for item in items if self._direct(item[0])], self._cache, index)
         for arr, starts, stops in items:
             if not self._direct(arr):
                 plans.append(None)
                 continue
-            these = byte_ranges(arr, starts, stops, self._cache, self._index_reader())
+            these = byte_ranges(arr, starts, stops, self._cache, index)
             count = int((stops - starts).sum())
             if sum(e - s for s, e in these) != count * arr.dtype.itemsize:
                 plans.append(None)  # unallocated chunks read as fill values: HDF5 does it
@@ -362,11 +364,13 @@ class _Store:
                 ) -> Callable[[], None] | None:
         """Have the kernel read ahead the byte ranges of runs read later by ``_start_runs``.
 
-        Nothing is done (``None``) when a sample of the first array's runs is cached (a
-        warm file gains nothing; locating a run's chunk can cost an HDF5 index walk, so
-        few are sampled).
+        Nothing is done (``None``) when a sample of the first array's ranges is cached (a
+        warm file gains nothing). The first array's ranges are all located for the sample:
+        a multi-batch request needs its chunk index whole, which is read in a few
+        requests, where locating a few sampled chunks through HDF5 walks the index once
+        each (~0.6 ms a chunk cold).
         """
-        from lamin_io.accessors._hdf5_ranges import direct_ranges
+        from lamin_io.accessors._hdf5_ranges import direct_ranges, load_tables
         from lamin_io.storage._localread import cached, can_advise, start_advice
 
         items = [item for item in items if self._direct(item[0])]
@@ -374,14 +378,13 @@ class _Store:
             return None
         fd = self._local_fd()
         index = self._index_reader()
-        arr, starts, stops = items[0]
-        step = max(1, len(starts) // _ADVICE_PROBES)
-        begin, end = direct_ranges(arr, starts[step // 2::step], stops[step // 2::step],
-                                   self._cache, index)
-        if cached(fd, begin):
+        load_tables(items, self._cache, index)
+        located = [direct_ranges(*items[0], self._cache, index)]
+        step = max(1, len(located[0][0]) // _ADVICE_PROBES)
+        if cached(fd, located[0][0][step // 2::step]):
             return None
-        located = [direct_ranges(arr, starts, stops, self._cache, index)
-                   for arr, starts, stops in items]
+        located += [direct_ranges(arr, starts, stops, self._cache, index)
+                    for arr, starts, stops in items[1:]]
         return start_advice(fd, np.concatenate([b for b, _ in located]),
                             np.concatenate([e for _, e in located]))
 
@@ -439,15 +442,16 @@ class _Store:
         return start_pread_ranges(self._local_fd(), ranges, advised=advised)
 
     def _prefetch(self, requests: list[tuple[Any, np.ndarray, np.ndarray]]) -> None:
-        from lamin_io.accessors._hdf5_ranges import byte_ranges
+        from lamin_io.accessors._hdf5_ranges import byte_ranges, load_tables
 
         if self.rangefile is None:
             return
         ranges: list[tuple[int, int]] = []
+        index = self._index_reader()
+        requests = [r for r in requests if not (r[0].ndim == 1 and self._direct(r[0]))]
+        load_tables(requests, self._cache, index)  # (the others are read by _start_runs)
         for arr, starts, stops in requests:
-            if arr.ndim == 1 and self._direct(arr):
-                continue  # read directly by _start_runs
-            ranges.extend(byte_ranges(arr, starts, stops, self._cache, self._index_reader()))
+            ranges.extend(byte_ranges(arr, starts, stops, self._cache, index))
         self.rangefile.prefetch(ranges)
 
     def close(self) -> None:

@@ -21,9 +21,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Generator, Sequence
 
-__all__ = ["IndexReader", "chunk_table"]
+    # a walk through one dataset's metadata: it yields the byte ranges it needs next, is
+    # sent their bytes, and returns its result
+    _Walk = Generator[list[tuple[int, int]], list[Any], Any]
+
+__all__ = ["IndexReader", "chunk_table", "chunk_tables"]
 
 
 @dataclass(frozen=True)
@@ -49,8 +53,12 @@ def _u(buf: bytes | memoryview, at: int, n: int) -> int:
     return int.from_bytes(bytes(buf[at:at + n]), "little")
 
 
-def _layout(ds: Any, read: Callable[[list[tuple[int, int]]], Sequence[Any]],
-            size: int) -> tuple[int, int] | None:
+def _read_one(start: int, stop: int) -> _Walk:
+    """Read one byte range (within a walk: ``buf = yield from _read_one(a, b)``)."""
+    return (yield [(start, stop)])[0]
+
+
+def _layout(ds: Any, size: int) -> _Walk:
     """Return ``(B-tree address, dimensionality)`` of a chunked dataset, else ``None``."""
     import h5py
 
@@ -62,12 +70,12 @@ def _layout(ds: Any, read: Callable[[list[tuple[int, int]]], Sequence[Any]],
         return None
     if high:
         return None
-    head = read([(address, min(size, address + _HEADER_READ))])[0]
+    head = yield from _read_one(address, min(size, address + _HEADER_READ))
     if len(head) < 16 or head[0] != 1:  # version 2 headers start with "OHDR"
         return None
     blocks = [(head, 16, 16 + _u(head, 8, 4))]
     if 16 + _u(head, 8, 4) > len(head):  # a long header: read it whole
-        whole = read([(address, min(size, address + 16 + _u(head, 8, 4)))])[0]
+        whole = yield from _read_one(address, min(size, address + 16 + _u(head, 8, 4)))
         blocks = [(whole, 16, 16 + _u(head, 8, 4))]
     seen = 0
     while blocks and seen < 64:
@@ -82,23 +90,17 @@ def _layout(ds: Any, read: Callable[[list[tuple[int, int]]], Sequence[Any]],
                 return _u(body, 3, 8), int(body[2])
             if kind == _CONTINUATION and len(body) >= 16:
                 start, n = _u(body, 0, 8), _u(body, 8, 8)
-                blocks.append((read([(start, min(size, start + n))])[0], 0, n))
+                blocks.append(((yield from _read_one(start, min(size, start + n))), 0, n))
             at += 8 + length
     return None
 
 
-def chunk_table(ds: Any, read: Callable[[list[tuple[int, int]]], Sequence[Any]],
-                size: int) -> np.ndarray | None:
-    """File offsets of every chunk of a 1-D chunked dataset (``-1``: not allocated).
-
-    ``read`` reads byte ranges of the file (all of one call concurrently), ``size`` is the
-    file's size. Returns ``None`` when the dataset's layout is not the one read here, or
-    when the index looks inconsistent; HDF5 is then asked instead.
-    """
+def _table(ds: Any, size: int) -> _Walk:
+    """Walk to the chunk table of one dataset (see :func:`chunk_tables`)."""
     plist = ds.file.id.get_create_plist()
     if ds.ndim != 1 or not ds.chunks or plist.get_sizes() != (8, 8) or plist.get_userblock():
         return None  # (addresses count from the end of a userblock: none here)
-    found = _layout(ds, read, size)
+    found = yield from _layout(ds, size)
     if found is None:
         return None
     root, dims = found
@@ -113,33 +115,70 @@ def chunk_table(ds: Any, read: Callable[[list[tuple[int, int]]], Sequence[Any]],
     guess = _NODE_HEADER + (2 * _DEFAULT_K + 1) * key + 2 * _DEFAULT_K * 8
     level_nodes, level, filled = [root], None, 0
     for _ in range(64):  # deeper than any real tree: a loop in a damaged file
-        buffers = list(read([(a, min(size, a + guess)) for a in level_nodes]))
-        children = []
+        buffers = list((yield [(a, min(size, a + guess)) for a in level_nodes]))
+        parts = []
         for i, buf in enumerate(buffers):
             if len(buf) < _NODE_HEADER or bytes(buf[:4]) != b"TREE" or buf[4] != 1:
                 return None
             n, node_level = _u(buf, 6, 2), int(buf[5])
-            if level is not None and node_level != level:
-                return None
+            if node_level != (level if level is not None else int(buffers[0][5])):
+                return None  # the nodes of a level are all on it
             need = _NODE_HEADER + n * entry.itemsize + key
             if need > len(buf):  # more entries than the default node holds
-                buf = buffers[i] = read([(level_nodes[i],
-                                          min(size, level_nodes[i] + need))])[0]
+                buf = buffers[i] = yield from _read_one(level_nodes[i],
+                                                        min(size, level_nodes[i] + need))
                 if len(buf) < need:
                     return None
-            entries = np.frombuffer(buf, dtype=entry, count=n, offset=_NODE_HEADER)
-            if node_level > 0:
-                children.extend(entries["child"].tolist())
-                continue
-            rows = entries["offset"][:, 0].astype(np.int64)
-            which = rows // rows_per_chunk
-            if (np.any(rows % rows_per_chunk) or np.any(which >= n_chunks)
-                    or np.any(which < 0) or np.any(entries["offset"][:, 1])):
-                return None
-            table[which] = entries["child"].astype(np.int64)
-            filled += n
-        if not children:
-            return table if filled <= n_chunks else None
-        level = int(buffers[0][5]) - 1
-        level_nodes = children
+            parts.append(np.frombuffer(buf, dtype=entry, count=n, offset=_NODE_HEADER))
+        entries = np.concatenate(parts)  # the level's entries, checked at once
+        if int(buffers[0][5]) > 0:
+            level = int(buffers[0][5]) - 1
+            level_nodes = entries["child"].tolist()
+            if not level_nodes:
+                return table if filled <= n_chunks else None
+            continue
+        rows = entries["offset"][:, 0].astype(np.int64)
+        which = rows // rows_per_chunk
+        if (np.any(rows % rows_per_chunk) or np.any(which >= n_chunks)
+                or np.any(which < 0) or np.any(entries["offset"][:, 1])):
+            return None
+        table[which] = entries["child"].astype(np.int64)
+        filled += len(entries)
+        return table if filled <= n_chunks else None
     return None
+
+
+def chunk_tables(datasets: Sequence[Any], read: Callable[[list[tuple[int, int]]],
+                                                           Sequence[Any]],
+                 size: int) -> list[np.ndarray | None]:
+    """File offsets of every chunk of each 1-D chunked dataset (``-1``: not allocated).
+
+    ``read`` reads byte ranges of the file (all of one call concurrently), ``size`` is the
+    file's size. The datasets' indexes are walked side by side, each step's reads of all
+    of them in one call, so several tables cost the round trips of the deepest one. A
+    dataset's table is ``None`` when its layout is not the one read here, or when its
+    index looks inconsistent; HDF5 is then asked instead.
+    """
+    out: list[np.ndarray | None] = [None] * len(datasets)
+    walks = {i: _table(ds, size) for i, ds in enumerate(datasets)}
+    wanted: dict[int, list[tuple[int, int]]] = {}
+    for i, walk in walks.items():
+        try:
+            wanted[i] = next(walk)
+        except StopIteration as done:
+            out[i] = done.value
+    while wanted:
+        got = iter(read([r for ranges in wanted.values() for r in ranges]))
+        step, wanted = wanted, {}
+        for i, ranges in step.items():
+            try:
+                wanted[i] = walks[i].send([next(got) for _ in ranges])
+            except StopIteration as done:
+                out[i] = done.value
+    return out
+
+
+def chunk_table(ds: Any, read: Callable[[list[tuple[int, int]]], Sequence[Any]],
+                size: int) -> np.ndarray | None:
+    """:func:`chunk_tables` of one dataset."""
+    return chunk_tables([ds], read, size)[0]

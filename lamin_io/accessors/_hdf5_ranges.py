@@ -11,7 +11,7 @@ from lamin_io.accessors._rows import expand
 if TYPE_CHECKING:
     from lamin_io.accessors._hdf5_btree import IndexReader
 
-__all__ = ["byte_ranges", "direct_ranges", "is_direct"]
+__all__ = ["byte_ranges", "direct_ranges", "is_direct", "load_tables"]
 
 
 def is_direct(ds: Any) -> bool:
@@ -86,6 +86,52 @@ def direct_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray, cache: dict[st
     return offset + starts * row_bytes, offset + stops * row_bytes
 
 
+def _many(ds: Any, chunk_ids: np.ndarray, rows_per_chunk: int, cache: dict[str, Any]) -> bool:
+    """Whether requests have touched an eighth of the chunks of ``ds``, these included."""
+    located_now = cache.get(f"chunk-offsets:{ds.name}", {})
+    missing = (sum(1 for k in chunk_ids.tolist() if k not in located_now) if located_now
+               else len(chunk_ids))
+    return (len(located_now) + missing) * 8 >= -(-int(ds.shape[0]) // rows_per_chunk)
+
+
+def _keep_table(ds: Any, table: np.ndarray | None, cache: dict[str, Any]) -> None:
+    cache[f"chunk-table-tried:{ds.name}"] = True
+    if table is not None:
+        cache[f"chunk-table:{ds.name}"] = table
+
+
+def load_tables(items: list[tuple[Any, np.ndarray, np.ndarray]], cache: dict[str, Any],
+                index: IndexReader | None) -> None:
+    """Read, side by side, the chunk indexes that locating these rows will want.
+
+    ``items`` are ``(dataset, starts, stops)`` as :func:`direct_ranges` takes them. The
+    indexes of a sparse matrix's data and indices then cost the round trips of one.
+    """
+    from lamin_io.accessors._hdf5_btree import chunk_tables
+
+    if index is None:
+        return
+    wanting: list[Any] = []
+    for ds, starts, stops in items:
+        chunks = getattr(ds, "chunks", None)
+        if (not chunks or ds.ndim != 1 or f"chunk-table:{ds.name}" in cache
+                or any(ds.name == other.name for other in wanting)):
+            continue
+        n = int(chunks[0])
+        starts, stops = np.asarray(starts), np.asarray(stops)
+        keep = stops > starts
+        if not keep.any():
+            continue  # nothing to locate
+        ids = np.unique(_pieces(starts[keep], stops[keep], n)[0])
+        if f"chunk-table-tried:{ds.name}" not in cache and (index.whole
+                                                           or _many(ds, ids, n, cache)):
+            wanting.append(ds)
+    if wanting:
+        for ds, table in zip(wanting, chunk_tables(wanting, index.read, index.size),
+                             strict=True):
+            _keep_table(ds, table, cache)
+
+
 def _chunk_offsets(ds: Any, chunk_ids: np.ndarray, rows_per_chunk: int,
                    cache: dict[str, Any], index: IndexReader | None = None) -> np.ndarray:
     """File offsets of the given chunks (``-1`` where a chunk is not allocated).
@@ -101,23 +147,19 @@ def _chunk_offsets(ds: Any, chunk_ids: np.ndarray, rows_per_chunk: int,
 
     table: np.ndarray | None = cache.get(f"chunk-table:{ds.name}")
     if table is None:
-        located_now = cache.get(f"chunk-offsets:{ds.name}", {})
-        missing = sum(1 for k in chunk_ids.tolist() if k not in located_now)
-        n_chunks = -(-int(ds.shape[0]) // rows_per_chunk)
-        many = (len(located_now) + missing) * 8 >= n_chunks  # over this and past requests
-        tried = f"chunk-table-tried:{ds.name}"
-        if index is not None and (many or index.whole) and tried not in cache:
-            cache[tried] = True
+        many = _many(ds, chunk_ids, rows_per_chunk, cache)
+        if (index is not None and (many or index.whole)
+                and f"chunk-table-tried:{ds.name}" not in cache):
             table = chunk_table(ds, index.read, index.size)
+            _keep_table(ds, table, cache)
         if table is None and many and hasattr(ds.id, "chunk_iter"):
-            table = np.full(n_chunks, -1, dtype=np.int64)
+            table = np.full(-(-int(ds.shape[0]) // rows_per_chunk), -1, dtype=np.int64)
 
             def visit(info: Any) -> None:
                 if info.byte_offset is not None:
                     table[info.chunk_offset[0] // rows_per_chunk] = info.byte_offset
 
             ds.id.chunk_iter(visit)
-        if table is not None:
             cache[f"chunk-table:{ds.name}"] = table
     if table is not None:
         return table[chunk_ids]
@@ -145,9 +187,7 @@ def _partial_chunk_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray,
     ``starts`` and ``stops`` are non-empty ranges. Unallocated chunks are skipped; callers
     compare sizes to notice them.
     """
-    first = starts // rows_per_chunk
-    n_pieces = (stops - 1) // rows_per_chunk - first + 1
-    chunk = expand(first, n_pieces)
+    chunk, n_pieces = _pieces(starts, stops, rows_per_chunk)
     piece_start = np.maximum(np.repeat(starts, n_pieces), chunk * rows_per_chunk)
     piece_stop = np.minimum(np.repeat(stops, n_pieces), (chunk + 1) * rows_per_chunk)
     unique, inverse = np.unique(chunk, return_inverse=True)
@@ -156,6 +196,14 @@ def _partial_chunk_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray,
     begin = offsets + (piece_start - chunk * rows_per_chunk) * row_bytes
     end = begin + (piece_stop - piece_start) * row_bytes
     return begin[allocated], end[allocated]
+
+
+def _pieces(starts: np.ndarray, stops: np.ndarray, rows_per_chunk: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Cut non-empty ranges at chunk edges: each piece's chunk, and the pieces a range."""
+    first = starts // rows_per_chunk
+    n_pieces = (stops - 1) // rows_per_chunk - first + 1
+    return expand(first, n_pieces), n_pieces
 
 
 def _product(row: int, other: list[range]) -> list[tuple[int, ...]]:
