@@ -107,6 +107,48 @@ def test_tables_a_request_wants_are_loaded_together(tmp_path: Path) -> None:
     reader.close()
 
 
+def test_filtered_datasets_keep_their_indexes_unread(tmp_path: Path) -> None:
+    """Chunks of compressed datasets are looked up one by one: no whole index for them."""
+    path = tmp_path / "gz.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("values", data=np.arange(100_000, dtype=np.float32), chunks=(300,),
+                         compression="gzip")
+    reader = Reader(path)
+    with h5py.File(path, "r") as f:
+        cache: dict[str, Any] = {}
+        every = (np.arange(0, 100_000, 250), np.arange(0, 100_000, 250) + 7)
+        load_tables([(f["values"], *every)], cache, IndexReader(reader, reader.size,
+                                                                 whole=True))
+    reader.close()
+    assert reader.calls == 0
+    assert not cache
+
+
+def test_a_damaged_index_spoils_only_its_own_table(tmp_path: Path) -> None:
+    """A child address past the end of the file: that table is None, the other is read."""
+    path = tmp_path / "damaged.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("deep", data=np.arange(100_000, dtype="i4"), chunks=(100,))
+        f.create_dataset("flat", data=np.arange(1000, dtype="i4"), chunks=(100,))
+    data = bytearray(path.read_bytes())
+    key = 8 + 8 * 2  # chunk size, filter mask, two offsets
+    patched = 0
+    for at in range(len(data) - 64):  # the first child of "deep"'s level-1 node(s)
+        if data[at:at + 4] == b"TREE" and data[at + 4] == 1 and data[at + 5] == 1:
+            child = at + 24 + key
+            data[child:child + 8] = (len(data) + 10**6).to_bytes(8, "little")
+            patched += 1
+    assert patched >= 1
+    path.write_bytes(bytes(data))
+    reader = Reader(path)
+    with h5py.File(path, "r") as f:
+        deep, flat = chunk_tables([f["deep"], f["flat"]], reader, reader.size)
+        assert deep is None
+        assert flat is not None
+        np.testing.assert_array_equal(flat, _hdf5_table(f["flat"]))
+    reader.close()
+
+
 def test_unwritten_chunks_are_minus_one(tmp_path: Path) -> None:
     path = tmp_path / "holes.h5"
     with h5py.File(path, "w") as f:

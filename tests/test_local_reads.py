@@ -210,6 +210,80 @@ def test_uncached_file_in_many_batches_is_advised_and_reads_right(
     assert advised[0] > 0
 
 
+def _element_of(ds: object, offsets: np.ndarray) -> np.ndarray:
+    """The element of a chunked 1-D dataset stored at each file offset (-1: not in it)."""
+    rows = int(ds.chunks[0])  # type: ignore[attr-defined]
+    starts: list[int] = []
+    firsts: list[int] = []
+
+    def visit(info: object) -> None:
+        starts.append(info.byte_offset)  # type: ignore[attr-defined]
+        firsts.append(info.chunk_offset[0])  # type: ignore[attr-defined]
+
+    ds.id.chunk_iter(visit)  # type: ignore[attr-defined]
+    order = np.argsort(starts)
+    starts_a, firsts_a = np.array(starts)[order], np.array(firsts)[order]
+    at = np.searchsorted(starts_a, offsets, side="right") - 1
+    inside = (at >= 0) & (offsets < starts_a[at] + rows * ds.dtype.itemsize)  # type: ignore[attr-defined]
+    return np.where(inside, firsts_a[at] + (offsets - starts_a[at])
+                    // ds.dtype.itemsize, -1)  # type: ignore[attr-defined]
+
+
+def test_advice_queues_the_request_batch_by_batch(
+        h5ad: tuple[Path, ad.AnnData], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The values and indices of a run are advised before the next run's, never after."""
+    import h5py
+
+    path, adata = h5ad
+    monkeypatch.setattr(_rows, "BATCH_BYTES", 8192)
+    advised: list[np.ndarray] = []
+    real = _localread.start_advice
+
+    def recording(fd: int, starts: np.ndarray, stops: np.ndarray) -> object:
+        advised.append(starts)
+        return real(fd, starts, stops)
+
+    monkeypatch.setattr(_localread, "start_advice", recording)
+    rows = np.arange(0, adata.n_obs, 3)
+    with ln.open(path) as acc:
+        acc.var_names  # noqa: B018
+        _evict_path(path)
+        got = acc[rows].X
+    np.testing.assert_array_equal(got.toarray(), adata.X[rows].toarray())
+    (starts,) = advised
+    with h5py.File(path) as f:
+        data, indices = (_element_of(f[f"X/{n}"], starts) for n in ("data", "indices"))
+    assert np.all((data >= 0) != (indices >= 0))  # each range in one of the two
+    assert (data >= 0).sum() == (indices >= 0).sum() > 10
+    for ranges in (data, indices):  # each array's ranges in order
+        assert np.all(np.diff(ranges[ranges >= 0]) > 0)
+    # the two interleaved: no range comes after one of a later run (a run holds at most a
+    # batch's elements, 1024), so a batch's ranges are queued before the next batch's
+    element = np.where(data >= 0, data, indices)
+    assert (np.maximum.accumulate(element) - element).max() < 8192 // 8
+
+
+def test_without_fadvise_uncached_ranges_are_read_by_several_threads(
+        data_file: tuple[int, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    fd, payload = data_file
+    readers: set[int] = set()
+    real = os.preadv
+
+    def recording(fd: int, buffers: list[memoryview], offset: int, flag: int = 0) -> int:
+        if not flag:
+            readers.add(threading.get_ident())
+        return real(fd, buffers, offset, flag)
+
+    monkeypatch.delattr(os, "posix_fadvise")
+    monkeypatch.setattr(os, "preadv", recording)
+    starts = np.arange(0, 6 << 20, 16 * PAGE, dtype=np.int64)
+    ranges = [(s, s + 3000) for s in starts.tolist()]
+    assert start_pread_ranges(fd, ranges)() == b"".join(payload[s:e] for s, e in ranges)
+    assert len(readers) > 1
+
+
 def test_advice_ends_when_a_batch_fails(h5ad: tuple[Path, ad.AnnData],
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A request that fails mid-way ends its advice before raising."""

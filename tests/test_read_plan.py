@@ -85,3 +85,53 @@ def test_many_small_batches_in_flight_give_the_same_answer(
         whole = acc[:].X
     np.testing.assert_array_equal(got.toarray(), adata[rows, genes].X.toarray())
     np.testing.assert_array_equal(whole.toarray(), adata.X.toarray())
+
+
+@pytest.mark.parametrize("ahead", [1, 2, 3])
+def test_batches_ahead_are_in_flight_together(h5ad: tuple[Path, ad.AnnData], ahead: int,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ahead`` batches are on their way while one is waited for; a failure settles all."""
+    import h5py
+
+    path, adata = h5ad
+    monkeypatch.setattr(_rows, "BATCH_BYTES", 8192)
+    log: list[tuple[str, int]] = []
+    started = 0
+
+    def start_runs(items: list[tuple[object, np.ndarray, np.ndarray]], *,
+                   advised: bool = False) -> object:
+        nonlocal started
+        batch = started
+        started += 1
+        log.append(("start", batch))
+
+        def wait() -> list[None]:
+            log.append(("wait", batch))
+            if batch == fail_at:
+                raise RuntimeError("boom")
+            return [None] * len(items)
+
+        return wait
+
+    rows = np.arange(0, adata.n_obs, 2)
+    with h5py.File(path) as f:
+        g = f["X"]
+        parts = _rows.SparseParts(g["data"], g["indices"], g["indptr"][:], adata.shape, "csr")
+        hooks = _rows.ReadHooks(start_runs=start_runs, ahead=ahead)  # type: ignore[arg-type]
+        fail_at = -1
+        got = _rows.read_sparse(parts, rows, None, hooks)
+        np.testing.assert_array_equal(got.toarray(), adata.X[rows].toarray())
+        n = started
+        assert n > ahead + 2
+        first_wait = log.index(("wait", 0))
+        assert log[:first_wait] == [("start", b) for b in range(ahead + 1)]
+        # batch b + ahead is started before batch b is waited for
+        for b in range(n - ahead):
+            assert log.index(("start", b + ahead)) < log.index(("wait", b))
+        log.clear()
+        started, fail_at = 0, 2
+        with pytest.raises(RuntimeError, match="boom"):
+            _rows.read_sparse(parts, rows, None, hooks)
+        # every started batch was waited for before the error left the request
+        assert {b for kind, b in log if kind == "start"} == {b for kind, b in log
+                                                             if kind == "wait"}

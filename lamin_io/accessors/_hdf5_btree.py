@@ -54,7 +54,12 @@ def _u(buf: bytes | memoryview, at: int, n: int) -> int:
 
 
 def _read_one(start: int, stop: int) -> _Walk:
-    """Read one byte range (within a walk: ``buf = yield from _read_one(a, b)``)."""
+    """Read one byte range (within a walk: ``buf = yield from _read_one(a, b)``).
+
+    An address past the end of the file (a damaged one) reads nothing, without a read.
+    """
+    if start >= stop:
+        return b""
     return (yield [(start, stop)])[0]
 
 
@@ -115,6 +120,8 @@ def _table(ds: Any, size: int) -> _Walk:
     guess = _NODE_HEADER + (2 * _DEFAULT_K + 1) * key + 2 * _DEFAULT_K * 8
     level_nodes, level, filled = [root], None, 0
     for _ in range(64):  # deeper than any real tree: a loop in a damaged file
+        if any(a >= size for a in level_nodes):
+            return None  # a node past the end of the file: damaged
         buffers = list((yield [(a, min(size, a + guess)) for a in level_nodes]))
         parts = []
         for i, buf in enumerate(buffers):

@@ -11,7 +11,7 @@ from lamin_io.accessors._rows import expand
 if TYPE_CHECKING:
     from lamin_io.accessors._hdf5_btree import IndexReader
 
-__all__ = ["byte_ranges", "direct_ranges", "is_direct", "load_tables"]
+__all__ = ["byte_ranges", "direct_pieces", "direct_ranges", "is_direct", "load_tables"]
 
 
 def is_direct(ds: Any) -> bool:
@@ -73,17 +73,30 @@ def direct_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray, cache: dict[st
 
     Returns the ranges' starts and stops as arrays (nothing for an unallocated dataset).
     """
+    begin, end, _ = direct_pieces(ds, starts, stops, cache, index)
+    return begin, end
+
+
+def direct_pieces(ds: Any, starts: np.ndarray, stops: np.ndarray, cache: dict[str, Any],
+                  index: IndexReader | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`direct_ranges`, and for each byte range the position of its rows' range.
+
+    A range of rows split across chunks gives several byte ranges, in order.
+    """
     starts, stops = np.asarray(starts, dtype=np.int64), np.asarray(stops, dtype=np.int64)
-    keep = stops > starts
-    starts, stops = starts[keep], stops[keep]
+    which = np.flatnonzero(stops > starts)
+    starts, stops = starts[which], stops[which]
     row_bytes = int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize
     if ds.chunks is not None:
-        return _partial_chunk_ranges(ds, starts, stops, int(ds.chunks[0]), row_bytes, cache,
-                                     index)
+        begin, end, piece_of = _partial_chunk_ranges(ds, starts, stops, int(ds.chunks[0]),
+                                                     row_bytes, cache, index)
+        return begin, end, which[piece_of]
     offset = ds.id.get_offset()
     if offset is None:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-    return offset + starts * row_bytes, offset + stops * row_bytes
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty, empty
+    return offset + starts * row_bytes, offset + stops * row_bytes, which
 
 
 def _many(ds: Any, chunk_ids: np.ndarray, rows_per_chunk: int, cache: dict[str, Any]) -> bool:
@@ -95,7 +108,6 @@ def _many(ds: Any, chunk_ids: np.ndarray, rows_per_chunk: int, cache: dict[str, 
 
 
 def _keep_table(ds: Any, table: np.ndarray | None, cache: dict[str, Any]) -> None:
-    cache[f"chunk-table-tried:{ds.name}"] = True
     if table is not None:
         cache[f"chunk-table:{ds.name}"] = table
 
@@ -114,18 +126,21 @@ def load_tables(items: list[tuple[Any, np.ndarray, np.ndarray]], cache: dict[str
     wanting: list[Any] = []
     for ds, starts, stops in items:
         chunks = getattr(ds, "chunks", None)
-        if (not chunks or ds.ndim != 1 or f"chunk-table:{ds.name}" in cache
-                or any(ds.name == other.name for other in wanting)):
-            continue
+        if (not chunks or ds.ndim != 1 or f"chunk-table-tried:{ds.name}" in cache
+                or f"chunk-table:{ds.name}" in cache
+                or any(ds.name == other.name for other in wanting)
+                or ds.id.get_create_plist().get_nfilters() != 0):
+            continue  # (chunks of filtered datasets are looked up one by one)
         n = int(chunks[0])
         starts, stops = np.asarray(starts), np.asarray(stops)
         keep = stops > starts
         if not keep.any():
             continue  # nothing to locate
-        ids = np.unique(_pieces(starts[keep], stops[keep], n)[0])
-        if f"chunk-table-tried:{ds.name}" not in cache and (index.whole
-                                                           or _many(ds, ids, n, cache)):
+        if index.whole or _many(ds, np.unique(_pieces(starts[keep], stops[keep], n)[0]), n,
+                                cache):
             wanting.append(ds)
+    for ds in wanting:
+        cache[f"chunk-table-tried:{ds.name}"] = True  # (not again, should the walk raise)
     if wanting:
         for ds, table in zip(wanting, chunk_tables(wanting, index.read, index.size),
                              strict=True):
@@ -150,6 +165,7 @@ def _chunk_offsets(ds: Any, chunk_ids: np.ndarray, rows_per_chunk: int,
         many = _many(ds, chunk_ids, rows_per_chunk, cache)
         if (index is not None and (many or index.whole)
                 and f"chunk-table-tried:{ds.name}" not in cache):
+            cache[f"chunk-table-tried:{ds.name}"] = True  # (not again, should it raise)
             table = chunk_table(ds, index.read, index.size)
             _keep_table(ds, table, cache)
         if table is None and many and hasattr(ds.id, "chunk_iter"):
@@ -181,11 +197,13 @@ def _chunk_offsets(ds: Any, chunk_ids: np.ndarray, rows_per_chunk: int,
 
 def _partial_chunk_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray,
                           rows_per_chunk: int, row_bytes: int, cache: dict[str, Any],
-                          index: IndexReader | None) -> tuple[np.ndarray, np.ndarray]:
+                          index: IndexReader | None
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact byte ranges inside unfiltered chunks that hold whole rows (vectorized).
 
     ``starts`` and ``stops`` are non-empty ranges. Unallocated chunks are skipped; callers
-    compare sizes to notice them.
+    compare sizes to notice them. Returns the byte ranges and, for each, its range's
+    position in ``starts``.
     """
     chunk, n_pieces = _pieces(starts, stops, rows_per_chunk)
     piece_start = np.maximum(np.repeat(starts, n_pieces), chunk * rows_per_chunk)
@@ -195,7 +213,8 @@ def _partial_chunk_ranges(ds: Any, starts: np.ndarray, stops: np.ndarray,
     allocated = offsets >= 0
     begin = offsets + (piece_start - chunk * rows_per_chunk) * row_bytes
     end = begin + (piece_stop - piece_start) * row_bytes
-    return begin[allocated], end[allocated]
+    piece_of = np.repeat(np.arange(len(starts)), n_pieces)
+    return begin[allocated], end[allocated], piece_of[allocated]
 
 
 def _pieces(starts: np.ndarray, stops: np.ndarray, rows_per_chunk: int

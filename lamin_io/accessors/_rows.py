@@ -15,8 +15,9 @@ layers, ``obsm``, and later the training loaders). It
    :attr:`ReadHooks.whole_chunks`),
 3. reads in batches of at most :data:`BATCH_BYTES`, selecting columns in memory per
    batch, so peak memory follows the selection, not the file; where the store can
-   (:attr:`ReadHooks.start_runs`), the next batch is fetched while one is processed, and
-   a local file has the kernel read the batches ahead (:attr:`ReadHooks.advise`).
+   (:attr:`ReadHooks.start_runs`), the next batches are fetched while one is processed
+   (:attr:`ReadHooks.ahead`), and a local file has the kernel read the batches ahead
+   (:attr:`ReadHooks.advise`).
 
 CSR matrices are read along rows; CSC along columns (the compressed axis), filtering rows
 in memory; dense arrays by row blocks.
@@ -24,6 +25,7 @@ in memory; dense arrays by row blocks.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -43,8 +45,8 @@ __all__ = ["BATCH_BYTES", "GATHER_BYTES", "MAX_GAP_BYTES", "ReadHooks", "SparseP
 MAX_GAP_BYTES = 1 << 20
 #: A gap up to this size is always worth reading through (a page of a local file).
 SLACK_BYTES = 4096
-#: Upper bound on the bytes one batch reads before columns are selected (two batches are
-#: in memory at once: one processed, the next on its way).
+#: Upper bound on the bytes one batch reads before columns are selected (``1 + ahead``
+#: batches are in memory at once: one processed, the next on their way).
 BATCH_BYTES = 4 << 20
 #: Bytes of a request's runs (from its start) a local file is advised to read ahead: the
 #: page cache holds them until their batch copies them.
@@ -97,6 +99,9 @@ class ReadHooks:
     #: returns, or ``None`` when it advised nothing (a cached file).
     advise: Callable[[list[tuple[Any, np.ndarray, np.ndarray]]],
                      Callable[[], None] | None] | None = None
+    #: Batches started (``start_runs``) while one is processed: remote stores keep more
+    #: than one in flight, so requests do not wait on one round trip at a time.
+    ahead: int = 1
 
 
 NO_HOOKS = ReadHooks()
@@ -384,9 +389,10 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
                             (parts.indices, run_starts[r0:r1], run_stops[r0:r1])], hooks,
                            advised=r1 <= advised_runs)
 
-    upcoming: Callable[[], list[np.ndarray]] | None = None
+    upcoming: deque[Callable[[], list[np.ndarray]]] = deque()  # started, not waited for
     current: Callable[[], list[np.ndarray]] | None = None
     end_advice: Callable[[], None] | None = None
+    ahead = max(1, hooks.ahead)
     try:
         if hooks.advise is not None and len(batches) > 1:
             # every batch as far as the advice may reach, the first too: one thread
@@ -400,13 +406,13 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
                                        (parts.indices, run_starts[:last], run_stops[:last])])
             if end_advice is not None:
                 advised_runs = last
-        upcoming = begin(0) if batches else None
+        upcoming.extend(begin(b) for b in range(min(ahead, len(batches))))
         for b, (r0, r1) in enumerate(batches):
-            current, upcoming = upcoming, None  # drops the previous batch's buffers first
-            assert current is not None  # noqa: S101
-            upcoming = begin(b + 1) if b + 1 < len(batches) else None
+            current = upcoming.popleft()  # (the previous batch's buffers are dropped)
+            if b + ahead < len(batches):
+                upcoming.append(begin(b + ahead))
             pending, current = current, None  # (a wait that raises has ended its reads)
-            data_buf, index_buf = pending()  # the next batch is on its way meanwhile
+            data_buf, index_buf = pending()  # the next batches are on their way meanwhile
             in_batch = (run_of >= r0) & (run_of < r1)
             sel_rows = piece_rows[in_batch]  # a row has at most one piece in a batch
             sel_runs = run_of[in_batch]
@@ -444,7 +450,8 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
             del data_buf, index_buf, keep  # before the next batch's buffer is made
     except BaseException:
         _settle(current)  # no read may outlive the request (the file may close)
-        _settle(upcoming)
+        for started in upcoming:
+            _settle(started)
         raise
     finally:
         if end_advice is not None:
