@@ -90,7 +90,8 @@ class ReadHooks:
     #: advised (``advise``), start reading the runs ``[starts[i], stops[i])`` of each
     #: array, all in one go (planning in the calling thread), and return a function that
     #: waits for them: for each array its runs concatenated, or ``None`` to leave it to
-    #: the array library. The next batch is then fetched while this one is processed.
+    #: the array library. Later batches are then fetched while this one is processed
+    #: (``ahead``).
     start_runs: StartRuns | None = None
     #: Told, before the first batch starts, the runs of the first batches (up to
     #: :data:`ADVICE_BYTES`; only for requests of two batches or more), so a local file
@@ -396,10 +397,10 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
     try:
         if hooks.advise is not None and len(batches) > 1:
             # every batch as far as the advice may reach, the first too: one thread
-            # queueing them all, in file order, keeps the disk's queue deep and in the
-            # order the batches are needed (measured cold, the benchmark's 50k- and
-            # 200k-cell subsets: X 73-79 and 275-286 ms; advised from the second batch
-            # on, with the first read by 8 threads, 83-96 and 336-355 ms)
+            # queueing them all, run by run, keeps the disk's queue deep and in the order
+            # the batches are needed (measured cold, the benchmark's 50k- and 200k-cell
+            # subsets: X 70-73 and 263 ms; advised from the second batch on, with the
+            # first read by 8 threads, 84-95 and 315 ms)
             last = int(np.searchsorted(np.cumsum(run_sizes), ADVICE_BYTES // item, "right"))
             last = max(last, batches[0][1])
             end_advice = hooks.advise([(parts.data, run_starts[:last], run_stops[:last]),
