@@ -84,6 +84,7 @@ def test_uncached_ranges_are_advised_in_order_then_read(
         data_file: tuple[int, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
     """The first pass leaves the uncached ranges; they are advised in order, then read."""
     fd, payload = data_file
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no kernel read-ahead past a miss
     advised: list[int] = []
     real = os.posix_fadvise
 
@@ -265,23 +266,26 @@ def test_advice_queues_the_request_batch_by_batch(
 
 def test_without_fadvise_uncached_ranges_are_read_by_several_threads(
         data_file: tuple[int, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
-    import threading
-
+    """Where ranges cannot be advised, the ones the first pass missed go to several tasks."""
     fd, payload = data_file
-    readers: set[int] = set()
-    real = os.preadv
+    tasks: list[int] = []
+    real = _localread._read_some  # noqa: SLF001
 
-    def recording(fd: int, buffers: list[memoryview], offset: int, flag: int = 0) -> int:
-        if not flag:
-            readers.add(threading.get_ident())
-        return real(fd, buffers, offset, flag)
+    def recording(fd: int, ranges: list[tuple[int, int]], view: memoryview,
+                  offsets: list[int], which: list[int]) -> bool:
+        tasks.append(len(which))
+        return real(fd, ranges, view, offsets, which)
 
     monkeypatch.delattr(os, "posix_fadvise")
-    monkeypatch.setattr(os, "preadv", recording)
+    monkeypatch.setattr(_localread, "_read_some", recording)
+    # whatever the kernel read ahead meanwhile, every range counts as missed
+    monkeypatch.setattr(_localread, "_read_cached",
+                        lambda fd, ranges, view, offsets: list(range(len(ranges))))
     starts = np.arange(0, 6 << 20, 16 * PAGE, dtype=np.int64)
     ranges = [(s, s + 3000) for s in starts.tolist()]
     assert start_pread_ranges(fd, ranges)() == b"".join(payload[s:e] for s, e in ranges)
-    assert len(readers) > 1
+    assert 1 < len(tasks) <= _localread.LOCAL_THREADS
+    assert sum(tasks) == len(ranges)
 
 
 def test_advice_ends_when_a_batch_fails(h5ad: tuple[Path, ad.AnnData],
