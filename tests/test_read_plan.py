@@ -103,6 +103,8 @@ def test_batches_ahead_are_in_flight_together(h5ad: tuple[Path, ad.AnnData], ahe
         nonlocal started
         batch = started
         started += 1
+        if batch == fail_start:
+            raise RuntimeError("boom")
         log.append(("start", batch))
 
         def wait() -> list[None]:
@@ -118,7 +120,7 @@ def test_batches_ahead_are_in_flight_together(h5ad: tuple[Path, ad.AnnData], ahe
         g = f["X"]
         parts = _rows.SparseParts(g["data"], g["indices"], g["indptr"][:], adata.shape, "csr")
         hooks = _rows.ReadHooks(start_runs=start_runs, ahead=ahead)  # type: ignore[arg-type]
-        fail_at = -1
+        fail_at, fail_start = -1, -1
         got = _rows.read_sparse(parts, rows, None, hooks)
         np.testing.assert_array_equal(got.toarray(), adata.X[rows].toarray())
         n = started
@@ -128,10 +130,14 @@ def test_batches_ahead_are_in_flight_together(h5ad: tuple[Path, ad.AnnData], ahe
         # batch b + ahead is started before batch b is waited for
         for b in range(n - ahead):
             assert log.index(("start", b + ahead)) < log.index(("wait", b))
-        log.clear()
-        started, fail_at = 0, 2
-        with pytest.raises(RuntimeError, match="boom"):
-            _rows.read_sparse(parts, rows, None, hooks)
-        # every started batch was waited for before the error left the request
-        assert {b for kind, b in log if kind == "start"} == {b for kind, b in log
-                                                             if kind == "wait"}
+        for failing_wait, failing_start in ((2, -1), (-1, 1), (-1, ahead + 1)):
+            # a wait that fails, and starts that fail (while the first batches start, and
+            # in the loop)
+            log.clear()
+            started, fail_at, fail_start = 0, failing_wait, failing_start
+            with pytest.raises(RuntimeError, match="boom"):
+                _rows.read_sparse(parts, rows, None, hooks)
+            # every started batch was waited for before the error left the request
+            assert {b for kind, b in log if kind == "start"} == {b for kind, b in log
+                                                                 if kind == "wait"}
+            assert len(log) > 1

@@ -173,7 +173,7 @@ _ADVICE_PROBES = 4
 #: network round trips two at a time: with 20 ms a request (loopback S3 behind a delaying
 #: proxy), X of the benchmark's 5% subset took 1.95 / 1.60 / 1.56 s for 50k cells and
 #: 5.4 / 4.4-5.0 / 4.0 s for 200k with 1 / 2 / 3 batches ahead; without the delay all
-#: three were alike. Each batch ahead holds up to ``_rows.BATCH_BYTES`` (measured peak
+#: three were alike. Each batch ahead holds about ``_rows.BATCH_BYTES`` (measured peak
 #: for 200k cells: 53 MB with one, 58 MB with three).
 _REMOTE_AHEAD = 2
 

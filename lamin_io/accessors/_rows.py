@@ -45,8 +45,10 @@ __all__ = ["BATCH_BYTES", "GATHER_BYTES", "MAX_GAP_BYTES", "ReadHooks", "SparseP
 MAX_GAP_BYTES = 1 << 20
 #: A gap up to this size is always worth reading through (a page of a local file).
 SLACK_BYTES = 4096
-#: Upper bound on the bytes one batch reads before columns are selected (``1 + ahead``
-#: batches are in memory at once: one processed, the next on their way).
+#: The bytes one batch reads before columns are selected, roughly: a batch is cut before
+#: the run that starts past this bound, so its last run can take it to about twice as
+#: much (and remote batches include the gaps read through). ``1 + ahead`` batches are in
+#: memory at once: one processed, the next ones on their way.
 BATCH_BYTES = 4 << 20
 #: Bytes of a request's runs (from its start) a local file is advised to read ahead: the
 #: page cache holds them until their batch copies them.
@@ -194,33 +196,38 @@ def expand(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.repeat(shifts, lengths) + np.arange(total, dtype=np.int64)
 
 
-def _begin_runs(items: list[tuple[Any, np.ndarray, np.ndarray]], hooks: ReadHooks,
-                *, advised: bool = False) -> Callable[[], list[np.ndarray]]:
-    """Start reading runs where the store can (``start_runs``); return what waits for them.
+class _Batch:
+    """A batch whose reads were started where the store can (``start_runs``).
 
-    Without ``start_runs`` nothing happens before the returned function is called.
+    :meth:`finish` waits for them and reads what the store left to the array library;
+    :meth:`settle` only waits for what was started (a request that fails must not leave
+    reads running, nor start new ones).
     """
-    wait = hooks.start_runs(items, advised=advised) if hooks.start_runs is not None else None
 
-    def finish() -> list[np.ndarray]:
-        out = wait() if wait is not None else [None] * len(items)
+    def __init__(self, items: list[tuple[Any, np.ndarray, np.ndarray]], hooks: ReadHooks,
+                 *, advised: bool = False) -> None:
+        self.items, self.hooks = items, hooks
+        self._wait = (hooks.start_runs(items, advised=advised)
+                      if hooks.start_runs is not None else None)
+
+    def finish(self) -> list[np.ndarray]:
+        out = self._wait() if self._wait is not None else [None] * len(self.items)
+        self._wait = None  # waited for
         # what the store did not read goes through the array library, an array at a time
-        left = [item for d, item in zip(out, items, strict=True) if d is None]
-        if left and hooks.prefetch is not None:
-            hooks.prefetch(left)
+        left = [item for d, item in zip(out, self.items, strict=True) if d is None]
+        if left and self.hooks.prefetch is not None:
+            self.hooks.prefetch(left)
         return [d if d is not None else _read_runs_of(*item)
-                for d, item in zip(out, items, strict=True)]
+                for d, item in zip(out, self.items, strict=True)]
 
-    return finish
-
-
-def _settle(pending: Callable[[], Any] | None) -> None:
-    """Wait for reads started ahead, ignoring their errors (another one is on its way)."""
-    if pending is not None:
-        try:
-            pending()
-        except Exception:  # noqa: BLE001, S110
-            pass
+    def settle(self) -> None:
+        """Wait for the reads started, ignoring their errors (another one is on its way)."""
+        wait, self._wait = self._wait, None
+        if wait is not None:
+            try:
+                wait()
+            except Exception:  # noqa: BLE001, S110
+                pass
 
 
 def _read_runs_of(arr: Any, run_starts: np.ndarray, run_stops: np.ndarray) -> np.ndarray:
@@ -384,14 +391,14 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
 
     advised_runs = 0  # the runs advised: every batch within them is read plainly
 
-    def begin(b: int) -> Callable[[], list[np.ndarray]]:
+    def begin(b: int) -> _Batch:
         r0, r1 = batches[b]
-        return _begin_runs([(parts.data, run_starts[r0:r1], run_stops[r0:r1]),
-                            (parts.indices, run_starts[r0:r1], run_stops[r0:r1])], hooks,
-                           advised=r1 <= advised_runs)
+        return _Batch([(parts.data, run_starts[r0:r1], run_stops[r0:r1]),
+                       (parts.indices, run_starts[r0:r1], run_stops[r0:r1])], hooks,
+                      advised=r1 <= advised_runs)
 
-    upcoming: deque[Callable[[], list[np.ndarray]]] = deque()  # started, not waited for
-    current: Callable[[], list[np.ndarray]] | None = None
+    upcoming: deque[_Batch] = deque()  # started, not waited for
+    current: _Batch | None = None
     end_advice: Callable[[], None] | None = None
     ahead = max(1, hooks.ahead)
     try:
@@ -409,11 +416,11 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
                 advised_runs = last
         upcoming.extend(begin(b) for b in range(min(ahead, len(batches))))
         for b, (r0, r1) in enumerate(batches):
-            current = upcoming.popleft()  # (the previous batch's buffers are dropped)
+            current = upcoming.popleft()
             if b + ahead < len(batches):
                 upcoming.append(begin(b + ahead))
-            pending, current = current, None  # (a wait that raises has ended its reads)
-            data_buf, index_buf = pending()  # the next batches are on their way meanwhile
+            data_buf, index_buf = current.finish()  # the next ones are on their way meanwhile
+            current = None
             in_batch = (run_of >= r0) & (run_of < r1)
             sel_rows = piece_rows[in_batch]  # a row has at most one piece in a batch
             sel_runs = run_of[in_batch]
@@ -450,9 +457,12 @@ def read_sparse(parts: SparseParts, major: Selection | None, minor: Selection | 
                 index_parts.append(minor_filter.remap(index_buf[keep]))
             del data_buf, index_buf, keep  # before the next batch's buffer is made
     except BaseException:
-        _settle(current)  # no read may outlive the request (the file may close)
-        for started in upcoming:
-            _settle(started)
+        if end_advice is not None:  # no more read-ahead for a request that failed
+            end_advice()
+            end_advice = None
+        for started in (current, *upcoming):  # no read may outlive the request (the file
+            if started is not None:  # may close)
+                started.settle()
         raise
     finally:
         if end_advice is not None:

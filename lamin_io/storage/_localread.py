@@ -144,10 +144,12 @@ def _read_all(fd: int, ranges: list[tuple[int, int]], view: memoryview,
     Returns whether every range was read whole, or the futures of the pool's reads.
     """
     left = _read_cached(fd, ranges, view, offsets)
-    if len(left) < _MIN_PARALLEL:
-        return _read_some(fd, ranges, view, offsets, left)
-    if hasattr(os, "posix_fadvise"):  # (a miss of the first pass may have queued it)
+    if hasattr(os, "posix_fadvise") and (len(left) >= _MIN_PARALLEL
+                                         or not _NOWAIT and len(left) > 1):
+        # (a miss of the first pass may have queued it; without one, nothing is known)
         _advise_ranges(fd, ranges, left)
+        return _read_some(fd, ranges, view, offsets, left)
+    if len(left) < _MIN_PARALLEL:
         return _read_some(fd, ranges, view, offsets, left)
     n_groups = min(len(left) // (_MIN_PARALLEL // 4), LOCAL_THREADS)
     bounds = [len(left) * g // n_groups for g in range(n_groups + 1)]
