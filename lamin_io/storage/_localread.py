@@ -130,11 +130,14 @@ def _read_some(fd: int, ranges: list[tuple[int, int]], view: memoryview,
     return True
 
 
+def _advise_one(fd: int, start: int, stop: int) -> None:
+    if stop > start:  # (a length of 0 would advise the rest of the file)
+        os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_WILLNEED)
+
+
 def _advise_ranges(fd: int, ranges: list[tuple[int, int]], which: list[int]) -> None:
     for i in which:
-        start, stop = ranges[i]
-        if stop > start:  # (a length of 0 would advise the rest of the file)
-            os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_WILLNEED)
+        _advise_one(fd, *ranges[i])
 
 
 def _read_all(fd: int, ranges: list[tuple[int, int]], view: memoryview,
@@ -221,8 +224,7 @@ def _willneed(fd: int, starts: np.ndarray, stops: np.ndarray, stop: threading.Ev
             return
         piece = slice(at, at + _ADVICE_STEP)
         for start, end in zip(starts[piece].tolist(), stops[piece].tolist(), strict=True):
-            if end > start:  # (a length of 0 would advise the rest of the file)
-                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+            _advise_one(fd, start, end)
 
 
 def start_advice(fd: int, starts: np.ndarray, stops: np.ndarray) -> Callable[[], None]:
