@@ -304,3 +304,107 @@ def test_zarr_store_opens_and_reads_without_a_head_per_object(atlas, s3_server) 
     heads = [path for method, path, _, _ in s3_server.stats.log if method == "HEAD"]
     assert len(heads) <= 1, heads  # the existence check alone
     assert len(opened) <= 12, opened
+
+
+def test_range_file_prime_reads_head_and_tail_in_one_round(s3_server, tmp_path) -> None:
+    """``prime``: the first blocks and the tail at once; reads inside them cost nothing."""
+    from lamin_io.storage._rangefile import HEAD_BYTES, TAIL_FRACTION, RangeFile
+
+    size = 12 << 20
+    blob = np.random.default_rng(2).integers(0, 255, size, dtype=np.uint8).tobytes()
+    (tmp_path / "object.h5").write_bytes(blob)
+    remote = upload(tmp_path / "object.h5", s3_server.endpoint)
+    tail = size // TAIL_FRACTION
+    with RangeFile(remote) as rf:
+        s3_server.reset()
+        s3_server.stats.get_delay = 0.05  # slow enough that requests in one round overlap
+        try:
+            rf.prime()
+        finally:
+            s3_server.stats.get_delay = 0.0
+        gets = sorted(r for _, _, r, _ in s3_server.stats.gets())
+        assert gets == sorted([f"bytes=0-{HEAD_BYTES - 1}", f"bytes={size - tail}-{size - 1}"])
+        assert s3_server.stats.max_in_flight == 2
+        s3_server.reset()
+        for at, n in [(100, 5000), (HEAD_BYTES - 10, 10), (size - tail, 300_000),
+                      (size - 100, 100)]:  # small and large reads inside head and tail
+            rf.seek(at)
+            assert rf.read(n) == blob[at:at + n]
+        inside = [(size - tail + 10, size - tail + 90), (size - 4000, size - 1000)]
+        assert bytes(rf.start_read(inside)()) == b"".join(blob[a:b] for a, b in inside)
+        assert s3_server.stats.requests == 0
+        rf.seek(size // 2)  # anywhere else is read as before
+        assert rf.read(100) == blob[size // 2:size // 2 + 100]
+        straddling = [(size - tail - 50, size - tail + 50)]
+        assert bytes(rf.start_read(straddling)()) == blob[size - tail - 50:size - tail + 50]
+        assert len(s3_server.stats.gets()) == 2
+
+
+def test_range_file_prime_reads_a_small_object_whole(s3_server, tmp_path) -> None:
+    from lamin_io.storage._rangefile import RangeFile
+
+    blob = np.random.default_rng(3).integers(0, 255, 100_000, dtype=np.uint8).tobytes()
+    (tmp_path / "small.h5").write_bytes(blob)
+    remote = upload(tmp_path / "small.h5", s3_server.endpoint)
+    with RangeFile(remote) as rf:
+        s3_server.reset()
+        rf.prime()
+        assert [r for _, _, r, _ in s3_server.stats.gets()] == ["bytes=0-99999"]
+        rf.seek(0)
+        assert rf.read() == blob
+        assert len(s3_server.stats.gets()) == 1
+
+
+def test_h5ad_open_reads_its_tail_metadata_in_one_round(atlas, s3_server) -> None:
+    """Opening a remote h5ad fetches the head and tail of the file at once: var (written
+    last) and obs's columns then cost no request of their own."""
+    folder, adata = atlas
+    remote = upload(folder / "atlas.h5ad", s3_server.endpoint)
+    s3_server.reset()
+    with ln.open(remote) as acc:
+        opened = len(s3_server.stats.gets())
+        s3_server.reset()
+        var_names, cell_types = acc.var_names, acc.obs["cell_type"]
+        later = [r for _, _, r, _ in s3_server.stats.gets()]
+    assert list(var_names) == list(adata.var_names)
+    pd.testing.assert_series_equal(cell_types, adata.obs["cell_type"])
+    # head and tail, and the obs group's header (outside the last 336 KB of this file);
+    # HDF5 alone reads 7 blocks one after the other
+    assert opened <= 3, opened
+    # obs's index (heap IDs and strings) lies outside the tail: its two rounds, and one
+    # heap block; HDF5 alone reads 10
+    assert len(later) <= 3, later
+    with h5py.File(folder / "atlas.h5ad") as f:
+        tail_start = f.id.get_filesize() - max(256 * 1024, f.id.get_filesize() // 32)
+        assert f["var/_index"].id.get_offset() > tail_start
+        assert all(int(r[6:].split("-")[0]) < tail_start for r in later)
+
+
+def test_h5ad_large_indptr_is_read_in_one_round_of_ranges(s3_server, tmp_path) -> None:
+    """A remote CSR's indptr (400 KB) is read with our range requests: its chunk index,
+    then its chunks at once, not block after block (16, 32, ... 256 KB)."""
+    n_obs = 100_000
+    X = sp.random(n_obs, 50, density=0.02, format="csr", dtype=np.float32, random_state=1)
+    adata = ad.AnnData(X, obs=pd.DataFrame(index=[f"c{i}" for i in range(n_obs)]))
+    adata.write_h5ad(tmp_path / "tall.h5ad")
+    remote = upload(tmp_path / "tall.h5ad", s3_server.endpoint)
+    with h5py.File(tmp_path / "tall.h5ad") as f:
+        indptr = f["X/indptr"]
+        assert indptr.id.get_storage_size() >= 400_000
+        begin = min(indptr.id.get_chunk_info(i).byte_offset
+                    for i in range(indptr.id.get_num_chunks()))
+        end = begin + indptr.id.get_storage_size()
+        nbytes = indptr.size * indptr.dtype.itemsize
+        outside = begin < f.id.get_filesize() - f.id.get_filesize() // 32
+    assert outside  # the tail read at open does not hold it
+    with ln.open(remote) as acc:
+        acc.obs_names, acc.var_names  # noqa: B018 (read before counting)
+        s3_server.reset()
+        got = acc[n_obs - 10:].X
+        ranges = [r for _, _, r, _ in s3_server.stats.gets()]
+    np.testing.assert_array_equal(got.toarray(), X[n_obs - 10:].toarray())
+    spans = [tuple(int(x) for x in r[6:].split("-")) for r in ranges]
+    into_indptr = [r for r, (a, b) in zip(ranges, spans, strict=True) if a < end and b >= begin]
+    # its header, its chunk index, its chunks merged into one request; h5py reads 5 blocks
+    assert len(into_indptr) <= 3, into_indptr
+    assert max(b - a + 1 for a, b in spans) >= nbytes

@@ -48,8 +48,12 @@ _ELEMENTS = ("X", "obs", "var", "layers", "obsm", "varm", "obsp", "varp", "uns",
 
 # -- opening -------------------------------------------------------------------------------
 
-def _open_hdf5(path: UPath, mode: str) -> tuple[Any, list[Any], Any]:
-    """Return ``(h5py.File, handles to close, RangeFile or None)``."""
+def _open_hdf5(path: UPath, mode: str, *, prime: bool = True) -> tuple[Any, list[Any], Any]:
+    """Return ``(h5py.File, handles to close, RangeFile or None)``.
+
+    ``prime``: a remote file reads its first blocks and its tail up front
+    (:meth:`RangeFile.prime`); a format probe, which reads the root group alone, skips it.
+    """
     import h5py
 
     from lamin_io.storage._rangefile import RangeFile
@@ -72,6 +76,8 @@ def _open_hdf5(path: UPath, mode: str) -> tuple[Any, list[Any], Any]:
         fileobj = gzip.GzipFile(fileobj=raw, mode="rb")
         handles.insert(0, fileobj)
     try:
+        if prime and isinstance(raw, RangeFile) and not gz:
+            raw.prime()  # the metadata HDF5 reads first, in one round of requests
         return h5py.File(fileobj, mode, **options), handles, None if gz else raw
     except OSError as exc:
         for h in handles:
@@ -100,7 +106,7 @@ def is_anndata(path: UPath) -> bool:
             if attrs is not None and attrs.get("encoding-type") == "anndata":
                 return True
             return _is_anndata_group(open_zarr_group(path, "r"), path)
-        file, handles, _ = _open_hdf5(path, "r")
+        file, handles, _ = _open_hdf5(path, "r", prime=False)
     except CorruptArtifactError:
         return suffix_of(path.name).lower().startswith(".h5ad")  # let the opener report it
     try:
@@ -176,6 +182,9 @@ _ADVICE_PROBES = 4
 #: three were alike. Each batch ahead holds about ``_rows.BATCH_BYTES`` (measured peak
 #: for 200k cells: 53 MB with one, 58 MB with three).
 _REMOTE_AHEAD = 2
+#: Remote 1-D arrays read whole (a sparse matrix's indptr) at least this large are read with
+#: our own concurrent range requests, not by h5py (see ``_Store._read_whole``).
+_WHOLE_BYTES = 256 * 1024
 
 
 class _Store:
@@ -254,10 +263,12 @@ class _Store:
         """Return the on-disk matrix at ``key``: dense array or ``SparseParts`` (cached)."""
         def load() -> Any:
             elem = self.get(key)
-            if self.rangefile is not None and el.is_group(elem) and "indptr" in elem:
+            if self.rangefile is None:
+                return el.matrix(elem)
+            if el.is_group(elem) and "indptr" in elem:  # filtered: its chunks in one go
                 indptr = elem["indptr"]
                 self._prefetch([(indptr, np.array([0]), np.array([indptr.shape[0]]))])
-            return el.matrix(elem)
+            return el.matrix(elem, self._read_whole)
 
         return self.cached(f"matrix:{key}", load)
 
@@ -293,6 +304,10 @@ class _Store:
     def read(self, key: str, rows: Selection | None, cols: Selection | None) -> Any:
         """Read ``key[rows, cols]`` through the batched read path."""
         matrix = self.matrix(key)
+        if self.rangefile is not None:
+            # the file's tail served the metadata read so far (obs, var, this indptr); the
+            # batches of a matrix read need none of it, so it does not stay beside them
+            self.rangefile.release_tail()
         with self.reading(key):
             return read_matrix(matrix, rows, cols, self.hooks())
 
@@ -368,6 +383,19 @@ class _Store:
             return out
 
         return finish
+
+    def _read_whole(self, arr: Any) -> np.ndarray | None:
+        """Read a whole 1-D array with our own concurrent reads (``None``: h5py must).
+
+        Only remote arrays of :data:`_WHOLE_BYTES` or more: h5py reads through the file's
+        block cache, whose read-ahead doubles from 16 KB, one round trip after the other
+        (six for 800 KB), where ours costs the chunk index's levels and one round; for
+        smaller arrays that is no fewer.
+        """
+        if arr.ndim != 1 or arr.size * arr.dtype.itemsize < _WHOLE_BYTES or \
+                not self._direct(arr):
+            return None
+        return self._start_runs([(arr, np.array([0]), np.array([arr.shape[0]]))])()[0]
 
     def _advise(self, items: list[tuple[Any, np.ndarray, np.ndarray]]
                 ) -> Callable[[], None] | None:

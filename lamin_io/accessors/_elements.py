@@ -50,8 +50,11 @@ def is_group(elem: Any) -> bool:
     return hasattr(elem, "keys") and not hasattr(elem, "dtype")
 
 
-def matrix(elem: Any) -> Any:
-    """Return a dense on-disk array as is, or a sparse group as :class:`SparseParts`."""
+def matrix(elem: Any, read_whole: Callable[[Any], np.ndarray | None] | None = None) -> Any:
+    """Return a dense on-disk array as is, or a sparse group as :class:`SparseParts`.
+
+    ``read_whole`` may read the ``indptr`` array faster than h5py (``None`` where it cannot).
+    """
     if not is_group(elem):
         return elem
     fmt = SPARSE_ENCODINGS.get(encoding(elem)) or attr(elem, "h5sparse_format")
@@ -61,7 +64,8 @@ def matrix(elem: Any) -> Any:
     shape = attr(elem, "shape")
     if shape is None:
         shape = attr(elem, "h5sparse_shape")
-    indptr = np.asarray(elem["indptr"][:], dtype=np.int64)
+    values = read_whole(elem["indptr"]) if read_whole is not None else None
+    indptr = np.asarray(elem["indptr"][:] if values is None else values, dtype=np.int64)
     n_major = int(shape[0] if fmt == "csr" else shape[1])
     if len(indptr) != n_major + 1:
         msg = (f"sparse matrix {elem.name} is damaged: indptr has {len(indptr)} entries "
