@@ -106,3 +106,30 @@ def test_filesystem_reset_when_credentials_change(s3_endpoint, monkeypatch):
     fs2 = to_upath(url, {"endpoint_url": s3_endpoint}).fs
     assert fs2 is not fs1  # a new client picks up the new credentials
     assert to_upath(url, {"endpoint_url": s3_endpoint}).fs is fs2
+
+
+def test_engine_credentials_follow_the_environment(s3_endpoint, monkeypatch, tmp_path):
+    """pyarrow's settings come from the AWS chain once per environment, and anew when the
+    environment changes (rotated keys, another profile's config file)."""
+    from lamin_io.storage._engines import _aws_session, s3_access
+
+    path = to_upath(f"s3://{BUCKET}/x", {"endpoint_url": s3_endpoint})
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "first-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "first-secret")
+    _aws_session.cache_clear()
+    assert s3_access(path).key == "first-key"
+    assert s3_access(path).key == "first-key"
+    assert _aws_session.cache_info().misses == 1  # one session for both
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "rotated-key")
+    assert s3_access(path).key == "rotated-key"
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    (tmp_path / "credentials").write_text(
+        "[default]\naws_access_key_id = file-key\naws_secret_access_key = file-secret\n")
+    (tmp_path / "config").write_text("[default]\nregion = eu-west-3\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    access = s3_access(path)
+    assert (access.key, access.secret, access.region) == ("file-key", "file-secret", "eu-west-3")

@@ -30,6 +30,29 @@ S3_PROTOCOLS = frozenset({"s3", "s3a"})
 
 def _forget_clients_after_fork() -> None:
     _s3_filesystem.cache_clear()
+    _aws_session.cache_clear()
+
+
+#: Environment variables the AWS chain reads: a session is made anew when any of them
+#: changes (files it reads are read once per session, as boto3 does).
+_AWS_ENV = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
+            "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_ROLE_ARN",
+            "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_EC2_METADATA_DISABLED")
+
+
+@functools.lru_cache(maxsize=16)
+def _aws_session(profile: str | None, environment: tuple[str | None, ...]) -> Any:
+    """Return a botocore session for ``profile``, one per profile and ``environment``.
+
+    ``environment`` (the values of :data:`_AWS_ENV`) is the cache key only. Making a
+    session costs ~20 ms (botocore registers its event handlers); that was paid at every
+    open of a remote file. Its credentials object refreshes itself where it expires.
+    """
+    import botocore.session
+
+    return botocore.session.Session(profile=profile)
 
 
 @dataclass(frozen=True)
@@ -96,9 +119,8 @@ def s3_access(path: UPath) -> S3Access:
     token = options.get("token") or client.get("aws_session_token")
     region = client.get("region_name")
     if not anon and (key is None or region is None):
-        import botocore.session
-
-        session = botocore.session.Session(profile=options.get("profile"))
+        session = _aws_session(options.get("profile"),
+                               tuple(os.environ.get(name) for name in _AWS_ENV))
         region = region or session.get_config_variable("region")
         if key is None:
             credentials = session.get_credentials()
