@@ -17,6 +17,9 @@ counts. Cold runs drop the file from the page cache before each repeat (and chec
 is gone); warm runs read it once first. On S3 the files live on a local S3-protocol server
 (s3rver, see :class:`S3`) behind a counting proxy in this process; bytes read are the
 response bodies it passed on, locally the bytes the process read through system calls.
+S3 runs are made twice by default: straight to the loopback server, which answers in well
+under a millisecond (so they measure its CPU and ours), and with 20 ms added before every
+request, as from a bucket in another place, where round trips decide (``--s3-delay``).
 
     python benchmarks/generate.py --cells 50000 --scale 1 4    # once
     python benchmarks/subset.py                                # all configurations
@@ -245,7 +248,13 @@ def _tiny_for(path: Path) -> Path:
     return DATA / ("tiny_dense.h5ad" if path.name.startswith("dense") else "tiny.h5ad")
 
 
-def _configs(files: list[Path], *, s3: list[Path], repeats: int) -> list[dict[str, Any]]:
+def _storage(delay: float) -> str:
+    """The storage label of S3 behind a proxy adding ``delay`` seconds a request."""
+    return "s3" if not delay else f"s3+{delay * 1000:.0f}ms"
+
+
+def _configs(files: list[Path], *, s3: list[Path], repeats: int,
+             delays: list[float]) -> list[dict[str, Any]]:
     """Every (file, storage, cache, tool); cold and remote runs repeat fewer times."""
     out = []
     for path in files:
@@ -256,13 +265,15 @@ def _configs(files: list[Path], *, s3: list[Path], repeats: int) -> list[dict[st
                 out.append({"tool": tool, "file": path.name, "storage": "local",
                             "cache": cache, "url": str(path), "local": str(path),
                             "repeats": repeats if cache == "warm" else max(1, repeats - 2)})
-    for path in s3:
-        for tool in TOOLS:
-            if tool == "backed":
-                continue
-            out.append({"tool": tool, "file": path.name, "storage": "s3", "cache": "remote",
-                        "url": f"s3://{BUCKET}/{path.name}", "local": str(path),
-                        "repeats": max(1, repeats - 4)})
+    for delay in delays:
+        for path in s3:
+            for tool in TOOLS:
+                if tool == "backed":
+                    continue
+                out.append({"tool": tool, "file": path.name, "storage": _storage(delay),
+                            "cache": "remote", "url": f"s3://{BUCKET}/{path.name}",
+                            "local": str(path), "delay": delay,
+                            "repeats": max(1, repeats - 4)})
     return out
 
 
@@ -277,10 +288,11 @@ class S3:
     ``npm install --prefix benchmarks s3rver@3.7.1``.
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, delays: tuple[float, ...] = (0.0,)) -> None:
         self.folder = folder
+        self.delays = delays
         self.proc: Any = None
-        self.proxy: Any = None
+        self.proxies: dict[float, Any] = {}
 
     def __enter__(self) -> S3:
         import os
@@ -319,13 +331,11 @@ class S3:
                     raise
                 time.sleep(0.2)
         self.server_endpoint = f"http://127.0.0.1:{port}"
-        self.proxy = CountingProxy("127.0.0.1", port).start()
+        # one counting proxy per latency: 0 (loopback) and, like a bucket in another
+        # place, a fixed delay before every request is passed on
+        self.proxies = {d: CountingProxy("127.0.0.1", port, delay=d).start()
+                        for d in self.delays}
         return self
-
-    @property
-    def endpoint(self) -> str:
-        """Where clients connect: the counting proxy."""
-        return str(self.proxy.endpoint)
 
     def upload(self, paths: list[Path]) -> None:
         """Copy files and folders into the bucket (straight to the server, uncounted)."""
@@ -337,8 +347,8 @@ class S3:
             fs.put(str(p), f"{BUCKET}/{p.name}", recursive=p.is_dir())
 
     def __exit__(self, *exc: object) -> None:
-        if self.proxy is not None:
-            self.proxy.stop()
+        for proxy in self.proxies.values():
+            proxy.stop()
         if self.proc is not None:
             self.proc.terminate()
             self.proc.wait(10)
@@ -354,6 +364,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7,
                         help="timed runs per warm configuration (cold: 2 fewer, S3: 4 fewer)")
     parser.add_argument("--no-s3", action="store_true", help="local files only")
+    parser.add_argument("--s3-delay", type=float, nargs="+", default=[0.0, 0.02],
+                        help="S3 runs with each of these latencies a request, in seconds "
+                             "(default: none, and 20 ms as from a bucket far away)")
     parser.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
     parser.add_argument("--files", nargs="+", default=list(FILES), choices=FILES,
                         help="which files (default: all)")
@@ -391,27 +404,29 @@ def main() -> None:
 
     server = None
     if s3_files:
-        server = S3(DATA / "s3rver").__enter__()
+        server = S3(DATA / "s3rver", tuple(args.s3_delay)).__enter__()
         print("uploading to the S3 server ...", flush=True)
         server.upload(s3_files + sorted({_tiny_for(p) for p in s3_files}))
     results = []
     try:
-        for config in _configs(files, s3=s3_files, repeats=args.repeats):
+        for config in _configs(files, s3=s3_files, repeats=args.repeats,
+                               delays=args.s3_delay):
             if config["tool"] not in args.tools:
                 continue
             config["expected"] = str(expected[config["file"]])
             tiny = _tiny_for(Path(config["local"]))
             config["tiny"] = str(tiny) if config["storage"] == "local" else \
                 f"s3://{BUCKET}/{tiny.name}"
-            if config["storage"] == "s3":
-                config["endpoint"] = server.endpoint  # type: ignore[union-attr]
-                server.proxy.reset()  # type: ignore[union-attr]
-            label = f"{config['file']:<22} {config['storage']:<5} {config['cache']:<6} " \
+            proxy = None
+            if config["cache"] == "remote":
+                proxy = server.proxies[config["delay"]]  # type: ignore[union-attr]
+                config["endpoint"] = proxy.endpoint
+                proxy.reset()
+            label = f"{config['file']:<22} {config['storage']:<8} {config['cache']:<6} " \
                     f"{config['tool']:<9}"
             print(label, end=" ", flush=True)
             result = run_isolated(HERE, config, timeout=args.timeout)
-            if config["storage"] == "s3" and "error" not in result:
-                proxy = server.proxy  # type: ignore[union-attr]
+            if proxy is not None and "error" not in result:
                 result["bytes"] = proxy.bytes_sent // config["repeats"]
                 result["requests"] = proxy.requests // config["repeats"]
             elif "error" not in result:
@@ -464,8 +479,12 @@ def _targets(results: list[dict[str, Any]]) -> list[tuple[str, str, bool | None]
     rows: list[tuple[str, str, bool | None]] = []
     files = sorted({r["file"] for r in results if r["file"].endswith(".h5ad")
                     and r["file"].startswith("sparse")}, key=lambda f: int(f[7:-5]))
-    for storage, cache in (("local", "warm"), ("local", "cold"), ("s3", "remote")):
-        where = f"{storage} {cache}" if storage == "local" else "S3"
+    remote = sorted({r["storage"] for r in results if r["cache"] == "remote"},
+                    key=lambda s: (len(s), s))  # "s3" first, then with latency
+    for storage, cache in [("local", "warm"), ("local", "cold"),
+                           *((s, "remote") for s in remote)]:
+        where = (f"{storage} {cache}" if storage == "local" else
+                 "S3" if storage == "s3" else f"S3 +{storage[3:]} a request")
         ratios = []
         for f in files:
             r = get("lamin_io", f, storage, cache)
@@ -493,7 +512,7 @@ def _targets(results: list[dict[str, Any]]) -> list[tuple[str, str, bool | None]
         if d is not None and "time_vs_backed" in d:
             rows.append((f"dense h5ad, {where}: time <= anndata backed",
                          f"{d['time_vs_backed']:.3f}x", d["time_vs_backed"] <= 1))
-        elif d is not None and storage == "s3":
+        elif d is not None and cache == "remote":
             rows.append((f"dense h5ad, {where}: supported (anndata backed cannot read S3)",
                          f"{d['seconds']:.3f} s, {d.get('time_vs_lamindb', float('nan')):.3f}x"
                          " lamindb", True))
