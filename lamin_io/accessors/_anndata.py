@@ -265,7 +265,8 @@ class _Store:
             elem = self.get(key)
             if self.rangefile is None:
                 return el.matrix(elem)
-            if el.is_group(elem) and "indptr" in elem:  # filtered: its chunks in one go
+            if el.is_group(elem) and "indptr" in elem:
+                # a filtered indptr's chunks in one go (an unfiltered one: _read_whole)
                 indptr = elem["indptr"]
                 self._prefetch([(indptr, np.array([0]), np.array([indptr.shape[0]]))])
             return el.matrix(elem, self._read_whole)

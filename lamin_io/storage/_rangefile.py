@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from upath import UPath
 
-__all__ = ["METADATA_BLOCK", "MAX_TAIL", "RangeFile"]
+__all__ = ["METADATA_BLOCK", "RangeFile"]
 
 #: Block size of the cache that serves small (metadata) reads.
 METADATA_BLOCK = 16 * 1024
@@ -82,8 +82,9 @@ class RangeFile(io.RawIOBase):
         self._pos = 0
         self._starts: list[int] = []
         self._parts: list[tuple[int, memoryview]] = []
-        self._tail_at = self.size  # where the tail read by ``prime`` starts (none yet)
-        self._tail = memoryview(b"")
+        # where the tail read by ``prime`` starts, and its bytes (one attribute, so that a
+        # reader in another thread never sees the start of one tail with another's bytes)
+        self._tail: tuple[int, memoryview] = (self.size, memoryview(b""))
 
     def prime(self) -> None:
         """Read the first blocks and the tail of the object in one round of requests.
@@ -109,13 +110,14 @@ class RangeFile(io.RawIOBase):
             first = memoryview(head_read.result())
             for b in range(head // self._block):
                 self._blocks[b] = bytes(first[b * self._block:(b + 1) * self._block])
-        self._tail_at, self._tail = at, view
+        self._tail = (at, view)
 
     def _tail_into(self, start: int, view: memoryview) -> bool:
         """Fill ``view`` with the bytes at ``start`` if the tail holds them; return whether."""
-        if start < self._tail_at or start + len(view) > self.size:
+        at, tail = self._tail
+        if start < at or start + len(view) > at + len(tail):
             return False
-        view[:] = self._tail[start - self._tail_at:start - self._tail_at + len(view)]
+        view[:] = tail[start - at:start - at + len(view)]
         return True
 
     def _fill(self, handle: Any, start: int, view: memoryview) -> None:
@@ -242,7 +244,7 @@ class RangeFile(io.RawIOBase):
 
     def release_tail(self) -> None:
         """Drop the tail read by :meth:`prime`; later reads there are made as before."""
-        self._tail_at, self._tail = self.size, memoryview(b"")
+        self._tail = (self.size, memoryview(b""))
 
     def _from_prefetch(self, start: int, n: int) -> memoryview | None:
         i = bisect.bisect_right(self._starts, start) - 1
