@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import time
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +14,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 from conftest import upload
+from fsspec.implementations.memory import MemoryFileSystem
 
 import lamin_io as ln
 from lamin_io.storage._localread import READ_THREADS
@@ -308,13 +311,14 @@ def test_zarr_store_opens_and_reads_without_a_head_per_object(atlas, s3_server) 
 
 def test_range_file_prime_reads_head_and_tail_in_one_round(s3_server, tmp_path) -> None:
     """``prime``: the first blocks and the tail at once; reads inside them cost nothing."""
-    from lamin_io.storage._rangefile import HEAD_BYTES, TAIL_FRACTION, RangeFile
+    from lamin_io.storage._rangefile import HEAD_BYTES, RangeFile, tail_size
 
     size = 12 << 20
     blob = np.random.default_rng(2).integers(0, 255, size, dtype=np.uint8).tobytes()
     (tmp_path / "object.h5").write_bytes(blob)
     remote = upload(tmp_path / "object.h5", s3_server.endpoint)
-    tail = size // TAIL_FRACTION
+    tail = tail_size(size)
+    assert HEAD_BYTES < tail < size // 2
     with RangeFile(remote) as rf:
         s3_server.reset()
         s3_server.stats.get_delay = 0.05  # slow enough that requests in one round overlap
@@ -374,8 +378,10 @@ def test_h5ad_open_reads_its_tail_metadata_in_one_round(atlas, s3_server) -> Non
     # obs's index (heap IDs and strings) lies outside the tail: its two rounds, and one
     # heap block; HDF5 alone reads 10
     assert len(later) <= 3, later
+    from lamin_io.storage._rangefile import tail_size
+
     with h5py.File(folder / "atlas.h5ad") as f:
-        tail_start = f.id.get_filesize() - max(256 * 1024, f.id.get_filesize() // 32)
+        tail_start = f.id.get_filesize() - tail_size(f.id.get_filesize())
         assert f["var/_index"].id.get_offset() > tail_start
         assert all(int(r[6:].split("-")[0]) < tail_start for r in later)
 
@@ -383,6 +389,8 @@ def test_h5ad_open_reads_its_tail_metadata_in_one_round(atlas, s3_server) -> Non
 def test_h5ad_large_indptr_is_read_in_one_round_of_ranges(s3_server, tmp_path) -> None:
     """A remote CSR's indptr (400 KB) is read with our range requests: its chunk index,
     then its chunks at once, not block after block (16, 32, ... 256 KB)."""
+    from lamin_io.storage._rangefile import tail_size
+
     n_obs = 100_000
     X = sp.random(n_obs, 50, density=0.02, format="csr", dtype=np.float32, random_state=1)
     adata = ad.AnnData(X, obs=pd.DataFrame(index=[f"c{i}" for i in range(n_obs)]))
@@ -395,7 +403,7 @@ def test_h5ad_large_indptr_is_read_in_one_round_of_ranges(s3_server, tmp_path) -
                     for i in range(indptr.id.get_num_chunks()))
         end = begin + indptr.id.get_storage_size()
         nbytes = indptr.size * indptr.dtype.itemsize
-        outside = begin < f.id.get_filesize() - f.id.get_filesize() // 32
+        outside = begin < f.id.get_filesize() - tail_size(f.id.get_filesize())
     assert outside  # the tail read at open does not hold it
     with ln.open(remote) as acc:
         acc.obs_names, acc.var_names  # noqa: B018 (read before counting)
@@ -408,3 +416,56 @@ def test_h5ad_large_indptr_is_read_in_one_round_of_ranges(s3_server, tmp_path) -
     # its header, its chunk index, its chunks merged into one request; h5py reads 5 blocks
     assert len(into_indptr) <= 3, into_indptr
     assert max(b - a + 1 for a, b in spans) >= nbytes
+
+
+class _SlowFile(io.BytesIO):
+    """An in-memory file whose reads take 10 ms, as a remote store's do."""
+
+    def read(self, n: int | None = -1) -> bytes:
+        time.sleep(0.01)
+        return super().read(n)
+
+    def readinto(self, buffer: Any) -> int:
+        time.sleep(0.01)
+        return super().readinto(buffer)
+
+
+class _SlowMemoryFileSystem(MemoryFileSystem):
+    """fsspec's memory file system with slow reads (read through pyarrow's fsspec handler,
+    whose ``read_at`` moves the file's one position: seek, then read)."""
+
+    protocol = "slowmemory"
+
+    @classmethod
+    def _strip_protocol(cls, path: str) -> str:
+        return super()._strip_protocol(path.replace("slowmemory://", "memory://", 1))
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        f = super()._open(path, mode, **kwargs)
+        return _SlowFile(f.getvalue()) if "r" in mode else f
+
+
+def test_range_file_prime_on_an_fsspec_store_reads_the_right_tail() -> None:
+    """Through fsspec's file systems, the head and the tail read at once never share the
+    file's one position (the tail read through it got the head's bytes)."""
+    import fsspec
+    from upath import UPath
+    from upath.implementations.memory import MemoryPath
+    from upath.registry import register_implementation
+
+    from lamin_io.storage._rangefile import RangeFile, tail_size
+
+    fsspec.register_implementation("slowmemory", _SlowMemoryFileSystem, clobber=True)
+    register_implementation("slowmemory", MemoryPath, clobber=True)
+    blob = np.random.default_rng(4).integers(0, 255, 12 << 20, dtype=np.uint8).tobytes()
+    fsspec.filesystem("slowmemory").pipe("/prime/blob.h5", blob)
+    tail = tail_size(len(blob))
+    try:
+        with RangeFile(UPath("slowmemory:///prime/blob.h5")) as rf:
+            rf.prime()
+            rf.seek(len(blob) - tail)
+            assert rf.read(tail) == blob[-tail:]
+            rf.seek(0)
+            assert rf.read(5000) == blob[:5000]
+    finally:
+        fsspec.filesystem("slowmemory").rm("/prime", recursive=True)

@@ -110,7 +110,7 @@ def test_filesystem_reset_when_credentials_change(s3_endpoint, monkeypatch):
 
 def test_engine_credentials_follow_the_environment(s3_endpoint, monkeypatch, tmp_path):
     """pyarrow's settings come from the AWS chain once per environment, and anew when the
-    environment changes (rotated keys, another profile's config file)."""
+    environment or the credential files change (rotated keys, another config file)."""
     from lamin_io.storage._engines import _aws_session, s3_access
 
     path = to_upath(f"s3://{BUCKET}/x", {"endpoint_url": s3_endpoint})
@@ -133,3 +133,6 @@ def test_engine_credentials_follow_the_environment(s3_endpoint, monkeypatch, tmp
     monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
     access = s3_access(path)
     assert (access.key, access.secret, access.region) == ("file-key", "file-secret", "eu-west-3")
+    (tmp_path / "credentials").write_text(  # edited in place (aws configure, a rotation)
+        "[default]\naws_access_key_id = edited-key\naws_secret_access_key = edited-secret\n")
+    assert s3_access(path).key == "edited-key"

@@ -266,7 +266,8 @@ class _Store:
             if self.rangefile is None:
                 return el.matrix(elem)
             if el.is_group(elem) and "indptr" in elem:
-                # a filtered indptr's chunks in one go (an unfiltered one: _read_whole)
+                # a filtered indptr's chunks in one go (an unfiltered one of _WHOLE_BYTES or
+                # more is read by _read_whole, a smaller one by h5py through the file's blocks)
                 indptr = elem["indptr"]
                 self._prefetch([(indptr, np.array([0]), np.array([indptr.shape[0]]))])
             return el.matrix(elem, self._read_whole)

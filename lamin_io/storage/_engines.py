@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lamin_io.storage._options import mask, resolve_endpoint
+from lamin_io.storage._options import credential_fingerprint, mask, resolve_endpoint
 from lamin_io.storage._paths import is_local
 
 if TYPE_CHECKING:
@@ -33,22 +34,19 @@ def _forget_clients_after_fork() -> None:
     _aws_session.cache_clear()
 
 
-#: Environment variables the AWS chain reads: a session is made anew when any of them
-#: changes (files it reads are read once per session, as boto3 does).
-_AWS_ENV = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
-            "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_ROLE_ARN",
-            "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-            "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_EC2_METADATA_DISABLED")
+#: botocore sessions are not safe to use from several threads at once.
+_session_lock = threading.Lock()
 
 
 @functools.lru_cache(maxsize=16)
-def _aws_session(profile: str | None, environment: tuple[str | None, ...]) -> Any:
-    """Return a botocore session for ``profile``, one per profile and ``environment``.
+def _aws_session(profile: str | None, fingerprint: str) -> Any:
+    """Return a botocore session for ``profile``, one per profile and credential sources.
 
-    ``environment`` (the values of :data:`_AWS_ENV`) is the cache key only. Making a
-    session costs ~20 ms (botocore registers its event handlers); that was paid at every
-    open of a remote file. Its credentials object refreshes itself where it expires.
+    ``fingerprint`` (:func:`credential_fingerprint`: a digest of the AWS environment
+    variables and the credential and config files' sizes and times) is the cache key
+    only: edited files or changed variables make a new session, which reads them again.
+    Making a session costs ~20 ms (botocore registers its event handlers); that was paid
+    at every open of a remote file. Temporary credentials refresh themselves.
     """
     import botocore.session
 
@@ -119,14 +117,14 @@ def s3_access(path: UPath) -> S3Access:
     token = options.get("token") or client.get("aws_session_token")
     region = client.get("region_name")
     if not anon and (key is None or region is None):
-        session = _aws_session(options.get("profile"),
-                               tuple(os.environ.get(name) for name in _AWS_ENV))
-        region = region or session.get_config_variable("region")
-        if key is None:
-            credentials = session.get_credentials()
-            if credentials is not None:
-                frozen = credentials.get_frozen_credentials()
-                key, secret, token = frozen.access_key, frozen.secret_key, frozen.token
+        session = _aws_session(options.get("profile"), credential_fingerprint())
+        with _session_lock:
+            region = region or session.get_config_variable("region")
+            if key is None:
+                credentials = session.get_credentials()
+                if credentials is not None:
+                    frozen = credentials.get_frozen_credentials()
+                    key, secret, token = frozen.access_key, frozen.secret_key, frozen.token
     config = dict(options.get("config_kwargs") or {})
     attempts = (config.get("retries") or {}).get("max_attempts")
     return S3Access(

@@ -6,7 +6,7 @@ chunk locations), :meth:`RangeFile.prefetch` fetches them all at once with concu
 range requests (touching ranges merged into one); the reads that follow are served from
 memory. Any other read (metadata) is served from a small block cache when it is small, and
 fetched as one exact range when it is large. :meth:`RangeFile.prime` reads the object's
-first block and its tail in one round of requests before HDF5 starts: writers put the
+first 64 KB and its tail in one round of requests before HDF5 starts: writers put the
 metadata they write last there (an AnnData's obs and var, and the object headers of its
 groups), which HDF5 would otherwise fetch one small read after another.
 
@@ -60,6 +60,15 @@ MIN_TAIL = 256 * 1024
 MAX_TAIL = 4 << 20
 
 
+def tail_size(size: int) -> int:
+    """Return the bytes :meth:`RangeFile.prime` keeps from the end of a ``size``-byte object.
+
+    The whole object when what is left before the tail is no more than the head.
+    """
+    tail = max(MIN_TAIL, min(MAX_TAIL, size // TAIL_FRACTION))
+    return size if size - tail <= HEAD_BYTES else tail
+
+
 class RangeFile(io.RawIOBase):
     """Seekable binary reader of ``path`` with an explicit prefetch of byte ranges."""
 
@@ -92,18 +101,24 @@ class RangeFile(io.RawIOBase):
         The first :data:`HEAD_BYTES` go to the block cache; the last ``size //
         TAIL_FRACTION`` bytes (:data:`MIN_TAIL` to :data:`MAX_TAIL`) are kept until
         :meth:`release_tail` or ``close``, and every read inside them is served from
-        memory. A small object is read whole. The tail is one request read straight into
-        place through the shared handle (nothing else reads through its position): pieces
-        through handles of their own would cost a HEAD request each first, and pieces
-        through ``read_at`` a copy each, kept by the Arrow memory pool after it is freed.
+        memory. A small object is read whole (:func:`tail_size`). On S3 the tail is one
+        request read straight into place through the shared handle, whose position nothing
+        else uses (``read_at`` leaves it alone there): pieces through handles of their own
+        would cost a HEAD request each first, and ``read_at`` a copy, which the Arrow
+        memory pool keeps after it is freed. Other file systems (fsspec's, behind pyarrow)
+        move one shared position for ``read_at`` too, so there the tail is read with it.
         """
+        import pyarrow.fs as pafs
+
         from lamin_io.storage._localread import executor, results
 
-        tail = min(self.size, max(MIN_TAIL, min(MAX_TAIL, self.size // TAIL_FRACTION)))
-        head = min(HEAD_BYTES, self.size - tail)
+        tail = tail_size(self.size)
+        head = HEAD_BYTES if tail < self.size else 0
         at = self.size - tail
         view = memoryview(bytearray(tail))
-        tail_read = executor().submit(self._fill, self._reader, at, view)
+        tail_read = executor().submit(
+            self._fill if isinstance(self._fs, pafs.S3FileSystem) else self._fill_at,
+            self._reader, at, view)
         head_read = executor().submit(self._reader.read_at, head, 0) if head else None
         results([tail_read] if head_read is None else [tail_read, head_read])
         if head_read is not None:
@@ -130,6 +145,13 @@ class RangeFile(io.RawIOBase):
                 self._short(start, done, len(view))
             done += n
 
+    def _fill_at(self, handle: Any, start: int, view: memoryview) -> None:
+        """Read ``len(view)`` bytes at ``start`` into ``view`` with ``handle.read_at``."""
+        data = handle.read_at(len(view), start)
+        if len(data) != len(view):
+            self._short(start, len(data), len(view))
+        view[:] = data
+
     def _read_piece(self, start: int, view: memoryview) -> None:
         """Read ``len(view)`` bytes at ``start`` into ``view`` (from any thread).
 
@@ -137,10 +159,7 @@ class RangeFile(io.RawIOBase):
         allocates a copy); large ones straight into ``view`` through a handle of their own.
         """
         if len(view) < READ_INTO:
-            data = self._reader.read_at(len(view), start)
-            if len(data) != len(view):
-                self._short(start, len(data), len(view))
-            view[:] = data
+            self._fill_at(self._reader, start, view)
             return
         with self._handles_lock:
             handle = self._handles.pop() if self._handles else None
