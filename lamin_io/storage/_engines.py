@@ -30,8 +30,10 @@ S3_PROTOCOLS = frozenset({"s3", "s3a"})
 
 
 def _forget_clients_after_fork() -> None:
+    global _session_lock
     _s3_filesystem.cache_clear()
     _aws_session.cache_clear()
+    _session_lock = threading.Lock()  # a thread of the parent may have held it at the fork
 
 
 #: botocore sessions are not safe to use from several threads at once.
