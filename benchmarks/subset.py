@@ -272,6 +272,10 @@ class Entry(NamedTuple):
     path: Path
     every: int = 1  # every ``every``-th cell of the category (see ``_thin``)
 
+    def fields(self) -> dict[str, Any]:
+        """What every configuration of this entry says of it."""
+        return {"file": self.label, "local": str(self.path), "every": self.every}
+
 
 def _configs(entries: list[Entry], *, s3: bool, repeats: int,
              delays: list[float]) -> list[dict[str, Any]]:
@@ -280,23 +284,21 @@ def _configs(entries: list[Entry], *, s3: bool, repeats: int,
     out = []
     for entry in entries:
         path = entry.path
-        common = {"file": entry.label, "local": str(path), "every": entry.every}
         for cache in ("warm", "cold"):
             for tool in TOOLS:
                 if tool == "backed" and path.suffix != ".h5ad":
                     continue
                 out.append({"tool": tool, "storage": "local", "cache": cache, "url": str(path),
                             "repeats": repeats if cache == "warm" else max(1, repeats - 2),
-                            **common})
+                            **entry.fields()})
     for delay in delays if s3 else []:
         for entry in entries:
-            common = {"file": entry.label, "local": str(entry.path), "every": entry.every}
             for tool in TOOLS:
                 if tool == "backed":
                     continue
                 out.append({"tool": tool, "storage": _storage(delay), "cache": "remote",
                             "url": f"s3://{BUCKET}/{entry.path.name}", "delay": delay,
-                            "repeats": max(1, repeats - 2), **common})
+                            "repeats": max(1, repeats - 2), **entry.fields()})
     return out
 
 
