@@ -392,10 +392,10 @@ class _Store:
         Only remote arrays of :data:`_WHOLE_BYTES` or more: h5py reads through the file's
         block cache, whose read-ahead doubles from 16 KB, one round trip after the other
         (six for 800 KB), where ours costs the chunk index's levels and one round; for
-        smaller arrays that is no fewer.
+        smaller arrays that is no fewer. ``_start_runs`` leaves arrays that are not direct
+        (filtered, strings, not 1-D, unallocated chunks) to h5py.
         """
-        if arr.ndim != 1 or arr.size * arr.dtype.itemsize < _WHOLE_BYTES or \
-                not self._direct(arr):
+        if arr.size * arr.dtype.itemsize < _WHOLE_BYTES:
             return None
         return self._start_runs([(arr, np.array([0]), np.array([arr.shape[0]]))])()[0]
 
