@@ -67,6 +67,7 @@ def test_cached_tells_read_pages_from_evicted_ones(data_file: tuple[int, bytes])
 
 def test_advice_reads_the_advised_ranges_only(data_file: tuple[int, bytes]) -> None:
     fd, payload = data_file
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no kernel read-ahead past a miss
     starts = np.arange(0, 4 << 20, 64 * PAGE, dtype=np.int64)  # every 64th page
     stops = starts + 100
     start_advice(fd, starts, stops)()
