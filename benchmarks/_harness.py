@@ -2,9 +2,11 @@
 
 * :func:`run_isolated` runs one configuration in a fresh Python process (imports, caches
   and memory of one tool never leak into another's numbers) and returns its JSON answer.
-* :class:`Meter` measures one timed region from inside that process: wall time and the
+* :class:`Meter` measures one timed region from inside that process: wall time, the
   bytes the process read through system calls (``/proc/self/io``: ``rchar`` counts
-  page-cache hits too, ``read_bytes`` only what came from the disk);
+  page-cache hits too, ``read_bytes`` only what came from the disk), and the share of
+  the machine's CPU time its host took for others (``steal`` in ``/proc/stat``: a shared
+  virtual machine's noise, which no repeat can average out when it lasts);
   :class:`PeakMemory` the peak resident memory above the level before the runs (the
   kernel's high-water mark, reset through ``/proc/self/clear_refs``).
 * :func:`evict` drops files from the page cache (``posix_fadvise(DONTNEED)``, no root
@@ -42,18 +44,32 @@ def _io() -> dict[str, int]:
         return {k: int(v) for k, v in (line.split(": ") for line in f)}
 
 
+def _cpu_ticks() -> tuple[int, int]:
+    """The machine's stolen and total CPU ticks since boot (``/proc/stat``; 0, 0 without)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except OSError:
+        return 0, 0
+    return ticks[7], sum(ticks)  # user nice system idle iowait irq softirq steal
+
+
 @dataclass
 class Meter:
-    """Time and bytes read of the ``with`` block."""
+    """Time, bytes read and the CPU share stolen by the host, of the ``with`` block."""
 
     seconds: float = 0.0
     rchar: int = 0
     read_bytes: int = 0
+    #: The machine's CPU ticks in the block: (stolen by the host, all); see :func:`steal`.
+    ticks: tuple[int, int] = (0, 0)
     _t0: float = field(default=0.0, repr=False)
     _io0: dict[str, int] = field(default_factory=dict, repr=False)
+    _ticks0: tuple[int, int] = field(default=(0, 0), repr=False)
 
     def __enter__(self) -> Meter:
         self._io0 = _io()
+        self._ticks0 = _cpu_ticks()
         self._t0 = time.perf_counter()
         return self
 
@@ -62,6 +78,17 @@ class Meter:
         io = _io()
         self.rchar = io["rchar"] - self._io0["rchar"]
         self.read_bytes = io["read_bytes"] - self._io0["read_bytes"]
+        now = _cpu_ticks()
+        self.ticks = (now[0] - self._ticks0[0], now[1] - self._ticks0[1])
+
+
+def steal(meters: list[Meter]) -> float:
+    """The share of the machine's CPU time the host took for others during ``meters``.
+
+    Summed over the blocks: a clock tick is 10 ms, too coarse for one short block.
+    """
+    total = sum(m.ticks[1] for m in meters)
+    return sum(m.ticks[0] for m in meters) / total if total else 0.0
 
 
 class PeakMemory:
