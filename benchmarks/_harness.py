@@ -4,9 +4,10 @@
   and memory of one tool never leak into another's numbers) and returns its JSON answer.
 * :class:`Meter` measures one timed region from inside that process: wall time, the
   bytes the process read through system calls (``/proc/self/io``: ``rchar`` counts
-  page-cache hits too, ``read_bytes`` only what came from the disk), and the share of
-  the machine's CPU time its host took for others (``steal`` in ``/proc/stat``: a shared
-  virtual machine's noise, which no repeat can average out when it lasts);
+  page-cache hits too, ``read_bytes`` only what came from the disk), and the machine's
+  CPU ticks, from which :func:`steal` tells the share its host took for other guests
+  (``/proc/stat``: a shared virtual machine's noise, which no repeat averages out when it
+  lasts);
   :class:`PeakMemory` the peak resident memory above the level before the runs (the
   kernel's high-water mark, reset through ``/proc/self/clear_refs``).
 * :func:`evict` drops files from the page cache (``posix_fadvise(DONTNEED)``, no root
@@ -56,7 +57,7 @@ def _cpu_ticks() -> tuple[int, int]:
 
 @dataclass
 class Meter:
-    """Time, bytes read and the CPU share stolen by the host, of the ``with`` block."""
+    """Time, bytes read and the machine's CPU ticks, of the ``with`` block."""
 
     seconds: float = 0.0
     rchar: int = 0
