@@ -11,7 +11,10 @@ order, and materialize that X subset in memory. Tools:
 * ``full``: load the whole file with anndata, then subset
 
 Each configuration (tool x file x storage x cache) runs in its own process; imports and a
-warm-up on a tiny file stay outside the timings. Every output is checked against the
+warm-up on a tiny file stay outside the timings. Configurations run in rounds (``--rounds``,
+2 by default): all of them one after the other, then all again, each time in a fresh
+process with a share of the repeats, so a slow spell of this shared machine falls on every
+tool rather than on the one that happened to be running. Every output is checked against the
 answer of a full anndata load (computed once per file, in its own process) before its time
 counts. Cold runs drop the file from the page cache before each repeat (and check that it
 is gone); warm runs read it once first. On S3 the files live on a local S3-protocol server
@@ -397,6 +400,11 @@ def main() -> None:
     parser.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
     parser.add_argument("--files", nargs="+", default=list(FILES), choices=FILES,
                         help="which files (default: all)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="run every configuration this many times, each in a fresh "
+                             "process, a round of all of them after the other, its repeats "
+                             "shared among them (a slow spell of the machine then falls on "
+                             "every tool, not on one)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--timeout", type=float, default=600,
                         help="seconds a configuration may take before it counts as failed")
@@ -438,44 +446,85 @@ def main() -> None:
         server = S3(DATA / "s3rver", tuple(args.s3_delay)).__enter__()
         print("uploading to the S3 server ...", flush=True)
         server.upload(paths + sorted({_tiny_for(p) for p in paths}))
-    results = []
+    configs = [config for config in _configs(entries, s3=not args.no_s3,
+                                              repeats=args.repeats, delays=args.s3_delay)
+               if config["tool"] in args.tools]
+    rounds: list[list[dict[str, Any]]] = [[] for _ in configs]  # each configuration's
     try:
-        for config in _configs(entries, s3=not args.no_s3, repeats=args.repeats,
-                               delays=args.s3_delay):
-            if config["tool"] not in args.tools:
-                continue
-            config["expected"] = str(expected[config["file"]])
-            tiny = _tiny_for(Path(config["local"]))
-            config["tiny"] = str(tiny) if config["storage"] == "local" else \
-                f"s3://{BUCKET}/{tiny.name}"
-            proxy = None
-            if config["cache"] == "remote":
-                proxy = server.proxies[config["delay"]]  # type: ignore[union-attr]
-                config["endpoint"] = proxy.endpoint
-                proxy.reset()
-            label = f"{config['file']:<22} {config['storage']:<8} {config['cache']:<6} " \
-                    f"{config['tool']:<9}"
-            print(label, end=" ", flush=True)
-            result = run_isolated(HERE, config, timeout=args.timeout)
-            if proxy is not None and "error" not in result:
-                result["bytes"] = proxy.bytes_sent // config["repeats"]
-                result["requests"] = proxy.requests // config["repeats"]
-            elif "error" not in result:
-                result["bytes"] = result["rchar"]
-            result.update({k: config[k] for k in ("tool", "file", "storage", "cache")})
-            result["file_bytes"] = _size(Path(config["local"]))
-            results.append(result)
-            partial = args.out / "subset.partial.json"
-            partial.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(json.dumps(results, indent=1, default=float))
-            print(result.get("error") or
-                  f"{result['seconds']:.3f} s  {result['peak_mb']:.0f} MB  "
-                  f"{result['bytes'] / 1e6:.1f} MB read  steal {100 * result['steal']:.0f}%",
-                  flush=True)
+        for round_ in range(args.rounds):
+            print(f"-- round {round_ + 1} of {args.rounds}", flush=True)
+            for config, done in zip(configs, rounds, strict=True):
+                repeats = _share(config["repeats"], args.rounds, round_)
+                if repeats and not any("error" in result for result in done):
+                    done.append(_run(dict(config, repeats=repeats), server, expected,
+                                     args.timeout))
+                    partial = args.out / "subset.partial.json"
+                    partial.parent.mkdir(parents=True, exist_ok=True)
+                    partial.write_text(json.dumps([_merge(d) for d in rounds if d], indent=1,
+                                                  default=float))
     finally:
         if server is not None:
             server.__exit__()
-    report(results, args.out)
+    report([_merge(done) for done in rounds if done], args.out)
+
+
+def _share(repeats: int, rounds: int, round_: int) -> int:
+    """The repeats of a configuration that round ``round_`` runs (earlier rounds one more)."""
+    return repeats // rounds + (round_ < repeats % rounds)
+
+
+def _merge(done: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's result from its rounds: the times pooled, the peak the highest.
+
+    A round that failed stands for the configuration.
+    """
+    failed = next((result for result in done if "error" in result), None)
+    if failed is not None:
+        return failed
+    weights = [len(result["all_seconds"]) for result in done]
+    out = dict(done[0])
+    out["all_seconds"] = [t for result in done for t in result["all_seconds"]]
+    out["seconds"] = median(out["all_seconds"])
+    out["peak_mb"] = max(result["peak_mb"] for result in done)
+    for key in ("rchar", "read_bytes", "bytes", "requests", "steal"):
+        if key in out:
+            mean = sum(r[key] * w for r, w in zip(done, weights, strict=True)) / sum(weights)
+            out[key] = mean if key == "steal" else int(mean)
+    cached = [result["cached_before"] for result in done
+              if result.get("cached_before") is not None]
+    out["cached_before"] = max(cached) if cached else None
+    out["rounds"] = len(done)
+    return out
+
+
+def _run(config: dict[str, Any], server: S3 | None, expected: dict[str, Path],
+         timeout: float) -> dict[str, Any]:
+    """Run one configuration in its own process; return its result."""
+    config["expected"] = str(expected[config["file"]])
+    tiny = _tiny_for(Path(config["local"]))
+    config["tiny"] = str(tiny) if config["storage"] == "local" else \
+        f"s3://{BUCKET}/{tiny.name}"
+    proxy = None
+    if config["cache"] == "remote":
+        proxy = server.proxies[config["delay"]]  # type: ignore[union-attr]
+        config["endpoint"] = proxy.endpoint
+        proxy.reset()
+    label = f"{config['file']:<22} {config['storage']:<8} {config['cache']:<6} " \
+            f"{config['tool']:<9}"
+    print(label, end=" ", flush=True)
+    result = run_isolated(HERE, config, timeout=timeout)
+    if proxy is not None and "error" not in result:
+        result["bytes"] = proxy.bytes_sent // config["repeats"]
+        result["requests"] = proxy.requests // config["repeats"]
+    elif "error" not in result:
+        result["bytes"] = result["rchar"]
+    result.update({k: config[k] for k in ("tool", "file", "storage", "cache")})
+    result["file_bytes"] = _size(Path(config["local"]))
+    print(result.get("error") or
+          f"{result['seconds']:.3f} s  {result['peak_mb']:.0f} MB  "
+          f"{result['bytes'] / 1e6:.1f} MB read  steal {100 * result['steal']:.0f}%",
+          flush=True)
+    return result
 
 
 # -- the report ------------------------------------------------------------------------------
@@ -578,8 +627,10 @@ def report(results: list[dict[str, Any]], out: Path) -> None:
         f"Python {info['python']}; "
         + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v),
         "",
-        "Each row is one process. Time: median of the repeats; peak: resident memory above "
-        "the level before the read; read: bytes through system calls (local) or sent by "
+        "Each row is one configuration, run in a fresh process in each of the rounds (all "
+        "configurations one after the other, then again), its repeats shared among them. "
+        "Time: median of all its repeats; peak: resident memory above the level before the "
+        "read, the highest of the rounds; read: bytes through system calls (local) or sent by "
         "the S3 server; steal: the share of the machine's CPU time its host gave to other "
         "guests during the timed runs (this is a shared virtual machine: where it is above "
         "a few percent, that row's time is noise; other guests' use of the host's disk does "
