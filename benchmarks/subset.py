@@ -409,6 +409,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600,
                         help="seconds a configuration may take before it counts as failed")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be 1 or more")
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
@@ -449,7 +451,7 @@ def main() -> None:
     configs = [config for config in _configs(entries, s3=not args.no_s3,
                                               repeats=args.repeats, delays=args.s3_delay)
                if config["tool"] in args.tools]
-    rounds: list[list[dict[str, Any]]] = [[] for _ in configs]  # each configuration's
+    rounds: list[list[dict[str, Any]]] = [[] for _ in configs]  # results, by configuration
     try:
         for round_ in range(args.rounds):
             print(f"-- round {round_ + 1} of {args.rounds}", flush=True)
