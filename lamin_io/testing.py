@@ -36,9 +36,19 @@ class S3Stats:
     in_flight: int = 0
     max_in_flight: int = 0
     log: list[tuple[str, str, str | None, int]] = field(default_factory=list)
-    #: Seconds each GET waits before it is answered (a slower network, for tests that
-    #: must see requests overlap); kept across resets.
+    #: Seconds each GET waits before it is answered (a slower network); kept across resets.
     get_delay: float = 0.0
+    #: GETs are held until this many requests are in flight at once (0: never held), for
+    #: tests that must see requests overlap: whether they do then depends on what the client
+    #: asked for, not on how busy the machine is. The first time the count is reached, or
+    #: after :attr:`hold_seconds` without it, the gate opens for every request until the next
+    #: reset, so a client that never overlaps waits once. Kept across resets.
+    hold_gets: int = 0
+    #: Only GETs whose path holds one of these are held (every GET where empty).
+    hold_paths: tuple[str, ...] = ()
+    hold_seconds: float = 30.0
+    #: Whether the gate of :attr:`hold_gets` has opened since the last reset.
+    gate_open: bool = False
 
     def gets(self) -> list[tuple[str, str, str | None, int]]:
         """Return the logged GET requests as ``(method, path, range, bytes)``."""
@@ -51,11 +61,27 @@ class _Counting:
     def __init__(self, app: Callable[..., Iterable[bytes]], stats: S3Stats,
                  lock: threading.Lock) -> None:
         self.app, self.stats, self.lock = app, stats, lock
+        self.changed = threading.Condition(lock)
+
+    def _hold(self) -> None:
+        """Wait (lock held) until ``hold_gets`` requests are in flight or the gate opens."""
+        stats = self.stats
+        if not stats.hold_gets or stats.gate_open:
+            return
+        self.changed.wait_for(lambda: stats.gate_open or stats.in_flight >= stats.hold_gets,
+                              timeout=stats.hold_seconds)
+        stats.gate_open = True
+        self.changed.notify_all()
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        with self.lock:
+        with self.changed:
             self.stats.in_flight += 1
             self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
+            self.changed.notify_all()
+            path = environ.get("PATH_INFO", "")
+            if environ["REQUEST_METHOD"] == "GET" and (
+                    not self.stats.hold_paths or any(p in path for p in self.stats.hold_paths)):
+                self._hold()
         try:
             if self.stats.get_delay and environ["REQUEST_METHOD"] == "GET":
                 time.sleep(self.stats.get_delay)
@@ -130,6 +156,7 @@ class S3Server:
             self.stats.requests = 0
             self.stats.bytes_sent = 0
             self.stats.max_in_flight = self.stats.in_flight
+            self.stats.gate_open = False
             self.stats.log.clear()
 
     def stop(self) -> None:

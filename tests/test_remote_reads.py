@@ -103,11 +103,11 @@ def test_h5ad_reads_only_the_chunks_holding_the_selection(atlas, s3_server, tmp_
             acc.storage[f"X/{name}"].id.chunk_iter(lambda info: None)
     metadata = empty + s3_server.stats.bytes_sent
     s3_server.reset()
-    s3_server.stats.get_delay = 0.02  # a network slow enough that overlapping shows
+    s3_server.stats.hold_gets = 2  # GETs wait until two are in flight (or 30 s have passed)
     try:
         got = _read(remote, mask, genes)
     finally:
-        s3_server.stats.get_delay = 0.0
+        s3_server.stats.hold_gets = 0
     served, requests = s3_server.stats.bytes_sent, len(s3_server.stats.gets())
     heads = _heads(s3_server.stats)
     np.testing.assert_array_equal(got.toarray(), adata[mask, genes].X.toarray())
@@ -255,11 +255,11 @@ def test_zarr_dataframe_arrays_are_fetched_together_once(atlas, s3_server) -> No
     remote = upload(folder / "atlas.zarr", s3_server.endpoint)
     with ln.open(remote) as acc:
         s3_server.reset()
-        s3_server.stats.get_delay = 0.05  # slow enough that requests in one batch overlap
+        s3_server.stats.hold_gets = 3  # GETs wait until three are in flight (or 30 s)
         try:
             obs = acc.obs
         finally:
-            s3_server.stats.get_delay = 0.0
+            s3_server.stats.hold_gets = 0
         paths = [path for _, path, _, _ in s3_server.stats.gets()]
         in_flight = s3_server.stats.max_in_flight
     pd.testing.assert_frame_equal(obs, adata.obs)
@@ -321,11 +321,11 @@ def test_range_file_prime_reads_head_and_tail_in_one_round(s3_server, tmp_path) 
     assert HEAD_BYTES < tail < size // 2
     with RangeFile(remote) as rf:
         s3_server.reset()
-        s3_server.stats.get_delay = 0.05  # slow enough that requests in one round overlap
+        s3_server.stats.hold_gets = 2  # GETs wait until two are in flight (or 30 s)
         try:
             rf.prime()
         finally:
-            s3_server.stats.get_delay = 0.0
+            s3_server.stats.hold_gets = 0
         gets = sorted(r for _, _, r, _ in s3_server.stats.gets())
         assert gets == sorted([f"bytes=0-{HEAD_BYTES - 1}", f"bytes={size - tail}-{size - 1}"])
         assert s3_server.stats.max_in_flight == 2

@@ -248,11 +248,14 @@ def test_s3_next_batch_is_fetched_while_one_decodes(stores: dict[str, Path], tru
     remote = upload(stores["v2-blosc"], s3_server.endpoint)
     with ln.open(remote) as acc:
         s3_server.reset()
-        s3_server.stats.get_delay = 0.2  # slow enough that requests in flight overlap
+        # chunk GETs wait until more than one batch's are in flight (or 30 s have passed)
+        s3_server.stats.hold_gets = 2 * 3 + 1
+        s3_server.stats.hold_paths = ("/X/data/", "/X/indices/")
         try:
             got = acc[:].X
         finally:
-            s3_server.stats.get_delay = 0.0
+            s3_server.stats.hold_gets = 0
+            s3_server.stats.hold_paths = ()
         in_flight = s3_server.stats.max_in_flight
     np.testing.assert_array_equal(got.toarray(), truth.X.toarray())
     assert in_flight > 2 * 3  # more than one batch's 3 data and 3 indices chunks
