@@ -106,9 +106,15 @@ def test_advice_asks_for_the_given_ranges_only(data_file: tuple[int, bytes],
     starts = np.arange(0, 4 << 20, 64 * PAGE, dtype=np.int64)  # every 64th page
     stops = starts + 100
     stops[3] = starts[3]  # an empty range: never advised (a length of 0 means "to the end")
-    start_advice(fd, starts, stops)()
     expected = [(s, e - s) for s, e in zip(starts.tolist(), stops.tolist(), strict=True)
                 if e > s]
+    end = start_advice(fd, starts, stops)
+    # the advice runs in a pool thread; ending it at once may stop it before it began (as
+    # a request that is read by then wants), so wait until it has run its course here
+    deadline = time.monotonic() + 120
+    while len(advised) < len(expected) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    end()
     assert advised == expected  # each range once, in order, nothing else
     # and the reads that follow copy the right bytes
     ranges = list(zip(starts.tolist(), stops.tolist(), strict=True))
