@@ -41,7 +41,8 @@ if TYPE_CHECKING:
     import pandas as pd
     from upath import UPath
 
-__all__ = ["AnnDataAccessor", "is_anndata", "load_anndata", "open_anndata"]
+__all__ = ["AnnDataAccessor", "count_observations", "is_anndata", "load_anndata",
+           "open_anndata"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,28 @@ _ELEMENTS = ("X", "obs", "var", "layers", "obsm", "varm", "obsp", "varp", "uns",
 
 
 # -- opening -------------------------------------------------------------------------------
+
+def _h5ad_member(fileobj: Any, path: UPath) -> tuple[Any, Any]:
+    """Return ``(tar archive, its first .h5ad file)`` of a ``.h5ad.tar.gz`` (lamindb's suffix).
+
+    The archive is read as a stream: what lies before the member is decompressed once,
+    and going back in the member decompresses again from the start (as for ``.h5ad.gz``).
+    """
+    import tarfile
+
+    try:
+        tar = tarfile.open(fileobj=fileobj, mode="r:gz")
+        for member in tar:
+            name = member.name.rsplit("/", 1)[-1]
+            if member.isfile() and name.endswith(".h5ad") and not name.startswith("._"):
+                return tar, tar.extractfile(member)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        msg = f"{path} is not a readable .tar.gz archive (truncated or damaged?): {exc}"
+        raise CorruptArtifactError(msg) from exc
+    tar.close()
+    msg = f"{path} holds no .h5ad file: a .h5ad.tar.gz archive must hold one"
+    raise UnsupportedFormatError(msg)
+
 
 def _open_hdf5(path: UPath, mode: str, *, prime: bool = True) -> tuple[Any, list[Any], Any]:
     """Return ``(h5py.File, handles to close, RangeFile or None)``.
@@ -60,7 +83,9 @@ def _open_hdf5(path: UPath, mode: str, *, prime: bool = True) -> tuple[Any, list
 
     from lamin_io.storage._rangefile import RangeFile
 
-    gz = suffix_of(path.name).lower().endswith(".gz")
+    suffix = suffix_of(path.name).lower()
+    tarred = suffix.endswith(".tar.gz")
+    gz = suffix.endswith(".gz")
     # No raw-chunk cache: HDF5 then reads unfiltered chunks in part (exactly the rows asked
     # for) instead of pulling whole chunks; filtered chunks are still decoded once per
     # request, because the read path merges ranges that share such a chunk.
@@ -74,7 +99,14 @@ def _open_hdf5(path: UPath, mode: str, *, prime: bool = True) -> tuple[Any, list
     raw: Any = path.fs.open(path.path, "rb") if is_local(path) else RangeFile(path)
     handles = [raw]
     fileobj = raw
-    if gz:
+    if tarred:
+        try:
+            tar, fileobj = _h5ad_member(raw, path)
+        except LaminIOError:
+            raw.close()
+            raise
+        handles[:0] = [fileobj, tar]
+    elif gz:
         fileobj = gzip.GzipFile(fileobj=raw, mode="rb")
         handles.insert(0, fileobj)
     try:
@@ -156,13 +188,18 @@ def open_anndata(path: UPath, *, mode: str = "r",
 
 
 def load_anndata(path: UPath, **kwargs: Any) -> ad.AnnData:
-    """Read a whole AnnData from ``.h5ad`` (optionally gzipped) or ``.zarr`` into memory."""
+    """Read a whole AnnData from ``.h5ad`` (plain, ``.gz``, ``.tar.gz``) or ``.zarr``."""
     import anndata as ad
 
     suffix = suffix_of(path.name).lower()
     if suffix == ".zarr":
         store = path.path if is_local(path) else str(path)
         return ad.read_zarr(store, **kwargs)
+    if suffix.endswith(".tar.gz"):
+        with path.open("rb") as raw:
+            tar, member = _h5ad_member(raw, path)
+            with tar, member:
+                return ad.read_h5ad(member, **kwargs)
     if suffix.endswith(".gz"):
         with path.open("rb") as raw, gzip.open(raw) as f:
             return ad.read_h5ad(f, **kwargs)
@@ -170,6 +207,19 @@ def load_anndata(path: UPath, **kwargs: Any) -> ad.AnnData:
         return ad.read_h5ad(path.path, **kwargs)
     with path.open("rb") as f:
         return ad.read_h5ad(f, **kwargs)
+
+
+def count_observations(path: UPath) -> int | None:
+    """Return the number of observations of an AnnData (recorded on save).
+
+    ``None`` if ``path`` holds none (a ``.zarr`` or ``.h5`` of another kind).
+    """
+    try:
+        acc = open_anndata(path)
+    except UnsupportedFormatError:
+        return None
+    with acc:
+        return acc.n_obs
 
 
 # -- the shared store ----------------------------------------------------------------------
