@@ -30,6 +30,8 @@ import numpy as np
 from lamin_io.errors import UnsupportedLayoutError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import pandas as pd
 
 __all__ = ["Fixups", "bare_sparse_layout", "decode_records", "find_fixups", "is_bare_sparse",
@@ -121,7 +123,7 @@ def is_graph(elem: Any) -> bool:
     return elem.dtype.names is None and len(elem.shape) == 2
 
 
-def find_fixups(root: Any, prefix: str, read: Any) -> Fixups:
+def find_fixups(root: Any, prefix: str, read: Callable[[Any], Any]) -> Fixups:
     """Find what AnnData fixes in the AnnData at ``root[prefix]`` (``read``: ``read_elem``)."""
     pre07 = not _is_group(root[f"{prefix}obs"])
     uns = root[f"{prefix}uns"] if f"{prefix}uns" in root else None
