@@ -226,9 +226,12 @@ S3_CASES = [("v0.5.0", ".h5ad"), ("pre07-zarr", ".zarr"), ("v0.7.8", ".h5ad"),
 
 
 @pytest.fixture(scope="module")
-def corpus(anndata_archives: Path, tmp_path_factory: pytest.TempPathFactory
+def corpus(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
            ) -> Callable[[str, str], tuple[Path, ad.AnnData]]:
-    """``(name, suffix) -> (path, truth)``, each file made and read once per module."""
+    """``(name, suffix) -> (path, truth)``, each file made and read once per module.
+
+    anndata's archive is downloaded for the first test that asks for one of its files.
+    """
     made: dict[tuple[str, str], tuple[Path, ad.AnnData]] = {}
     folder = tmp_path_factory.mktemp("corpus")
 
@@ -242,7 +245,8 @@ def corpus(anndata_archives: Path, tmp_path_factory: pytest.TempPathFactory
                     path = folder / f"{name}{suffix}"
                     written = GENERATED[name](path)
                 else:
-                    path = anndata_archives / name / f"adata{suffix}"
+                    path = request.getfixturevalue("anndata_archives") / name / \
+                        f"adata{suffix}"
                 truth = written if name == "bare-sparse" else read_truth(path)
             made[name, suffix] = (path, truth)
         return made[name, suffix]
