@@ -30,6 +30,7 @@ __all__ = [
     "StorageObjectMissingError",
     "StorageUnreachableError",
     "UnsupportedFormatError",
+    "UnsupportedLayoutError",
     "WriteNotSupportedError",
 ]
 
@@ -55,6 +56,14 @@ class PathNotFoundError(LaminIOError, FileNotFoundError):
 
 class UnsupportedFormatError(LaminIOError, ValueError):
     """No reader is registered for a file's suffix or encoding."""
+
+
+class UnsupportedLayoutError(UnsupportedFormatError):
+    """An element of a readable file is stored in a layout lamin-io cannot read.
+
+    The message names the element; reading the file with the library that wrote it (for
+    AnnData: ``anndata.read_h5ad``/``read_zarr``) and writing it again gives a current layout.
+    """
 
 
 class MissingDependencyError(LaminIOError, ImportError):

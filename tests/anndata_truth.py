@@ -73,6 +73,7 @@ def assert_values_equal(got: Any, expected: Any, what: str) -> None:
         assert got.dtype == expected.dtype, f"{what}: {got.dtype} != {expected.dtype}"
         np.testing.assert_array_equal(_dense(got), _dense(expected), err_msg=what)
         return
+    assert type(got) is type(expected), f"{what}: {type(got)} != {type(expected)}"
     assert got == expected, what
 
 
@@ -89,3 +90,4 @@ def assert_adata_equal(got: ad.AnnData, expected: ad.AnnData) -> None:
     if expected.raw is not None:
         assert_values_equal(got.raw.X, expected.raw.X, "raw.X")
         assert_values_equal(got.raw.var, expected.raw.var, "raw.var")
+        assert_values_equal(dict(got.raw.varm), dict(expected.raw.varm), "raw.varm")

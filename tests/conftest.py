@@ -41,6 +41,20 @@ def s3_endpoint(s3_server: Any) -> str:
     return str(s3_server.endpoint)
 
 
+@pytest.fixture(scope="session")
+def anndata_archives(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """anndata's archive of files written by old versions (see ``anndata_archives.py``).
+
+    Downloaded once per test process (each xdist worker has its own copy, ~2 MB).
+    """
+    from anndata_archives import archives
+
+    try:
+        return archives(tmp_path_factory.mktemp("anndata-archives"))
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
 def _postgres_database(base_url: str) -> Iterator[str]:
     """Create a throw-away database on the test server; drop it afterwards."""
     import psycopg

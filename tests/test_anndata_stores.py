@@ -156,6 +156,62 @@ def test_gzipped_h5ad(tmp_path: Path) -> None:
         assert_adata_equal(acc[5:9].to_memory(), ad.read_h5ad(plain)[5:9].copy())
 
 
+def _compressed(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The same h5ad plain, gzipped, and in a .h5ad.tar.gz (a folder and an AppleDouble
+    file before it in the archive, as macOS tar writes)."""
+    import tarfile
+
+    plain = tmp_path / "a.h5ad"
+    make_adata("csr").write_h5ad(plain)
+    gz = tmp_path / "a.h5ad.gz"
+    with plain.open("rb") as fin, gzip.open(gz, "wb") as fout:
+        shutil.copyfileobj(fin, fout)
+    (tmp_path / "._a.h5ad").write_bytes(b"\0" * 10)
+    tgz = tmp_path / "a.h5ad.tar.gz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        tar.add(tmp_path / "._a.h5ad", arcname="data/._a.h5ad")
+        tar.add(plain, arcname="data/a.h5ad")
+    return plain, gz, tgz
+
+
+def test_h5ad_tar_gz_opens_and_loads(tmp_path: Path) -> None:
+    import tarfile
+
+    plain, _, tgz = _compressed(tmp_path)
+    truth = ad.read_h5ad(plain)
+    with ln.open(tgz) as acc:
+        assert_adata_equal(acc[5:9, ["gene_3", "gene_1"]].to_memory(),
+                           truth[5:9, ["gene_3", "gene_1"]].copy())
+    from lamin_io.accessors._anndata import load_anndata
+    from lamin_io.storage import to_upath
+
+    assert_adata_equal(load_anndata(to_upath(tgz)), truth)
+    empty = tmp_path / "empty.h5ad.tar.gz"
+    with tarfile.open(empty, "w:gz") as tar:
+        tar.add(tmp_path / "._a.h5ad", arcname="notes.txt")
+    with pytest.raises(errors.UnsupportedFormatError, match="holds no .h5ad"):
+        ln.open(empty)
+    (tmp_path / "cut.h5ad.tar.gz").write_bytes(tgz.read_bytes()[:100])
+    with pytest.raises(errors.CorruptArtifactError, match="cut.h5ad.tar.gz"):
+        ln.open(tmp_path / "cut.h5ad.tar.gz")
+
+
+def test_n_observations_recorded_for_anndata(conn, tmp_path: Path) -> None:
+    """lamindb records n_observations of .h5ad, .h5ad.gz and .h5ad.tar.gz (one suffix)."""
+    n_obs = make_adata("csr").n_obs
+    for path in _compressed(tmp_path):
+        artifact = ln.Artifact(path, key=f"atlas/{path.name}").save()
+        assert (artifact.suffix, artifact.n_observations) == (path.name[1:], n_obs)
+        assert_adata_equal(artifact.load(), ad.read_h5ad(tmp_path / "a.h5ad"))
+    with pytest.raises(errors.InvalidKeyError, match=".h5ad.tar.gz"):
+        ln.Artifact(tmp_path / "a.h5ad.tar.gz", key="atlas/b.tar.gz").save()
+    make_adata("dense").write_zarr(tmp_path / "d.zarr")
+    assert ln.Artifact(tmp_path / "d.zarr", key="d.zarr").save().n_observations == n_obs
+    group = zarr.open_group(tmp_path / "plain.zarr", mode="w")
+    group.create_array("a", data=np.arange(5))
+    assert ln.Artifact(tmp_path / "plain.zarr", key="plain.zarr").save().n_observations is None
+
+
 def test_generic_hdf5_and_zarr(tmp_path: Path) -> None:
     with h5py.File(tmp_path / "plain.h5", "w") as f:
         f["values"] = np.arange(10)

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 @pytest.mark.parametrize(("name", "suffix"), [
     ("a.h5ad", ".h5ad"), ("a.h5ad.gz", ".h5ad.gz"), ("x/y.zarr/", ".zarr"),
     ("table", ""), ("t.tar.gz", ".tar.gz"), ("v1.2/data.csv", ".csv"), (".hidden", ""),
+    ("pbmc.h5ad.tar.gz", ".h5ad.tar.gz"), ("x/a.CSV.tar.gz", ".CSV.tar.gz"),
+    ("v1.2.tar.gz", ".tar.gz"), ("a.tar", ".tar"),
 ])
 def test_suffix_of(name, suffix):
     assert suffix_of(name) == suffix

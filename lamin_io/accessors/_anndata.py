@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lamin_io.accessors import _elements as el
+from lamin_io.accessors import _legacy
 from lamin_io.accessors._hdf5_btree import IndexReader
 from lamin_io.accessors._index import Selection, length, resolve, split_key
 from lamin_io.accessors._rows import SLACK_BYTES, ReadHooks, read_matrix
@@ -28,6 +29,7 @@ from lamin_io.errors import (
     LaminIOError,
     NameNotFoundError,
     UnsupportedFormatError,
+    UnsupportedLayoutError,
     WriteNotSupportedError,
 )
 from lamin_io.storage import is_local, storage_errors, suffix_of
@@ -39,7 +41,8 @@ if TYPE_CHECKING:
     import pandas as pd
     from upath import UPath
 
-__all__ = ["AnnDataAccessor", "is_anndata", "load_anndata", "open_anndata"]
+__all__ = ["AnnDataAccessor", "count_observations", "is_anndata", "load_anndata",
+           "open_anndata"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +50,28 @@ _ELEMENTS = ("X", "obs", "var", "layers", "obsm", "varm", "obsp", "varp", "uns",
 
 
 # -- opening -------------------------------------------------------------------------------
+
+def _h5ad_member(fileobj: Any, path: UPath) -> tuple[Any, Any]:
+    """Return ``(tar archive, its first .h5ad file)`` of a ``.h5ad.tar.gz`` (lamindb's suffix).
+
+    The archive is read as a stream: what lies before the member is decompressed once,
+    and going back in the member decompresses again from the start (as for ``.h5ad.gz``).
+    """
+    import tarfile
+
+    try:
+        tar = tarfile.open(fileobj=fileobj, mode="r:gz")
+        for member in tar:
+            name = member.name.rsplit("/", 1)[-1]
+            if member.isfile() and name.endswith(".h5ad") and not name.startswith("._"):
+                return tar, tar.extractfile(member)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        msg = f"{path} is not a readable .tar.gz archive (truncated or damaged?): {exc}"
+        raise CorruptArtifactError(msg) from exc
+    tar.close()
+    msg = f"{path} holds no .h5ad file: a .h5ad.tar.gz archive must hold one"
+    raise UnsupportedFormatError(msg)
+
 
 def _open_hdf5(path: UPath, mode: str, *, prime: bool = True) -> tuple[Any, list[Any], Any]:
     """Return ``(h5py.File, handles to close, RangeFile or None)``.
@@ -58,7 +83,9 @@ def _open_hdf5(path: UPath, mode: str, *, prime: bool = True) -> tuple[Any, list
 
     from lamin_io.storage._rangefile import RangeFile
 
-    gz = suffix_of(path.name).lower().endswith(".gz")
+    suffix = suffix_of(path.name).lower()
+    tarred = suffix.endswith(".tar.gz")
+    gz = suffix.endswith(".gz")
     # No raw-chunk cache: HDF5 then reads unfiltered chunks in part (exactly the rows asked
     # for) instead of pulling whole chunks; filtered chunks are still decoded once per
     # request, because the read path merges ranges that share such a chunk.
@@ -72,7 +99,14 @@ def _open_hdf5(path: UPath, mode: str, *, prime: bool = True) -> tuple[Any, list
     raw: Any = path.fs.open(path.path, "rb") if is_local(path) else RangeFile(path)
     handles = [raw]
     fileobj = raw
-    if gz:
+    if tarred:
+        try:
+            tar, fileobj = _h5ad_member(raw, path)
+        except LaminIOError:
+            raw.close()
+            raise
+        handles[:0] = [fileobj, tar]
+    elif gz:
         fileobj = gzip.GzipFile(fileobj=raw, mode="rb")
         handles.insert(0, fileobj)
     try:
@@ -154,13 +188,18 @@ def open_anndata(path: UPath, *, mode: str = "r",
 
 
 def load_anndata(path: UPath, **kwargs: Any) -> ad.AnnData:
-    """Read a whole AnnData from ``.h5ad`` (optionally gzipped) or ``.zarr`` into memory."""
+    """Read a whole AnnData from ``.h5ad`` (plain, ``.gz``, ``.tar.gz``) or ``.zarr``."""
     import anndata as ad
 
     suffix = suffix_of(path.name).lower()
     if suffix == ".zarr":
         store = path.path if is_local(path) else str(path)
         return ad.read_zarr(store, **kwargs)
+    if suffix.endswith(".tar.gz"):
+        with path.open("rb") as raw:
+            tar, member = _h5ad_member(raw, path)
+            with tar, member:
+                return ad.read_h5ad(member, **kwargs)
     if suffix.endswith(".gz"):
         with path.open("rb") as raw, gzip.open(raw) as f:
             return ad.read_h5ad(f, **kwargs)
@@ -168,6 +207,19 @@ def load_anndata(path: UPath, **kwargs: Any) -> ad.AnnData:
         return ad.read_h5ad(path.path, **kwargs)
     with path.open("rb") as f:
         return ad.read_h5ad(f, **kwargs)
+
+
+def count_observations(path: UPath) -> int | None:
+    """Return the number of observations of an AnnData (recorded on save).
+
+    ``None`` if ``path`` holds none (a ``.zarr`` or ``.h5`` of another kind).
+    """
+    try:
+        acc = open_anndata(path)
+    except UnsupportedFormatError:
+        return None
+    with acc:
+        return acc.n_obs
 
 
 # -- the shared store ----------------------------------------------------------------------
@@ -220,7 +272,9 @@ class _Store:
 
         Unreachable storage becomes :class:`StorageUnreachableError`; bytes or metadata the
         libraries cannot decode (damaged chunks, invalid JSON, truncated datasets) become
-        :class:`CorruptArtifactError`. Our own errors pass through unchanged.
+        :class:`CorruptArtifactError`; any other failure (an encoding anndata does not know,
+        a layout no reader expects) :class:`UnsupportedLayoutError`. Our own errors pass
+        through unchanged.
         """
         self.check()
         try:
@@ -232,6 +286,11 @@ class _Store:
             msg = (f"{self.path}: element {key!r} cannot be read ({type(exc).__name__}: "
                    f"{exc}); the store is damaged or incomplete: restore it from its source")
             raise CorruptArtifactError(msg) from exc
+        except Exception as exc:  # noqa: BLE001 (whatever else a reader raises gets typed)
+            msg = (f"{self.path}: element {key!r} is stored in a layout lamin-io cannot read "
+                   f"({type(exc).__name__}: {exc}); read the file with anndata "
+                   f"(anndata.read_h5ad or read_zarr) and write it again")
+            raise UnsupportedLayoutError(msg) from exc
 
     def has(self, key: str) -> bool:
         with self.reading(key):
@@ -244,10 +303,15 @@ class _Store:
                 raise NameNotFoundError(msg)
             return self.group[key]
 
-    def has_raw(self, prefix: str) -> bool:
-        """Whether a ``raw`` part is stored (anndata writes a null placeholder without one)."""
+    def raw_prefix(self, prefix: str) -> str | None:
+        """Where a ``raw`` part is stored: ``raw/`` (a group), ``raw.`` (before 0.7), or None.
+
+        Without one, anndata writes a null placeholder ``raw``.
+        """
         key = f"{prefix}raw"
-        return self.has(key) and el.is_group(self.get(key)) and "X" in self.get(key)
+        if self.has(key) and el.is_group(self.get(key)) and "X" in self.get(key):
+            return f"{key}/"
+        return f"{key}." if self.has(f"{key}.X") else None
 
     def cached(self, key: str, make: Callable[[], Any]) -> Any:
         self.check()
@@ -259,23 +323,46 @@ class _Store:
     def invalidate(self) -> None:
         self._cache.clear()
 
-    def matrix(self, key: str) -> Any:
-        """Return the on-disk matrix at ``key``: dense array or ``SparseParts`` (cached)."""
+    def matrix(self, key: str, expected: tuple[int | None, int | None] | None = None) -> Any:
+        """Return the on-disk matrix at ``key``: dense array or ``SparseParts`` (cached).
+
+        ``expected``: its ``(rows, columns)`` as its axes say, for a sparse group stored
+        without its shape (see :func:`lamin_io.accessors._elements.matrix`).
+        """
         def load() -> Any:
             elem = self.get(key)
             if self.rangefile is None:
-                return el.matrix(elem)
+                return el.matrix(elem, expected=expected)
             if el.is_group(elem) and "indptr" in elem:
                 # a filtered indptr's chunks in one go (an unfiltered one of _WHOLE_BYTES or
                 # more is read by _read_whole, a smaller one by h5py through the file's blocks)
                 indptr = elem["indptr"]
                 self._prefetch([(indptr, np.array([0]), np.array([indptr.shape[0]]))])
-            return el.matrix(elem, self._read_whole)
+            return el.matrix(elem, self._read_whole, expected=expected)
 
         return self.cached(f"matrix:{key}", load)
 
-    def uns_group(self) -> Any:
-        return self.group["uns"] if "uns" in self.group else None
+    def records(self, key: str) -> np.ndarray:
+        """Read a structured array whole (an ``obsm`` of anndata < 0.7), strings decoded."""
+        return self.cached(f"records:{key}", lambda: el.read_records(self.get(key)))
+
+    def fixups(self, prefix: str) -> _legacy.Fixups:
+        """Find what AnnData fixes on reading the AnnData at ``prefix`` (see ``_legacy``)."""
+        from anndata.io import read_elem
+
+        return self.cached(f"fixups:{prefix}uns",
+                           lambda: _legacy.find_fixups(self.group, prefix, read_elem))
+
+    def annotations(self, prefix: str, axis: str
+                    ) -> tuple[pd.DataFrame, dict[str, np.ndarray], set[str]]:
+        """Return ``obs`` or ``var`` whole as AnnData reads it.
+
+        ``(frame, multicolumn matrices, uns keys consumed)``, see
+        :func:`lamin_io.accessors._legacy.apply_fixups`.
+        """
+        key = f"{prefix}{axis}"
+        return self.cached(f"annotations:{key}", lambda: _legacy.apply_fixups(
+            self.dataframe(key), axis, self.fixups(prefix)))
 
     def dataframe(self, key: str) -> pd.DataFrame:
         def load() -> pd.DataFrame:
@@ -291,7 +378,7 @@ class _Store:
                     # reuse the index if the names were read already; read each column once
                     return el.read_dataframe_columns(elem, self.axis_names(key),
                                                      self.strings)
-                return el.read_dataframe(elem, self.uns_group())
+                return el.read_dataframe(elem)
             finally:
                 forget()
 
@@ -303,9 +390,13 @@ class _Store:
     def axis_length(self, key: str) -> int:
         return self.cached(f"len:{key}", lambda: _length_of(self.get(key)))
 
-    def read(self, key: str, rows: Selection | None, cols: Selection | None) -> Any:
-        """Read ``key[rows, cols]`` through the batched read path."""
-        matrix = self.matrix(key)
+    def read(self, key: str, rows: Selection | None, cols: Selection | None,
+             expected: tuple[int | None, int | None] | None = None) -> Any:
+        """Read ``key[rows, cols]`` through the batched read path.
+
+        ``expected``: its shape as its axes say, see :meth:`matrix`.
+        """
+        matrix = self.matrix(key, expected)
         if self.rangefile is not None:
             # the file's tail served the metadata read so far (obs, var, this indptr); the
             # batches of a matrix read need none of it, so it does not stay beside them
@@ -543,30 +634,40 @@ def _index_of(elem: Any, store: _Store, key: str) -> pd.Index:
 
 # -- the accessor --------------------------------------------------------------------------
 
+def _stored_keys(store: _Store, key: str) -> list[str]:
+    """Return the keys of a stored mapping.
+
+    A group's members, or the fields of a structured array (``obsm``/``varm`` before 0.7).
+    """
+    if not store.has(key):
+        return []
+    elem = store.get(key)
+    if el.is_group(elem):
+        return sorted(elem.keys())
+    return list(elem.dtype.names or ())
+
+
 class _ElementMap(Mapping[str, Any]):
-    """``layers``, ``obsm``, ... of an accessor: keys are listed, values read on access."""
+    """``layers``, ``obsm``, ... of an accessor: keys are listed, values read on access.
+
+    Values are in-memory objects holding the accessor's selection, like its ``X``.
+    """
 
     def __init__(self, owner: AnnDataAccessor, name: str) -> None:
         self._owner = owner
-        self._name = name
-
-    def _group(self) -> Any:
-        store = self._owner._store
-        return store.get(self._name) if store.has(self._name) else None
+        self._name = name  # without the accessor's prefix
 
     def __getitem__(self, key: str) -> Any:
-        group = self._group()
-        if group is None or key not in group:
+        if key not in self._owner._mapping_keys(self._name):
             msg = f"{self._name} has no key {key!r}; keys: {list(self)}"
             raise NameNotFoundError(msg)
-        return self._owner._read_element(f"{self._name}/{key}", self._name)
+        return self._owner._mapping_item(self._name, key)
 
     def __iter__(self) -> Iterator[str]:
-        group = self._group()
-        return iter(sorted(group.keys())) if group is not None else iter(())
+        return iter(self._owner._mapping_keys(self._name))
 
     def __len__(self) -> int:
-        return len(list(iter(self)))
+        return len(self._owner._mapping_keys(self._name))
 
     def __repr__(self) -> str:
         return f"{self._name} with keys: {', '.join(self) or '(none)'}"
@@ -668,81 +769,130 @@ class AnnDataAccessor:
     @property
     def obs(self) -> pd.DataFrame:
         """Observation annotations of the selection."""
-        return el.subset_rows(self._store.dataframe(self._key("obs")),
+        return el.subset_rows(self._annotations("obs"),
                               self._rows(self._obs_sel, self._n_obs_file)).copy()
 
     @property
     def var(self) -> pd.DataFrame:
         """Variable annotations of the selection."""
-        return el.subset_rows(self._store.dataframe(self._key("var")),
+        return el.subset_rows(self._annotations("var"),
                               self._rows(self._var_sel, self._n_vars_file)).copy()
+
+    def _annotations(self, axis: str) -> pd.DataFrame:
+        """Return the whole ``obs``/``var`` as AnnData reads it (old layouts fixed)."""
+        return self._store.annotations(self._prefix, axis)[0]
 
     @property
     def layers(self) -> _ElementMap:
         """Layers: matrices shaped like ``X``."""
-        return _ElementMap(self, self._key("layers"))
+        return _ElementMap(self, "layers")
 
     @property
     def obsm(self) -> _ElementMap:
         """Multi-dimensional observation annotations."""
-        return _ElementMap(self, self._key("obsm"))
+        return _ElementMap(self, "obsm")
 
     @property
     def varm(self) -> _ElementMap:
         """Multi-dimensional variable annotations."""
-        return _ElementMap(self, self._key("varm"))
+        return _ElementMap(self, "varm")
 
     @property
     def obsp(self) -> _ElementMap:
         """Pairwise observation annotations (``n_obs x n_obs``)."""
-        return _ElementMap(self, self._key("obsp"))
+        return _ElementMap(self, "obsp")
 
     @property
     def varp(self) -> _ElementMap:
         """Pairwise variable annotations (``n_vars x n_vars``)."""
-        return _ElementMap(self, self._key("varp"))
+        return _ElementMap(self, "varp")
 
     @property
     def uns(self) -> dict[str, Any]:
-        """Unstructured annotations (read whole, never subset)."""
+        """Unstructured annotations (read whole, never subset).
+
+        As AnnData reads them: without what old layouts keep there for other elements
+        (categories, multicolumn keys, neighbour graphs, which :attr:`obsp` holds).
+        """
         key = self._key("uns")
         if not self._store.has(key):
             return {}
-        value = self._store.cached(f"uns:{key}", lambda: el.read_element(self._store.get(key)))
-        if not el.encoding(self._store.get(self._key("obs"))) and isinstance(value, dict):
-            # old layouts keep categories in uns; AnnData moves them into obs/var
-            obs_cols = set(self._store.dataframe(self._key("obs")).columns)
-            var_cols = set(self._store.dataframe(self._key("var")).columns)
-            value = {k: v for k, v in value.items() if not (
-                k.endswith("_categories") and k[:-11] in obs_cols | var_cols)}
-        return dict(value)
+        return dict(self._store.cached(f"uns:{key}", self._read_uns))
+
+    def _read_uns(self) -> Any:
+        store = self._store
+        group = store.get(self._key("uns"))
+        if not el.is_group(group):
+            return el.read_element(group)
+        fixups = store.fixups(self._prefix)
+        consumed: set[str] = set()
+        if fixups.categories or fixups.multicol:
+            for axis in ("obs", "var"):
+                consumed |= store.annotations(self._prefix, axis)[2]
+        out: dict[str, Any] = {}
+        for k in group:
+            if k in consumed:
+                continue
+            if k == "neighbors" and fixups.graphs:  # the graphs are read as obsp
+                out[k] = {g: el.read_element(group[k][g], store.strings)
+                          for g in group[k] if g not in fixups.graphs}
+            else:
+                out[k] = el.read_element(group[k], store.strings)
+        return out
 
     @property
     def raw(self) -> RawAccessor | None:
         """The ``raw`` part (all of its variables, the selected observations), if any."""
-        if not self._store.has_raw(self._prefix):
-            return None
-        return RawAccessor(self)
+        where = self._store.raw_prefix(self._prefix)
+        return None if where is None else RawAccessor(self, where)
 
-    def _read_element(self, key: str, kind: str) -> Any:
+    def _mapping_keys(self, name: str) -> list[str]:
+        """Keys of ``layers``, ``obsm``, ...: those stored and those AnnData moves there."""
+        keys = _stored_keys(self._store, self._key(name))
+        fixups = self._store.fixups(self._prefix)
+        moved: list[str] = []
+        if name == "obsp":
+            moved = list(fixups.graphs)
+        elif name in ("obsm", "varm") and name[:3] in fixups.multicol:
+            moved = fixups.multicol[name[:3]][1]
+        return keys + [k for k in moved if k not in keys]
+
+    def _mapping_item(self, name: str, key: str) -> Any:
+        with self._store.reading(self._key(f"{name}/{key}")):
+            return self._read_mapping_item(name, key)
+
+    def _read_mapping_item(self, name: str, key: str) -> Any:
         store = self._store
-        obs_rows = self._rows(self._obs_sel, self._n_obs_file)
-        var_rows = self._rows(self._var_sel, self._n_vars_file)
+        fixups = store.fixups(self._prefix)
+        rows = self._rows(self._obs_sel, self._n_obs_file) if name in (
+            "layers", "obsm", "obsp") else self._rows(self._var_sel, self._n_vars_file)
+        if name == "obsp" and key in fixups.graphs:  # AnnData moves them from uns
+            n = self._n_obs_file
+            return store.read(self._key(f"uns/neighbors/{key}"), rows, rows, (n, n))
+        if name in ("obsm", "varm") and key in fixups.multicol.get(name[:3], ("", []))[1]:
+            matrices = store.annotations(self._prefix, name[:3])[1]
+            return np.array(el.subset_rows(matrices[key], rows))
+        mapping = store.get(self._key(name))
+        if not el.is_group(mapping):  # one structured array, a field per key (< 0.7)
+            return np.array(el.subset_rows(store.records(self._key(name))[key], rows))
+        return self._read_element(self._key(f"{name}/{key}"), name, rows)
+
+    def _read_element(self, key: str, name: str, rows: Selection | None) -> Any:
+        store = self._store
+        n_obs, n_vars = self._n_obs_file, self._n_vars_file
+        expected: tuple[int | None, int | None] = {
+            "layers": (n_obs, n_vars), "obsm": (n_obs, None), "obsp": (n_obs, n_obs),
+            "varm": (n_vars, None), "varp": (n_vars, n_vars)}[name]
         elem = store.get(key)
-        base = kind[len(self._prefix):]
-        rows = {"layers": obs_rows, "obsm": obs_rows, "obsp": obs_rows,
-                "varm": var_rows, "varp": var_rows}[base]
-        if el.is_group(elem) and el.encoding(elem) in ("dataframe", "") and \
-                el.attr(elem, "h5sparse_format") is None:
-            return el.subset_rows(store.dataframe(key), rows).copy()
-        if base == "layers":
-            return store.read(key, obs_rows, var_rows)
-        if base in ("obsp", "varp"):
-            return store.read(key, rows, rows)
-        if el.is_group(elem) and el.encoding(elem) not in ("csr_matrix", "csc_matrix") \
-                and el.attr(elem, "h5sparse_format") is None:
+        if el.is_group(elem) and not el.is_sparse(elem):
+            if el.encoding(elem) in ("dataframe", ""):
+                return el.subset_rows(store.dataframe(key), rows).copy()
             return el.subset_rows(el.read_element(elem), rows)  # e.g. awkward arrays
-        return store.read(key, rows, None)
+        if name == "layers":
+            return store.read(key, rows, self._rows(self._var_sel, n_vars), expected)
+        if name in ("obsp", "varp"):
+            return store.read(key, rows, rows, expected)
+        return store.read(key, rows, None, expected)
 
     # -- whole objects ----------------------------------------------------------------
 
@@ -755,8 +905,8 @@ class AnnDataAccessor:
 
         obs, var, uns = self.obs, self.var, self.uns
         if self.is_subset:
-            el.trim_colors(uns, self._store.dataframe(self._key("obs")), obs)
-            el.trim_colors(uns, self._store.dataframe(self._key("var")), var)
+            el.trim_colors(uns, self._annotations("obs"), obs)
+            el.trim_colors(uns, self._annotations("var"), var)
         adata = ad.AnnData(
             X=self.X, obs=obs, var=var,
             layers={k: self.layers[k] for k in self.layers},
@@ -864,10 +1014,19 @@ class AnnDataAccessor:
         kind = "subset of " if self.is_subset else ""
         lines = [f"AnnDataAccessor {kind}{self._store.path}",
                  f"    n_obs x n_vars = {n_obs} x {n_vars}"]
+        fixups = self._store.fixups(self._prefix)
+        hidden: set[str] = set()  # uns keys AnnData consumes on reading (see _legacy)
         for name in ("obs", "var"):
             group = self._store.get(self._key(name))
-            cols = [c for c in (group.keys() if el.is_group(group) else group.dtype.names or ())
-                    if c != el.attr(group, "_index", "_index")]
+            if el.is_group(group):  # 0.7 kept categories in a __categories group
+                cols = [c for c in group.keys()
+                        if c not in (el.attr(group, "_index", "_index"), "__categories")]
+            else:  # a structured array (< 0.7): its first field is the index
+                cols = list(group.dtype.names or ())[1:]
+            uns_key, multicol = fixups.multicol.get(name, ("", []))
+            cols = [c for c in cols if not any(c.startswith(k) for k in multicol)]
+            hidden |= {uns_key} | {k for k in fixups.categories
+                                   if k.replace("_categories", "") in cols}
             if cols:
                 lines.append(f"    {name}: {', '.join(repr(c) for c in sorted(cols))}")
         for name in ("layers", "obsm", "varm", "obsp", "varp"):
@@ -875,10 +1034,10 @@ class AnnDataAccessor:
             if keys:
                 lines.append(f"    {name}: {', '.join(repr(k) for k in keys)}")
         if self._store.has(self._key("uns")):
-            uns_keys = list(self._store.get(self._key("uns")))
+            uns_keys = [k for k in self._store.get(self._key("uns")) if k not in hidden]
             if uns_keys:
                 lines.append(f"    uns: {', '.join(repr(k) for k in uns_keys)}")
-        if self._store.has_raw(self._prefix):
+        if self._store.raw_prefix(self._prefix) is not None:
             lines.append("    raw: X, var")
         return "\n".join(lines)
 
@@ -886,10 +1045,10 @@ class AnnDataAccessor:
 class RawAccessor:
     """``adata.raw`` of an accessor: the selected observations, all raw variables."""
 
-    def __init__(self, owner: AnnDataAccessor) -> None:
+    def __init__(self, owner: AnnDataAccessor, where: str) -> None:
         self._owner = owner
         self._store = owner._store
-        self._key = owner._key("raw/")
+        self._key = where  # "raw/", or "raw." where anndata < 0.7 kept raw's parts
 
     @property
     def var(self) -> pd.DataFrame:
@@ -910,17 +1069,17 @@ class RawAccessor:
     def X(self) -> Any:  # noqa: N802 (AnnData's name)
         """Raw matrix of the selected observations."""
         owner = self._owner
-        return self._store.read(f"{self._key}X", owner._rows(owner._obs_sel,
-                                                              owner._n_obs_file), None)
+        return self._store.read(f"{self._key}X", owner._rows(owner._obs_sel, owner._n_obs_file),
+                                None, (owner._n_obs_file, self.shape[1]))
 
     @property
     def varm(self) -> dict[str, Any]:
         """Raw ``varm`` (read whole)."""
         key = f"{self._key}varm"
-        if not self._store.has(key):
-            return {}
-        return {k: el.read_element(self._store.get(f"{key}/{k}"))
-                for k in self._store.get(key)}
+        keys = _stored_keys(self._store, key)
+        if keys and not el.is_group(self._store.get(key)):  # a structured array (< 0.7)
+            return {k: np.array(self._store.records(key)[k]) for k in keys}
+        return {k: el.read_element(self._store.get(f"{key}/{k}")) for k in keys}
 
     def __repr__(self) -> str:
         return f"RawAccessor with n_obs x n_vars = {self.shape[0]} x {self.shape[1]}"

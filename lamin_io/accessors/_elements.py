@@ -1,9 +1,10 @@
 """Reading AnnData's on-disk elements from HDF5 (h5py) and zarr groups.
 
 Modern elements carry an ``encoding-type`` attribute and are read with anndata's public
-``anndata.io.read_elem``. Old h5ad layouts are handled here: data frames stored as
-structured (compound) arrays with categories kept in ``uns["<column>_categories"]``, and
-sparse matrices described only by ``h5sparse_format`` / ``h5sparse_shape``.
+``anndata.io.read_elem``, which also reads elements stored without one as anndata does. The
+layouts of old files that need more than that (structured-array data frames, sparse groups
+marked by ``h5sparse_format`` or by nothing) are described in
+:mod:`lamin_io.accessors._legacy`; 0.7-era categories (``__categories``) are read here.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lamin_io.accessors import _legacy
 from lamin_io.accessors._rows import SparseParts
-from lamin_io.errors import CorruptArtifactError
+from lamin_io.errors import CorruptArtifactError, UnsupportedLayoutError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -23,9 +25,9 @@ if TYPE_CHECKING:
     #: Reads a string array faster than h5py, or returns ``None`` where it cannot.
     StringReader = Callable[[Any], np.ndarray | None]
 
-__all__ = ["attr", "encoding", "is_group", "matrix", "read_dataframe",
-           "read_dataframe_columns", "read_element",
-           "subset_rows", "trim_colors"]
+__all__ = ["attr", "encoding", "is_group", "is_sparse", "matrix", "read_dataframe",
+           "read_dataframe_columns", "read_element", "read_records", "subset_rows",
+           "trim_colors"]
 
 SPARSE_ENCODINGS = {"csr_matrix": "csr", "csc_matrix": "csc"}
 
@@ -50,22 +52,49 @@ def is_group(elem: Any) -> bool:
     return hasattr(elem, "keys") and not hasattr(elem, "dtype")
 
 
-def matrix(elem: Any, read_whole: Callable[[Any], np.ndarray | None] | None = None) -> Any:
+def is_sparse(elem: Any) -> bool:
+    """Whether ``elem`` is a sparse matrix group: encoded, marked ``h5sparse_format``, or bare.
+
+    A bare group (``data``, ``indices``, ``indptr`` and no attributes) counts only where a
+    matrix is expected (``X``, layers, ``obsm``, ...): in ``uns`` it is a mapping.
+    """
+    return is_group(elem) and (encoding(elem) in SPARSE_ENCODINGS
+                               or attr(elem, "h5sparse_format") is not None
+                               or _legacy.is_bare_sparse(elem))
+
+
+def matrix(elem: Any, read_whole: Callable[[Any], np.ndarray | None] | None = None, *,
+           expected: tuple[int | None, int | None] | None = None) -> Any:
     """Return a dense on-disk array as is, or a sparse group as :class:`SparseParts`.
 
     ``read_whole`` may read the ``indptr`` array faster than h5py (``None`` where it cannot).
+    ``expected``: the element's ``(rows, columns)`` as its axes say (``None`` where they do
+    not), which give the shape of a sparse group stored without one.
     """
     if not is_group(elem):
+        if elem.dtype.names is not None:
+            msg = (f"element {elem.name!r} is a structured array, not a matrix: read the file "
+                   f"with anndata and write it again")
+            raise UnsupportedLayoutError(msg)
         return elem
+    if not is_sparse(elem):
+        msg = (f"element {elem.name!r} is not a matrix (encoding {encoding(elem)!r}, holding "
+               f"{sorted(elem.keys())}): read the file with anndata and write it again")
+        raise UnsupportedLayoutError(msg)
     fmt = SPARSE_ENCODINGS.get(encoding(elem)) or attr(elem, "h5sparse_format")
-    if fmt not in ("csr", "csc") or not {"data", "indices", "indptr"} <= set(elem.keys()):
-        msg = f"element {elem.name} is not a matrix (encoding {encoding(elem)!r})"
-        raise CorruptArtifactError(msg)
     shape = attr(elem, "shape")
     if shape is None:
         shape = attr(elem, "h5sparse_shape")
     values = read_whole(elem["indptr"]) if read_whole is not None else None
     indptr = np.asarray(elem["indptr"][:] if values is None else values, dtype=np.int64)
+    if fmt is None or shape is None:  # marked by nothing: the axes tell
+        guessed, guessed_shape = _legacy.bare_sparse_layout(elem.name, len(indptr), expected)
+        fmt = fmt or guessed
+        shape = shape if shape is not None else guessed_shape
+    if fmt not in ("csr", "csc"):
+        msg = (f"element {elem.name!r} has sparse format {fmt!r}; lamin-io reads 'csr' and "
+               f"'csc': read the file with anndata and write it again")
+        raise UnsupportedLayoutError(msg)
     n_major = int(shape[0] if fmt == "csr" else shape[1])
     if len(indptr) != n_major + 1:
         msg = (f"sparse matrix {elem.name} is damaged: indptr has {len(indptr)} entries "
@@ -101,28 +130,26 @@ def _hdf5_strings(ds: Any) -> np.ndarray | None:
 
 
 def read_element(elem: Any, strings: StringReader | None = None) -> Any:
-    """Read a whole element into memory (anndata's reader for encoded elements).
+    """Read a whole element into memory as anndata reads it (``anndata.io.read_elem``).
 
     ``strings`` may read a string array faster than h5py (``None`` where it cannot).
     """
     from anndata.io import read_elem
 
-    if not is_group(elem) and elem.dtype.names is not None:
-        return read_dataframe(elem)
     if encoding(elem) == "string-array":
         values = strings(elem) if strings is not None else None
         if values is None:
             values = _hdf5_strings(elem)
         if values is not None:
             return values
-    if not encoding(elem) and is_group(elem):
-        if attr(elem, "h5sparse_format"):
-            parts = matrix(elem)
-            from lamin_io.accessors._rows import read_sparse
-
-            return read_sparse(parts, None, None)
-        return {k: read_element(elem[k]) for k in elem}
+    if not encoding(elem) and is_group(elem) and attr(elem, "h5sparse_format") is None:
+        return {k: read_element(elem[k], strings) for k in elem}  # anndata's, one by one
     return read_elem(elem)
+
+
+def read_records(elem: Any) -> np.ndarray:
+    """Read a structured array whole, its strings decoded as anndata's legacy readers do."""
+    return _legacy.decode_records(np.asarray(elem[()]), elem.dtype)
 
 
 def _decode(values: np.ndarray) -> np.ndarray:
@@ -134,45 +161,51 @@ def _decode(values: np.ndarray) -> np.ndarray:
     return values
 
 
-def read_dataframe(elem: Any, uns: Any = None) -> pd.DataFrame:
-    """Read ``obs``/``var`` (modern dataframe, or an old structured array)."""
-    import pandas as pd
+def read_dataframe(elem: Any) -> pd.DataFrame:
+    """Read a data frame: encoded, an unencoded group, or an old structured array.
 
+    Categories an old file keeps in ``uns`` are not applied here (see
+    :func:`lamin_io.accessors._legacy.apply_fixups`).
+    """
     if is_group(elem):
-        if encoding(elem) == "dataframe" or not encoding(elem):
-            if encoding(elem):
-                return read_element(elem)
+        if encoding(elem) == "dataframe":
+            return read_element(elem)
+        if not encoding(elem):
             return _legacy_group_dataframe(elem)
-        msg = f"element {elem.name} is not a data frame (encoding {encoding(elem)!r})"
-        raise CorruptArtifactError(msg)
-    records = elem[()]
-    names = list(records.dtype.names or ())
-    if not names:
-        msg = f"element {elem.name} holds no data frame"
-        raise CorruptArtifactError(msg)
-    columns = {n: _decode(records[n]) for n in names}
-    index_name = names[0]
-    df = pd.DataFrame({n: columns[n] for n in names[1:]},
-                      index=pd.Index(columns[index_name].astype(str)))
-    if uns is not None:
-        for col in list(df.columns):
-            key = f"{col}_categories"
-            if key in uns:
-                categories = _decode(np.asarray(uns[key][()]))
-                df[col] = pd.Categorical.from_codes(df[col].to_numpy().astype(int), categories)
-    return df
+        msg = (f"element {elem.name!r} is not a data frame (encoding {encoding(elem)!r}): "
+               f"read the file with anndata and write it again")
+        raise UnsupportedLayoutError(msg)
+    return _legacy.records_frame(read_records(elem), elem.dtype, elem.name)
 
 
 def read_dataframe_columns(group: Any, index: pd.Index,
                            strings: StringReader | None = None) -> pd.DataFrame:
-    """Read an encoded data frame's columns (in their stored order) around a known index."""
+    """Read an encoded data frame's columns (in their stored order) around a known index.
+
+    A column of the 0.7 layout (encoding version 0.1.0) stores codes and names its
+    categories in a ``categories`` attribute: an HDF5 object reference, or in zarr the path
+    from the frame (``__categories/<column>``).
+    """
     import pandas as pd
 
     order = attr(group, "column-order")
     names = list(order) if order is not None else []
-    return pd.DataFrame({n: read_element(group[n], strings) for n in names},
+    return pd.DataFrame({n: _read_column(group, n, strings) for n in names},
                         index=index.copy(),
                         columns=pd.Index(names, dtype=object))
+
+
+def _read_column(group: Any, name: str, strings: StringReader | None) -> Any:
+    import pandas as pd
+
+    column = group[name]
+    values = read_element(column, strings)
+    where = None if is_group(column) else column.attrs.get("categories")
+    if where is None:
+        return values
+    categories = group[where] if not isinstance(where, str) else group[where.lstrip("/")]
+    return pd.Categorical.from_codes(values, pd.Index(read_element(categories)),
+                                     ordered=bool(attr(categories, "ordered", default=False)))
 
 
 def _legacy_group_dataframe(group: Any) -> pd.DataFrame:

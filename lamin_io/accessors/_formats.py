@@ -159,8 +159,9 @@ _T = "lamin_io.accessors._tables"
 for _fmt in (
     Format("spatialdata", (".zarr",), open=f"{_S}:open_spatialdata",
            can_open=f"{_S}:is_spatialdata"),
-    Format("anndata", (".h5ad", ".h5ad.gz", ".h5", ".hdf5", ".zarr"), load=f"{_A}:load_anndata",
-           open=f"{_A}:open_anndata", can_open=f"{_A}:is_anndata", modes=("r", "r+")),
+    Format("anndata", (".h5ad", ".h5ad.gz", ".h5ad.tar.gz", ".h5", ".hdf5", ".zarr"),
+           load=f"{_A}:load_anndata", open=f"{_A}:open_anndata", can_open=f"{_A}:is_anndata",
+           modes=("r", "r+"), n_observations=f"{_A}:count_observations"),
     Format("tiledbsoma", (".tiledbsoma",), load=f"{_SO}:load_soma", open=f"{_SO}:open_soma",
            extra="soma", modes=("r", "w"), n_observations=f"{_SO}:count_observations"),
     Format("hdf5", (".h5", ".hdf5"), open=f"{_B}:open_backed"),

@@ -305,7 +305,7 @@ class Artifact(Record):
     def n_observations(self) -> int | None:
         """Number of observations (cells) stored, where the format counts them at save.
 
-        Set for TileDB-SOMA experiments; ``None`` when unknown.
+        Set for TileDB-SOMA experiments and AnnData stores; ``None`` when unknown.
         """
         n = self._saved().n_observations
         return None if n is None else int(n)

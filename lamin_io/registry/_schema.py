@@ -7,7 +7,8 @@ Schema history:
    modification time (local) seen at save, so a later read detects an object changed
    behind the registry's back without re-reading it.
 3. ``artifact.n_observations``: the number of observations (cells) a stored object holds,
-   where its format can count them (TileDB-SOMA experiments); ``NULL`` when unknown.
+   where its format can count them (TileDB-SOMA experiments, AnnData); ``NULL`` when
+   unknown.
 """
 
 from __future__ import annotations

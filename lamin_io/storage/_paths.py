@@ -74,13 +74,21 @@ def is_local(path: UPath) -> bool:
 def suffix_of(name: str) -> str:
     """Return a file name's suffix, keeping a compression suffix with the one before it.
 
+    A compressed tar archive keeps the suffix of what it holds, as lamindb does
+    (``.h5ad.tar.gz``); without one before it (or a number, ``v1.2.tar.gz``) it is ``.tar.gz``.
+
     >>> suffix_of("pbmc.h5ad.gz"), suffix_of("x/y.zarr"), suffix_of("table")
     ('.h5ad.gz', '.zarr', '')
+    >>> suffix_of("pbmc.h5ad.tar.gz"), suffix_of("backup.tar.gz")
+    ('.h5ad.tar.gz', '.tar.gz')
     """
     suffixes = PurePosixPath(name.rstrip("/")).suffixes
     if not suffixes:
         return ""
     if suffixes[-1].lower() in COMPRESSION_SUFFIXES and len(suffixes) >= 2:
+        if (suffixes[-2].lower() == ".tar" and len(suffixes) >= 3
+                and suffixes[-3][1:2].isalpha()):
+            return "".join(suffixes[-3:])
         return "".join(suffixes[-2:])
     return suffixes[-1]
 
