@@ -10,7 +10,6 @@ files read locally and on the requests the S3 server received.
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import anndata as ad
@@ -21,6 +20,7 @@ import pytest
 import zarr
 import zarr.codecs
 from conftest import upload
+from zarr_codecs import record_chunk_files, rewrite_array, write_each, write_in_format
 
 import lamin_io as ln
 from lamin_io import errors
@@ -55,27 +55,11 @@ def _adata() -> ad.AnnData:
 def _write(adata: ad.AnnData, path: Path, codec: str, *, fill_value: float = 0.0) -> None:
     """Write ``adata`` as zarr, then rewrite X with ``codec`` in chunks of ``CHUNKS``."""
     fmt, compressors, serializer, shards, order, _ = CODECS[codec]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ad.settings.zarr_write_format = fmt
-        try:
-            adata.write_zarr(path)
-        finally:
-            ad.settings.zarr_write_format = 2
-    group = zarr.open_group(path, mode="r+", use_consolidated=False)
-    attrs = dict(group["X"].attrs)
-    del group["X"]
-    kwargs: dict[str, Any] = {"compressors": compressors, "chunks": CHUNKS,
-                              "fill_value": fill_value}
-    if fmt == 2:
-        kwargs.update(filters=None, order=order)
-    if serializer is not None:
-        kwargs["serializer"] = serializer
-    if shards is not None:
-        kwargs["shards"] = shards
-    arr = group.create_array("X", shape=adata.X.shape, dtype=adata.X.dtype, **kwargs)
-    arr[:] = adata.X
-    arr.attrs.update(attrs)
+    group = write_in_format(adata, path, fmt)
+    extra = {"order": order} if fmt == 2 else {}
+    rewrite_array(group, "X", adata.X, fmt=fmt, compressors=compressors,
+                  serializer=serializer, shards=shards, chunks=CHUNKS, fill_value=fill_value,
+                  **extra)
     zarr.consolidate_metadata(path)
 
 
@@ -86,12 +70,7 @@ def truth() -> ad.AnnData:
 
 @pytest.fixture(scope="module")
 def stores(truth: ad.AnnData, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("dense")
-    out = {}
-    for codec in CODECS:
-        out[codec] = folder / f"{codec}.zarr"
-        _write(truth, out[codec], codec)
-    return out
+    return write_each(truth, tmp_path_factory.mktemp("dense"), CODECS, _write)
 
 
 @pytest.fixture
@@ -155,14 +134,7 @@ def _chunk_coords(key: str) -> tuple[int, int]:
 def test_each_chunk_is_read_once_and_only_chunks_holding_the_selection(
         stores: dict[str, Path], truth: ad.AnnData, small_batches: None,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    read: list[str] = []
-    real = _zarr._read_file
-
-    def counting(path: str) -> Any:
-        read.append(path)
-        return real(path)
-
-    monkeypatch.setattr(_zarr, "_read_file", counting)
+    read = record_chunk_files(monkeypatch)
     rows, genes, touched = _selection(truth)
     with ln.open(stores["v2-blosc"]) as acc:
         got = acc[rows, genes].X
