@@ -5,9 +5,15 @@ from a log-normal), per-cell depth that varies, a categorical ``cell_type`` with
 categories of skewed sizes, and gene-symbol-like names. Writes, under ``--out``:
 
 * ``sparse_<cells>.h5ad`` and ``sparse_<cells>.zarr`` (anndata's default zarr layout),
+* ``sparse_<cells>_gzip.h5ad``: the base file with its arrays in gzip-compressed chunks
+  (``write_h5ad(compression="gzip")``), as much public data is stored,
 * ``dense_<cells>.h5ad`` with a dense X (``--dense-cells``; dense files grow fast:
   cells x 20k genes x 4 bytes),
-* ``tiny.h5ad`` / ``tiny.zarr`` (used to warm imports up outside the timings).
+* ``dense_<cells>.zarr``: a dense X written by anndata's ``write_zarr`` with its defaults
+  (``--dense-zarr-cells``; zarr format 2 with anndata 0.12, chunks of 125 x 2,500 at 2,000
+  cells, blosc-lz4),
+* ``tiny.h5ad`` / ``tiny.zarr`` / ``tiny_gzip.h5ad`` / ``tiny_dense.h5ad`` /
+  ``tiny_dense.zarr`` (used to warm imports up outside the timings).
 
     python benchmarks/generate.py --cells 50000 --scale 1 4
 """
@@ -64,6 +70,7 @@ def main() -> None:
     parser.add_argument("--scale", type=int, nargs="+", default=[1, 4],
                         help="sizes to write, as multiples of --cells (sparse h5ad)")
     parser.add_argument("--dense-cells", type=int, default=8_000)
+    parser.add_argument("--dense-zarr-cells", type=int, default=2_000)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "data")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -74,12 +81,18 @@ def main() -> None:
         adata.write_h5ad(args.out / f"sparse_{n}.h5ad")
         if scale == 1:
             adata.write_zarr(args.out / f"sparse_{n}.zarr")
+            adata.write_h5ad(args.out / f"sparse_{n}_gzip.h5ad", compression="gzip")
         print(f"sparse {n} cells, density {adata.X.nnz / (n * N_VARS):.3f}")
     make(args.dense_cells, dense=True).write_h5ad(args.out / f"dense_{args.dense_cells}.h5ad")
+    n = args.dense_zarr_cells
+    make(n, dense=True).write_zarr(args.out / f"dense_{n}.zarr")
     tiny = make(500)
     tiny.write_h5ad(args.out / "tiny.h5ad")
+    tiny.write_h5ad(args.out / "tiny_gzip.h5ad", compression="gzip")
     tiny.write_zarr(args.out / "tiny.zarr")
-    make(500, dense=True).write_h5ad(args.out / "tiny_dense.h5ad")
+    tiny_dense = make(500, dense=True)
+    tiny_dense.write_h5ad(args.out / "tiny_dense.h5ad")
+    tiny_dense.write_zarr(args.out / "tiny_dense.zarr")
 
 
 if __name__ == "__main__":

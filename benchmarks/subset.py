@@ -19,7 +19,9 @@ answer of a full anndata load (computed once per file, in its own process) befor
 counts. Cold runs drop the file from the page cache before each repeat (and check that it
 is gone); warm runs read it once first. On S3 the files live on a local S3-protocol server
 (s3rver, see :class:`S3`) behind a counting proxy in this process; bytes read are the
-response bodies it passed on, locally the bytes the process read through system calls.
+response bodies it passed on, locally the bytes the process read through system calls
+(``rchar``) and, beside them, the bytes the disk read for it (``read_bytes``: whole pages
+and the read-ahead it asked for, which cold runs of lamin-io rely on).
 S3 runs are made twice by default: straight to the loopback server, which answers in well
 under a millisecond (so they measure its CPU and ours), and with 20 ms added before every
 request, as from a bucket in another place, where round trips decide (``--s3-delay``).
@@ -61,8 +63,12 @@ CATEGORY = "type_7"
 N_GENES = 200
 TOOLS = ("lamin_io", "lamindb", "backed", "read_lazy", "full")
 #: ``h5ad-4x-same``: the 4x file, with every 4th cell of the category selected, as many
-#: cells as the 5% of the base file (a selection of the same size in a larger file).
-FILES = ("h5ad", "h5ad-4x", "h5ad-4x-same", "zarr", "dense")
+#: cells as the 5% of the base file (a selection of the same size in a larger file);
+#: ``h5ad-gzip``: the base file in gzip-compressed chunks; ``dense-zarr``: a dense X
+#: written by anndata's ``write_zarr`` with its defaults.
+FILES = ("h5ad", "h5ad-4x", "h5ad-4x-same", "zarr", "dense", "h5ad-gzip", "dense-zarr")
+#: The tools a target compares lamin-io with, where they can read the file.
+PEERS = ("lamindb", "backed", "read_lazy", "full")
 BUCKET = "bench"
 
 
@@ -260,9 +266,13 @@ def _size(path: Path) -> int:
 
 
 def _tiny_for(path: Path) -> Path:
+    """The tiny file of the same format and layout, read once untimed to warm up."""
+    dense = path.name.startswith("dense")
     if path.suffix == ".zarr":
-        return DATA / "tiny.zarr"
-    return DATA / ("tiny_dense.h5ad" if path.name.startswith("dense") else "tiny.h5ad")
+        return DATA / ("tiny_dense.zarr" if dense else "tiny.zarr")
+    if path.name.endswith("_gzip.h5ad"):
+        return DATA / "tiny_gzip.h5ad"
+    return DATA / ("tiny_dense.h5ad" if dense else "tiny.h5ad")
 
 
 def _storage(delay: float) -> str:
@@ -273,13 +283,15 @@ def _storage(delay: float) -> str:
 class Entry(NamedTuple):
     """A file and the selection made in it, under the label the results give it."""
 
+    kind: str  # one of FILES
     label: str
     path: Path
     every: int = 1  # every ``every``-th cell of the category (see ``_thin``)
 
     def fields(self) -> dict[str, Any]:
         """What every configuration of this entry says of it."""
-        return {"file": self.label, "local": str(self.path), "every": self.every}
+        return {"kind": self.kind, "file": self.label, "local": str(self.path),
+                "every": self.every}
 
 
 def _configs(entries: list[Entry], *, s3: bool, repeats: int,
@@ -391,6 +403,7 @@ def main() -> None:
     parser.add_argument("--expected", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--cells", type=int, default=50_000)
     parser.add_argument("--dense-cells", type=int, default=8_000)
+    parser.add_argument("--dense-zarr-cells", type=int, default=2_000)
     parser.add_argument("--repeats", type=int, default=7,
                         help="timed runs per warm configuration (cold: 2 fewer, S3: 2 fewer)")
     parser.add_argument("--no-s3", action="store_true", help="local files only")
@@ -422,11 +435,14 @@ def main() -> None:
     large = DATA / f"sparse_{4 * args.cells}.h5ad"
     zarr_file = DATA / f"sparse_{args.cells}.zarr"
     dense = DATA / f"dense_{args.dense_cells}.h5ad"
-    entries = [entry for name, entry in zip(FILES, [
-        Entry(base.name, base), Entry(large.name, large),
-        Entry(f"{large.name} (1 in 4)", large, 4),
-        Entry(zarr_file.name, zarr_file), Entry(dense.name, dense)], strict=True)
-        if name in args.files]
+    gzip = DATA / f"sparse_{args.cells}_gzip.h5ad"
+    dense_zarr = DATA / f"dense_{args.dense_zarr_cells}.zarr"
+    entries = [entry for entry in [
+        Entry("h5ad", base.name, base), Entry("h5ad-4x", large.name, large),
+        Entry("h5ad-4x-same", f"{large.name} (1 in 4)", large, 4),
+        Entry("zarr", zarr_file.name, zarr_file), Entry("dense", dense.name, dense),
+        Entry("h5ad-gzip", gzip.name, gzip), Entry("dense-zarr", dense_zarr.name, dense_zarr)]
+        if entry.kind in args.files]
     paths = sorted({entry.path for entry in entries})
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
@@ -518,13 +534,16 @@ def _run(config: dict[str, Any], server: S3 | None, expected: dict[str, Path],
     if proxy is not None and "error" not in result:
         result["bytes"] = proxy.bytes_sent // config["repeats"]
         result["requests"] = proxy.requests // config["repeats"]
+        del result["read_bytes"]  # the server's disk, not the tool's: not a figure of its own
     elif "error" not in result:
         result["bytes"] = result["rchar"]
-    result.update({k: config[k] for k in ("tool", "file", "storage", "cache")})
+    result.update({k: config[k] for k in ("tool", "kind", "file", "storage", "cache")})
     result["file_bytes"] = _size(Path(config["local"]))
+    disk = (f" ({result['read_bytes'] / 1e6:.1f} MB from disk)" if "read_bytes" in result
+            else "")
     print(result.get("error") or
           f"{result['seconds']:.3f} s  {result['peak_mb']:.0f} MB  "
-          f"{result['bytes'] / 1e6:.1f} MB read  steal {100 * result['steal']:.0f}%",
+          f"{result['bytes'] / 1e6:.1f} MB read{disk}  steal {100 * result['steal']:.0f}%",
           flush=True)
     return result
 
@@ -532,7 +551,7 @@ def _run(config: dict[str, Any], server: S3 | None, expected: dict[str, Path],
 # -- the report ------------------------------------------------------------------------------
 
 def _ratios(results: list[dict[str, Any]]) -> None:
-    """Add time, memory and bytes ratios to lamindb (and time/memory to full load)."""
+    """Add time, memory and bytes ratios to lamindb, full load and anndata's backed mode."""
     groups: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
     for r in results:
         groups.setdefault((r["file"], r["storage"], r["cache"]), {})[r["tool"]] = r
@@ -548,21 +567,22 @@ def _ratios(results: list[dict[str, Any]]) -> None:
                 r[f"time_{suffix}"] = r["seconds"] / base["seconds"]
                 r[f"memory_{suffix}"] = (r["peak_mb"] + 1) / (base["peak_mb"] + 1)
                 r[f"bytes_{suffix}"] = r["bytes"] / max(1, base["bytes"])
+                if r["cache"] == "cold":  # warm runs read next to nothing from the disk
+                    r[f"disk_{suffix}"] = r["read_bytes"] / max(1, base["read_bytes"])
 
 
 def _targets(results: list[dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
-    """The accessor issue's targets, each with the measured figure and whether it is met."""
-    def get(tool: str, file: str, storage: str, cache: str) -> dict[str, Any] | None:
-        """The run of ``tool`` on the file labelled ``file`` (or the first labelled
-        ``file...`` where ``file`` names no file)."""
-        runs = [r for r in results if (r["tool"], r["storage"], r["cache"]) ==
-                (tool, storage, cache) and r["file"].startswith(file) and "error" not in r]
-        return next((r for r in runs if r["file"] == file), runs[0] if runs else None)
+    """The issues' targets, each with the measured figure and whether it is met.
+
+    ``None`` for rows that only report (informative).
+    """
+    def get(tool: str, kind: str, storage: str, cache: str) -> dict[str, Any] | None:
+        """The run of ``tool`` on the file of ``kind`` (see ``FILES``), if it succeeded."""
+        return next((r for r in results if (r["tool"], r.get("kind"), r["storage"],
+                                            r["cache"]) == (tool, kind, storage, cache)
+                     and "error" not in r), None)
 
     rows: list[tuple[str, str, bool | None]] = []
-    files = sorted({r["file"] for r in results if r["file"].endswith(".h5ad")
-                    and r["file"].startswith("sparse")}, key=lambda f: int(f[7:-5]))
-    same = sorted({r["file"] for r in results if r["file"].endswith(" (1 in 4)")})
     remote = sorted({r["storage"] for r in results if r["cache"] == "remote"},
                     key=lambda s: (len(s), s))  # "s3" first, then with latency
     for storage, cache in [("local", "warm"), ("local", "cold"),
@@ -570,13 +590,13 @@ def _targets(results: list[dict[str, Any]]) -> list[tuple[str, str, bool | None]
         where = (f"{storage} {cache}" if storage == "local" else
                  "S3" if storage == "s3" else f"S3 +{storage[3:]} a request")
         ratios = []
-        for f in files:
-            r = get("lamin_io", f, storage, cache)
+        for kind in ("h5ad", "h5ad-4x"):
+            r = get("lamin_io", kind, storage, cache)
             if r is None or "time_vs_lamindb" not in r:
                 continue
             ratios.append(r["time_vs_lamindb"])
-            rows.append((f"sparse h5ad {f[7:-5]} cells, {where}: time <= 0.5x lamindb, "
-                         f"peak <= +60 MB",
+            rows.append((f"sparse h5ad {r['file'][7:-5]} cells, {where}: time <= 0.5x "
+                         f"lamindb, peak <= +60 MB",
                          f"{r['time_vs_lamindb']:.3f}x, +{r['peak_mb']:.0f} MB",
                          r["time_vs_lamindb"] <= 0.5 and r["peak_mb"] <= 60))
         if len(ratios) == 2:
@@ -584,7 +604,7 @@ def _targets(results: list[dict[str, Any]]) -> list[tuple[str, str, bool | None]
             rows.append((f"sparse h5ad, {where}: ratio improves (by 5%+) at 4x the cells",
                          f"{ratios[0]:.3f}x -> {ratios[1]:.3f}x",
                          ratios[1] < 0.95 * ratios[0]))
-        r = get("lamin_io", same[0], storage, cache) if same and ratios else None
+        r = get("lamin_io", "h5ad-4x-same", storage, cache) if ratios else None
         if r is not None and "time_vs_lamindb" in r:
             # the same number of cells (every 4th of the category) in the 4x file
             rows.append((f"sparse h5ad, {where}: ratio improves (by 5%+) at 4x the cells, "
@@ -592,11 +612,8 @@ def _targets(results: list[dict[str, Any]]) -> list[tuple[str, str, bool | None]
                          f"{ratios[0]:.3f}x -> {r['time_vs_lamindb']:.3f}x, "
                          f"+{r['peak_mb']:.0f} MB",
                          r["time_vs_lamindb"] < 0.95 * ratios[0]))
-        r = get("lamin_io", "sparse", storage, cache)
-        z = next((x for x in results if x["tool"] == "lamin_io" and x["storage"] == storage
-                  and x["cache"] == cache and x["file"].endswith(".zarr") and
-                  "time_vs_full" in x), None)
-        if z is not None:
+        z = get("lamin_io", "zarr", storage, cache)
+        if z is not None and "time_vs_full" in z:
             rows.append((f"sparse zarr, {where}: time <= 1x full load, memory <= 25%",
                          f"{z['time_vs_full']:.3f}x, {z['memory_vs_full']:.1%}",
                          z["time_vs_full"] <= 1 and z["memory_vs_full"] <= 0.25))
@@ -608,7 +625,25 @@ def _targets(results: list[dict[str, Any]]) -> list[tuple[str, str, bool | None]
             rows.append((f"dense h5ad, {where}: supported (anndata backed cannot read S3)",
                          f"{d['seconds']:.3f} s, {d.get('time_vs_lamindb', float('nan')):.3f}x"
                          " lamindb", True))
+        d = get("lamin_io", "dense-zarr", storage, cache)
+        peers = [p for p in (get(t, "dense-zarr", storage, cache) for t in PEERS) if p]
+        if d is not None and peers:
+            fastest = min(peers, key=lambda p: p["seconds"])
+            rows.append((f"dense zarr, {where}: time <= the fastest peer's",
+                         f"{d['seconds'] / fastest['seconds']:.3f}x {fastest['tool']}",
+                         d["seconds"] <= fastest["seconds"]))
+        g = get("lamin_io", "h5ad-gzip", storage, cache)
+        if g is not None:
+            vs = [f"{g[f'time_vs_{p}']:.3f}x {p}" for p in ("lamindb", "backed", "full")
+                  if f"time_vs_{p}" in g]
+            rows.append((f"gzip-compressed sparse h5ad, {where} (informative)",
+                         ", ".join(vs) + f", +{g['peak_mb']:.0f} MB", None))
     return rows
+
+
+def _ratio(r: dict[str, Any], key: str, *, missing: str = "n/a") -> str:
+    """A ratio for the table: ``missing`` where the tool compared with did not run."""
+    return f"{r[key]:.3f}" if key in r else missing
 
 
 def report(results: list[dict[str, Any]], out: Path) -> None:
@@ -632,36 +667,53 @@ def report(results: list[dict[str, Any]], out: Path) -> None:
         "Each row is one configuration, run in a fresh process in each of the rounds (all "
         "configurations one after the other, then again), its repeats shared among them. "
         "Time: median of all its repeats; peak: resident memory above the level before the "
-        "read, the highest of the rounds; read: bytes through system calls (local) or sent by "
-        "the S3 server; steal: the share of the machine's CPU time its host gave to other "
-        "guests during the timed runs (this is a shared virtual machine: where it is above "
-        "a few percent, that row's time is noise; other guests' use of the host's disk does "
-        "not show there). Ratios are to lamindb's `backed_access` "
-        "in the same file, storage and cache state (lower is better). Generated by "
-        "`benchmarks/subset.py`.",
+        "read, the highest of the rounds; read: bytes through system calls (local: "
+        "`rchar`, page-cache hits included) or sent by the S3 server; disk: bytes the "
+        "process had the disk read (local: `read_bytes`, including the read-ahead it asked "
+        "the kernel for; near 0 warm; n/a on S3); steal: the share of the machine's CPU time "
+        "its host gave to other guests during the timed runs (this is a shared virtual "
+        "machine: where it is above a few percent, that row's time is noise; other guests' "
+        "use of the host's disk does not show there). Ratios are to lamindb's "
+        "`backed_access` and to anndata's `backed=\"r\"` mode in the same file, storage and "
+        "cache state (lower is better; n/a where that tool did not run, as anndata's backed "
+        "mode reads local h5ad files only, and nan where it failed). "
+        "Generated by `benchmarks/subset.py`.",
         "",
         "## Targets",
         "",
         "| target | measured | met |",
         "|---|---|---|",
-        *[f"| {t} | {m} | {'yes' if ok else 'no'} |" for t, m, ok in targets],
+        *[f"| {t} | {m} | {'-' if ok is None else 'yes' if ok else 'no'} |"
+          for t, m, ok in targets],
         "",
         "## All runs",
         "",
-        "| file | storage | cache | tool | time s | x lamindb | peak MB | x lamindb | read MB "
-        "| x lamindb | steal % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| file | storage | cache | tool | time s | x lamindb | x backed | peak MB "
+        "| x lamindb | read MB | x lamindb | disk MB | x lamindb | steal % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    # groups where a tool ran (so a missing ratio says it failed: nan), by file and place
+    ran = {(r["file"], r["storage"], r["cache"], r["tool"]) for r in results}
     for r in results:
         head = f"| {r['file']} | {r['storage']} | {r['cache']} | {r['tool']} "
         if "error" in r:
-            lines.append(head + f"| {r['error'][:80]} | | | | | | |")
+            lines.append(head + f"| {r['error'][:80]} |" + " |" * 9)
             continue
-        lines.append(
-            head + f"| {r['seconds']:.3f} | {r.get('time_vs_lamindb', float('nan')):.3f} "
-            f"| {r['peak_mb']:.0f} | {r.get('memory_vs_lamindb', float('nan')):.3f} "
-            f"| {r['bytes'] / 1e6:.1f} | {r.get('bytes_vs_lamindb', float('nan')):.3f} "
-            f"| {100 * r.get('steal', float('nan')):.0f} |")
+        # a missing ratio: "nan" where the tool compared with failed, "n/a" where it
+        # cannot read this file at all
+        nan, na = ("nan" if (r["file"], r["storage"], r["cache"], ref) in ran else "n/a"
+                   for ref in ("lamindb", "backed"))
+        cells = [f"{r['seconds']:.3f}", _ratio(r, "time_vs_lamindb", missing=nan),
+                 _ratio(r, "time_vs_backed", missing=na), f"{r['peak_mb']:.0f}",
+                 _ratio(r, "memory_vs_lamindb", missing=nan), f"{r['bytes'] / 1e6:.1f}",
+                 _ratio(r, "bytes_vs_lamindb", missing=nan)]
+        if "read_bytes" in r:
+            cells += [f"{r['read_bytes'] / 1e6:.1f}",
+                      _ratio(r, "disk_vs_lamindb", missing=nan if r["cache"] == "cold" else "-")]
+        else:
+            cells += ["n/a", "n/a"]
+        cells.append(f"{100 * r.get('steal', float('nan')):.0f}")
+        lines.append(head + "| " + " | ".join(cells) + " |")
     (out / "subset.md").write_text("\n".join(lines) + "\n")
     _chart(results, out / "subset.png")
     (out / "subset.partial.json").unlink(missing_ok=True)

@@ -141,3 +141,75 @@ def test_batches_ahead_are_in_flight_together(h5ad: tuple[Path, ad.AnnData], ahe
             assert {b for kind, b in log if kind == "start"} == {b for kind, b in log
                                                                  if kind == "wait"}
             assert len(log) > 1
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_dense_blocks_never_split_a_chunk(seed: int) -> None:
+    """Blocks read through the array library hold whole chunks, so none is decoded twice."""
+    rng = np.random.default_rng(seed)
+    chunk = int(rng.integers(1, 200))
+    positions = np.sort(rng.choice(5000, size=rng.integers(1, 600), replace=False))
+    row_bytes = int(rng.choice([8, 4096, 80_000, 1 << 20, 8 << 20]))  # blocks of any rows
+    blocks = _rows._dense_blocks(positions, row_bytes, chunk)
+    assert [a for a, _ in blocks] == [0, *(b for _, b in blocks[:-1])]  # all, in order
+    assert blocks[-1][1] == len(positions)
+    block_of_chunk: dict[int, int] = {}
+    for i, (a, b) in enumerate(blocks):
+        for c in (positions[a:b] // chunk).tolist():
+            assert block_of_chunk.setdefault(c, i) == i
+    # a block spans at most BATCH_BYTES of rows, or one chunk where a chunk is more
+    span = max(1, _rows.BATCH_BYTES // row_bytes)
+    for a, b in blocks:
+        assert positions[b - 1] // chunk - positions[a] // chunk < max(1, span // chunk)
+
+
+class _Dense:
+    """A 2-D array in memory, chunked like a store's, for the dense read pipeline."""
+
+    def __init__(self, values: np.ndarray, chunks: tuple[int, int]) -> None:
+        self.values, self.chunks = values, chunks
+        self.shape, self.dtype, self.ndim = values.shape, values.dtype, values.ndim
+
+
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_dense_blocks_ahead_are_in_flight_together(ahead: int,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``start_block`` batches: whole chunk rows, ``ahead`` started before one is waited
+    for, and a failure waits for every started batch before it leaves the request."""
+    values = np.arange(90 * 40, dtype=np.float32).reshape(90, 40)
+    arr = _Dense(values, (7, 16))
+    monkeypatch.setattr(_rows, "GATHER_BYTES", 7 * 16 * 4 * 3)  # one row of 3 chunks a batch
+    log: list[tuple[str, int]] = []
+    started = 0
+    fail_at = -1
+
+    def start_block(a: _Dense, rows: np.ndarray, cols: np.ndarray | None,
+                    out: np.ndarray) -> object:
+        nonlocal started
+        batch = started
+        started += 1
+        assert len(set((rows // 7).tolist())) == 1  # one row of chunks
+        log.append(("start", batch))
+
+        def wait() -> None:
+            log.append(("wait", batch))
+            if batch == fail_at:
+                raise RuntimeError("boom")
+            out[...] = a.values[np.ix_(rows, cols if cols is not None else np.arange(40))]
+
+        return wait
+
+    hooks = _rows.ReadHooks(gathers=lambda a: True, start_block=start_block,  # type: ignore[arg-type]
+                            ahead=ahead)
+    rows, cols = np.array([89, 3, 3, 40, 0, 41, 60]), np.array([39, 0, 5, 5])
+    got = _rows.read_matrix(arr, rows, cols, hooks)
+    np.testing.assert_array_equal(got, values[np.ix_(rows, cols)])
+    n = started
+    assert n == len({0, 40 // 7, 60 // 7, 89 // 7})
+    for b in range(n - ahead):
+        assert log.index(("start", b + ahead)) < log.index(("wait", b))
+    log.clear()
+    started, fail_at = 0, 1
+    with pytest.raises(RuntimeError, match="boom"):
+        _rows.read_matrix(arr, rows, cols, hooks)
+    assert {b for kind, b in log if kind == "start"} == {b for kind, b in log if kind == "wait"}

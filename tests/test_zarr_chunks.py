@@ -8,7 +8,6 @@ into many small batches, and compare every result with AnnData in memory.
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import anndata as ad
@@ -20,6 +19,7 @@ import scipy.sparse as sp
 import zarr
 import zarr.codecs
 from conftest import upload
+from zarr_codecs import record_chunk_files, rewrite_array, write_each, write_in_format
 
 import lamin_io as ln
 from lamin_io import errors
@@ -58,26 +58,11 @@ def _adata() -> ad.AnnData:
 def _write(adata: ad.AnnData, path: Path, codec: str) -> None:
     """Write ``adata`` as zarr, then rewrite X's data and indices with ``codec``."""
     fmt, compressors, serializer, shards, _ = CODECS[codec]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ad.settings.zarr_write_format = fmt
-        try:
-            adata.write_zarr(path)
-        finally:
-            ad.settings.zarr_write_format = 2
-    group = zarr.open_group(path, mode="r+", use_consolidated=False)
+    group = write_in_format(adata, path, fmt)
     for name in ("data", "indices"):
-        values = np.asarray(group[f"X/{name}"][:])
-        del group[f"X/{name}"]
-        kwargs: dict[str, Any] = {"compressors": compressors, "chunks": (CHUNK,)}
-        if fmt == 2:
-            kwargs["filters"] = None
-        if serializer is not None:
-            kwargs["serializer"] = serializer
-        if shards is not None:
-            kwargs["shards"] = shards
-        arr = group["X"].create_array(name, shape=values.shape, dtype=values.dtype, **kwargs)
-        arr[:] = values
+        rewrite_array(group["X"], name, np.asarray(group[f"X/{name}"][:]), fmt=fmt,
+                      compressors=compressors, serializer=serializer, shards=shards,
+                      chunks=(CHUNK,))
     zarr.consolidate_metadata(path)
 
 
@@ -88,12 +73,7 @@ def truth() -> ad.AnnData:
 
 @pytest.fixture(scope="module")
 def stores(truth: ad.AnnData, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("codecs")
-    out = {}
-    for codec in CODECS:
-        out[codec] = folder / f"{codec}.zarr"
-        _write(truth, out[codec], codec)
-    return out
+    return write_each(truth, tmp_path_factory.mktemp("codecs"), CODECS, _write)
 
 
 @pytest.fixture
@@ -128,14 +108,7 @@ def test_every_codec_and_selection_matches_anndata(stores: dict[str, Path], trut
 def test_each_chunk_is_read_once_and_only_chunks_holding_rows(
         stores: dict[str, Path], truth: ad.AnnData, small_batches: None,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    read: list[str] = []
-    real = _zarr._read_file
-
-    def counting(path: str) -> Any:
-        read.append(path)
-        return real(path)
-
-    monkeypatch.setattr(_zarr, "_read_file", counting)
+    read = record_chunk_files(monkeypatch)
     in_a = np.flatnonzero(np.asarray(truth.obs["group"] == "a"))
     rows = np.concatenate((in_a[in_a < 150], in_a[in_a > 450]))[::3]  # a gap of chunks
     with ln.open(stores["v2-blosc"]) as acc:

@@ -411,7 +411,7 @@ class _Store:
             from lamin_io.accessors import _zarr
 
             return ReadHooks(slack_bytes=slack, start_runs=_zarr.start_runs,
-                             gathers=_zarr.gathers,
+                             gathers=_zarr.gathers, start_block=_zarr.start_block,
                              ahead=_REMOTE_AHEAD if self.remote else 1)
         return ReadHooks(prefetch=self._prefetch if self.rangefile is not None else None,
                          start_runs=self._start_runs, slack_bytes=slack,

@@ -65,6 +65,13 @@ class StartRuns(Protocol):
                  advised: bool = False) -> Callable[[], list[np.ndarray | None]]: ...
 
 
+class StartBlock(Protocol):
+    """The ``start_block`` hook of :class:`ReadHooks`."""
+
+    def __call__(self, arr: Any, rows: np.ndarray, cols: np.ndarray | None,
+                 out: np.ndarray) -> Callable[[], None]: ...
+
+
 @dataclass(frozen=True)
 class ReadHooks:
     """How a store can speed up reads; every hook is optional.
@@ -84,9 +91,10 @@ class ReadHooks:
     #: gaps first, up to as many chunks as hold the selection (never more than twice the
     #: bytes of the chunks that hold it).
     whole_chunks: bool = False
-    #: Whether ``start_runs`` reads any ranges of an array at the cost of the chunks they
-    #: touch, decoding each chunk once and keeping only the ranges: such arrays get the
-    #: exact ranges (no gaps read through), in batches that never share a chunk.
+    #: Whether the store reads an array at the cost of the chunks a selection touches,
+    #: decoding each chunk once and keeping only what was selected: 1-D arrays through
+    #: ``start_runs`` (they get the exact ranges, no gaps read through, in batches that
+    #: never share a chunk), 2-D dense ones through ``start_block``.
     gathers: Callable[[Any], bool] | None = None
     #: Given ``[(1-D on-disk array, starts, stops), ...]`` and whether those runs were
     #: advised (``advise``), start reading the runs ``[starts[i], stops[i])`` of each
@@ -95,6 +103,11 @@ class ReadHooks:
     #: the array library. Later batches are then fetched while this one is processed
     #: (``ahead``).
     start_runs: StartRuns | None = None
+    #: Given a 2-D array that ``gathers`` accepts, sorted unique rows and columns
+    #: (``None``: all) and the output for them, start reading them into it and return the
+    #: function that waits for the read (later batches are started while one is
+    #: processed, ``ahead``).
+    start_block: StartBlock | None = None
     #: Told, before the first batch starts, the runs of the first batches (up to
     #: :data:`ADVICE_BYTES`; only for requests of two batches or more), so a local file
     #: can have the kernel read them ahead (a disk then works on much of the request, not
@@ -505,6 +518,10 @@ def read_dense(arr: Any, rows: Selection | None, cols: Selection | None,
     two_d = arr.ndim == 2
     n_cols = int(arr.shape[1]) if arr.ndim > 1 else 1
     positions, inverse = _unique_sorted(rows if rows is not None else slice(0, n_rows), n_rows)
+    if (two_d and hooks.start_block is not None and hooks.gathers is not None
+            and hooks.gathers(arr)):
+        return _gather_dense(arr, positions, inverse, cols, hooks.start_block,
+                             ahead=hooks.ahead)
     col_sel: Any = slice(None)  # what the array library reads
     col_after: np.ndarray | None = None  # then selected in memory, per block
     if two_d and cols is not None:
@@ -538,6 +555,58 @@ def read_dense(arr: Any, rows: Selection | None, cols: Selection | None,
     return out[inverse] if inverse is not None else out
 
 
+def _gather_dense(arr: Any, positions: np.ndarray, inverse: np.ndarray | None,
+                  cols: Selection | None, start: StartBlock, *, ahead: int) -> np.ndarray:
+    """Read rows ``positions`` (sorted, unique) x ``cols`` of a 2-D array the store gathers.
+
+    Batches of whole row chunks (at least one), their chunks' decoded bytes up to about
+    :data:`GATHER_BYTES`, are read straight into the output by ``start`` (the
+    ``start_block`` hook), ``ahead`` of them in flight while one is processed; the
+    requested order and repeats of columns and rows are restored at the end.
+    """
+    n_cols = int(arr.shape[1])
+    col_pos: np.ndarray | None = None
+    col_inverse: np.ndarray | None = None
+    if cols is not None and not (isinstance(cols, slice) and cols.indices(n_cols) ==
+                                 (0, n_cols, 1)):
+        col_pos, col_inverse = _unique_sorted(cols, n_cols)
+    out = np.empty((len(positions), n_cols if col_pos is None else len(col_pos)),
+                   dtype=arr.dtype)
+    size_rows, size_cols = (int(n) for n in arr.chunks)
+    n_col_chunks = (-(-n_cols // size_cols) if col_pos is None
+                    else len(np.unique(col_pos // size_cols)))
+    per_batch = max(1, GATHER_BYTES // max(1, n_col_chunks * size_rows * size_cols
+                                           * arr.dtype.itemsize))
+    row_chunk = positions // size_rows
+    rank = np.cumsum(np.diff(row_chunk, prepend=-1) != 0) - 1  # of a row's chunk, 0, 1, ..
+    cuts = (np.flatnonzero(np.diff(rank // per_batch)) + 1).tolist()
+    batches = list(zip([0, *cuts], [*cuts, len(positions)], strict=True))
+
+    def begin(b: int) -> Callable[[], None]:
+        a, e = batches[b]
+        return start(arr, positions[a:e], col_pos, out[a:e])
+
+    upcoming: deque[Callable[[], None]] = deque()  # started, not waited for
+    ahead = max(1, ahead)
+    try:
+        upcoming.extend(begin(b) for b in range(min(ahead, len(batches))))
+        for b in range(len(batches)):
+            wait = upcoming.popleft()
+            if b + ahead < len(batches):
+                upcoming.append(begin(b + ahead))
+            wait()
+    except BaseException:
+        for started in upcoming:  # no read may outlive the request (the file may close)
+            try:
+                started()
+            except Exception:  # noqa: BLE001, S110
+                pass
+        raise
+    if col_inverse is not None:
+        out = out[:, col_inverse]
+    return out[inverse] if inverse is not None else out
+
+
 def _prefetch_dense(prefetch: Callable[[list[tuple[Any, np.ndarray, np.ndarray]]], None],
                     arr: Any, positions: np.ndarray,
                     blocks: list[tuple[int, int]], i: int, row_bytes: int) -> int:
@@ -565,9 +634,12 @@ def _dense_blocks(positions: np.ndarray, row_bytes: int, chunk: int | None,
     run_starts, _, run_of = coalesce(positions, positions + 1,
                                      max_gap=max(1, MAX_GAP_BYTES // row_bytes),
                                      slack=slack // row_bytes, chunk=chunk)
-    window = (positions - run_starts[run_of]) // max(1, BATCH_BYTES // row_bytes)
-    key = run_of * (int(window.max()) + 1) + window
-    bounds = np.flatnonzero(np.diff(key)) + 1
+    per_block = max(1, BATCH_BYTES // row_bytes)
+    if chunk:  # blocks of whole chunks (at least one): no chunk is decoded by two blocks
+        window = positions // (chunk * max(1, per_block // chunk))
+    else:
+        window = (positions - run_starts[run_of]) // per_block
+    bounds = np.flatnonzero((np.diff(run_of) != 0) | (np.diff(window) != 0)) + 1
     firsts = np.concatenate(([0], bounds)).tolist()
     lasts = np.concatenate((bounds, [len(positions)])).tolist()
     return list(zip(firsts, lasts, strict=True))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 from zarr.storage import WrapperStore
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from zarr.core.buffer import Buffer, BufferPrototype
 
 __all__ = ["MetadataCacheStore", "chunk_decoder", "fetch_arrays_ahead", "gathers",
-           "open_zarr_group", "start_runs", "zarr_root_attrs"]
+           "open_zarr_group", "start_block", "start_runs", "zarr_root_attrs"]
 
 #: Objects of a group fetched ahead at most (a larger one is read as its readers ask).
 _MAX_AHEAD = 4096
@@ -163,25 +163,26 @@ def _numcodecs_decoder(codec: Any) -> Any:
 
 
 def chunk_decoder(arr: Any) -> Callable[[Any, np.ndarray], None] | None:
-    """How to decode one stored chunk of a 1-D zarr array ourselves, ``None`` if we can't.
+    """How to decode one stored chunk of a zarr array ourselves, ``None`` if we can't.
 
-    The returned function decodes a chunk's stored bytes into ``out`` (one chunk of
-    elements), raising :class:`CorruptArtifactError` when they do not decode to exactly a
-    chunk. Covered: numeric 1-D arrays with at most one compressor and no filters (zarr
-    format 2 with any numcodecs compressor; format 3 with the ``bytes`` serializer in
-    native order and blosc, zstd or gzip), which include anndata's defaults; anything else
-    (sharding, filters, checksums, other byte orders) is left to zarr.
+    The returned function decodes a chunk's stored bytes into ``out`` (a C-ordered buffer
+    of one chunk's shape), raising :class:`CorruptArtifactError` when they do not decode
+    to exactly a chunk. Covered: numeric arrays with at most one compressor and no filters
+    (zarr format 2 in C order with any numcodecs compressor; format 3 with the ``bytes``
+    serializer in native order and blosc, zstd or gzip), which include anndata's defaults;
+    anything else (sharding, filters, transposes, checksums, other byte orders) is left to
+    zarr.
     """
     import sys
 
     meta = getattr(arr, "metadata", None)
-    if (meta is None or not hasattr(arr, "async_array") or arr.ndim != 1
+    if (meta is None or not hasattr(arr, "async_array") or arr.ndim < 1
             or arr.dtype.kind not in "biuf" or arr.filters or len(arr.compressors) > 1
             or getattr(arr, "shards", None) is not None):
         return None
     if meta.zarr_format == 2:
         codec = arr.compressors[0] if arr.compressors else None
-        if codec is not None and not hasattr(codec, "decode"):
+        if (codec is not None and not hasattr(codec, "decode")) or meta.order != "C":
             return None
     else:
         serializer = arr.serializer
@@ -191,10 +192,10 @@ def chunk_decoder(arr: Any) -> Callable[[Any, np.ndarray], None] | None:
         codec = _numcodecs_decoder(arr.compressors[0]) if arr.compressors else None
         if arr.compressors and codec is None:
             return None
-    nbytes = int(arr.chunks[0]) * arr.dtype.itemsize
+    nbytes = int(np.prod(arr.chunks, dtype=np.int64)) * arr.dtype.itemsize
 
     def decode(raw: Any, out: np.ndarray) -> None:
-        target = out.view(np.uint8)
+        target = out.reshape(-1).view(np.uint8)
         try:
             if codec is None:
                 data = raw
@@ -219,13 +220,39 @@ def chunk_decoder(arr: Any) -> Callable[[Any, np.ndarray], None] | None:
 
 
 def gathers(arr: Any) -> bool:
-    """Whether :func:`start_runs` reads any ranges of ``arr`` decoding each chunk once."""
-    return chunk_decoder(arr) is not None
+    """Whether ``arr`` is read chunk by chunk here, each chunk decoded once.
+
+    1-D arrays through :func:`start_runs` (any ranges), 2-D ones through
+    :func:`start_block` (any rows and columns).
+    """
+    return arr.ndim in (1, 2) and chunk_decoder(arr) is not None
+
+
+class _Plan(Protocol):
+    """The chunks of one array a read needs, and where their pieces go in ``out``."""
+
+    @property
+    def arr(self) -> Any:
+        """The zarr array read."""
+
+    @property
+    def decode(self) -> Callable[[Any, np.ndarray], None]:
+        """Its :func:`chunk_decoder`."""
+
+    @property
+    def out(self) -> np.ndarray:
+        """The values read."""
+
+    def coords(self) -> list[tuple[int, ...]]:
+        """Return the chunks' grid coordinates, in the order :meth:`copier` takes them."""
+
+    def copier(self) -> Callable[[int, np.ndarray], None]:
+        """Return what copies the pieces of the ``i``-th chunk, decoded, into ``out``."""
 
 
 @dataclass
-class _Plan:
-    """Where the pieces of one array's runs lie: chunk by chunk, and in the output."""
+class _RunsPlan:
+    """Where the pieces of one 1-D array's runs lie: chunk by chunk, and in the output."""
 
     arr: Any
     decode: Callable[[Any, np.ndarray], None]
@@ -236,9 +263,24 @@ class _Plan:
     piece_out: np.ndarray  # in the output
     out: np.ndarray
 
+    def coords(self) -> list[tuple[int, ...]]:
+        return [(k,) for k in self.chunks.tolist()]
+
+    def copier(self) -> Callable[[int, np.ndarray], None]:
+        starts, stops, outs = (self.piece_start.tolist(), self.piece_stop.tolist(),
+                               self.piece_out.tolist())
+        bounds, out = self.bounds.tolist(), self.out
+
+        def copy(i: int, chunk: np.ndarray) -> None:
+            for p in range(bounds[i], bounds[i + 1]):
+                s, e, o = starts[p], stops[p], outs[p]
+                out[o:o + e - s] = chunk[s:e]
+
+        return copy
+
 
 def _plan(arr: Any, decode: Callable[[Any, np.ndarray], None], starts: np.ndarray,
-          stops: np.ndarray) -> _Plan:
+          stops: np.ndarray) -> _RunsPlan:
     from lamin_io.accessors._rows import expand
 
     size = int(arr.chunks[0])
@@ -253,9 +295,93 @@ def _plan(arr: Any, decode: Callable[[Any, np.ndarray], None], starts: np.ndarra
     order = np.argsort(chunk, kind="stable")  # pieces of a chunk together, in any run order
     chunk, begin, end, out = chunk[order], begin[order], end[order], out[order]
     chunks, first_piece = np.unique(chunk, return_index=True)
-    return _Plan(arr, decode, chunks, np.append(first_piece, len(chunk)),
-                 begin - chunk * size, end - chunk * size, out,
-                 np.empty(int((stops - starts).sum()), dtype=arr.dtype))
+    return _RunsPlan(arr, decode, chunks, np.append(first_piece, len(chunk)),
+                     begin - chunk * size, end - chunk * size, out,
+                     np.empty(int((stops - starts).sum()), dtype=arr.dtype))
+
+
+#: Where one chunk's share of an axis goes: (positions in the output, positions in the
+#: chunk), each a slice where they are consecutive.
+_Part = tuple[slice | np.ndarray, slice | np.ndarray]
+
+
+def _axis_parts(positions: np.ndarray, size: int) -> tuple[list[int], list[_Part]]:
+    """Split sorted, unique positions along an axis of chunks of ``size``, chunk by chunk.
+
+    Returns the chunks holding any position and, for each, where its positions go in the
+    output and where they lie in the chunk.
+    """
+    chunk = positions // size
+    chunks, first = np.unique(chunk, return_index=True)
+    bounds = [*first.tolist(), len(positions)]
+    parts: list[_Part] = []
+    for k, a, b in zip(chunks.tolist(), bounds[:-1], bounds[1:], strict=True):
+        inside = positions[a:b] - k * size
+        consecutive = int(inside[-1]) - int(inside[0]) == b - a - 1
+        parts.append((slice(a, b), slice(int(inside[0]), int(inside[-1]) + 1)
+                      if consecutive else inside))
+    return chunks.tolist(), parts
+
+
+@dataclass
+class _BlockPlan:
+    """The chunks of a 2-D array holding selected rows x columns, and where they go."""
+
+    arr: Any
+    decode: Callable[[Any, np.ndarray], None]
+    row_chunks: list[int]
+    row_parts: list[_Part]
+    col_chunks: list[int]
+    col_parts: list[_Part]
+    out: np.ndarray  # selected rows x selected columns
+
+    def coords(self) -> list[tuple[int, ...]]:
+        return [(r, c) for r in self.row_chunks for c in self.col_chunks]
+
+    def copier(self) -> Callable[[int, np.ndarray], None]:
+        n_cols, out = len(self.col_chunks), self.out
+        rows, cols = self.row_parts, self.col_parts
+
+        def copy(i: int, chunk: np.ndarray) -> None:
+            (out_rows, in_rows), (out_cols, in_cols) = rows[i // n_cols], cols[i % n_cols]
+            if isinstance(in_rows, np.ndarray) and isinstance(in_cols, np.ndarray):
+                out[out_rows, out_cols] = chunk[np.ix_(in_rows, in_cols)]
+            else:  # one slice and at most one array: numpy indexes them orthogonally
+                out[out_rows, out_cols] = chunk[in_rows, in_cols]
+
+        return copy
+
+
+def start_block(arr: Any, rows: np.ndarray, cols: np.ndarray | None, out: np.ndarray
+                ) -> Callable[[], None]:
+    """Start reading ``arr[rows][:, cols]`` of a 2-D zarr array into ``out``.
+
+    ``rows`` and ``cols`` are sorted, unique positions (``cols=None``: every column);
+    ``out`` has their shape. Every chunk holding a selected row and column is read once
+    (remote ones requested at once, right away) and decoded once, in the threads that
+    copy its selected values out (a local store's chunk files are read there too), so
+    memory follows the selection plus a chunk per thread. Returns the function that
+    waits for the read. Only for arrays :func:`gathers` accepts (others raise
+    ``ValueError``).
+    """
+    decode = chunk_decoder(arr) if arr.ndim == 2 else None
+    if decode is None:
+        msg = f"{arr.name} is not a 2-D array whose chunks we decode: read it through zarr"
+        raise ValueError(msg)
+    n_rows, n_cols = (int(n) for n in arr.shape)
+    size_rows, size_cols = (int(n) for n in arr.chunks)
+    if cols is None:
+        col_chunks = list(range(-(-n_cols // size_cols)))
+        col_parts: list[_Part] = [
+            (slice(k * size_cols, min(n_cols, (k + 1) * size_cols)),
+             slice(0, min(size_cols, n_cols - k * size_cols))) for k in col_chunks]
+    else:
+        col_chunks, col_parts = _axis_parts(np.asarray(cols, dtype=np.int64), size_cols)
+    row_chunks, row_parts = _axis_parts(np.asarray(rows, dtype=np.int64), size_rows)
+    if not row_chunks or not col_chunks:
+        return lambda: None
+    return _start_gather([_BlockPlan(arr, decode, row_chunks, row_parts, col_chunks,
+                                     col_parts, out)])
 
 
 def _local_folder(arr: Any) -> str | None:
@@ -281,23 +407,19 @@ def _decode_into(plan: _Plan, raws: list[Any] | str, which: range) -> None:
 
     ``raws`` are the fetched chunks, or the folder to read them from (a local store).
     """
-    buffer = np.empty(int(plan.arr.chunks[0]), dtype=plan.arr.dtype)
+    buffer = np.empty(tuple(int(n) for n in plan.arr.chunks), dtype=plan.arr.dtype)
     fill = plan.arr.fill_value
-    starts, stops, outs = (plan.piece_start.tolist(), plan.piece_stop.tolist(),
-                           plan.piece_out.tolist())
-    bounds, chunks = plan.bounds.tolist(), plan.chunks.tolist()
+    copy, coords = plan.copier(), plan.coords()
     for i in which:
         if isinstance(raws, str):
-            raw = _read_file(f"{raws}/{plan.arr.metadata.encode_chunk_key((chunks[i],))}")
+            raw = _read_file(f"{raws}/{plan.arr.metadata.encode_chunk_key(coords[i])}")
         else:
             raw = raws[i].as_numpy_array() if raws[i] is not None else None
         if raw is None:  # never written: zarr reads it as the fill value
-            buffer[:] = 0 if fill is None else fill
+            buffer[...] = 0 if fill is None else fill
         else:
             plan.decode(raw, buffer)
-        for p in range(bounds[i], bounds[i + 1]):
-            s, e, o = starts[p], stops[p], outs[p]
-            plan.out[o:o + e - s] = buffer[s:e]
+        copy(i, buffer)
 
 
 def _start_gather(plans: list[_Plan]) -> Callable[[], None]:
@@ -323,14 +445,14 @@ def _start_gather(plans: list[_Plan]) -> Callable[[], None]:
         requests = []
         for i in remote:
             where, meta = plans[i].arr.async_array.store_path, plans[i].arr.metadata
-            requests += [(where / meta.encode_chunk_key((k,))).get(prototype=prototype)
-                         for k in plans[i].chunks.tolist()]
+            requests += [(where / meta.encode_chunk_key(k)).get(prototype=prototype)
+                         for k in plans[i].coords()]
         # every request ends before an error is raised
         got = await asyncio.gather(*requests, return_exceptions=True)
         failed = [r for r in got if isinstance(r, BaseException)]
         if failed:
             raise failed[0]
-        bounds = np.cumsum([0, *(len(plans[i].chunks) for i in remote)]).tolist()
+        bounds = np.cumsum([0, *(len(plans[i].coords()) for i in remote)]).tolist()
         return [got[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     fetched = executor().submit(sync, fetch()) if remote else None
@@ -341,7 +463,7 @@ def _start_gather(plans: list[_Plan]) -> Callable[[], None]:
                 sources[i] = raws
         jobs = [(plan, source, range(a, b))
                 for plan, source in zip(plans, sources, strict=True)
-                for a, b in _split(len(plan.chunks), os.cpu_count() or 1)]
+                for a, b in _split(len(plan.coords()), os.cpu_count() or 1)]
         if len(jobs) <= 1:
             for job in jobs:
                 _decode_into(*job)
@@ -373,7 +495,7 @@ def start_runs(items: list[tuple[Any, np.ndarray, np.ndarray]], *, advised: bool
     """
     plans: dict[int, _Plan] = {}
     for i, (arr, starts, stops) in enumerate(items):
-        decode = chunk_decoder(arr)
+        decode = chunk_decoder(arr) if arr.ndim == 1 else None
         if decode is not None and len(starts):
             plans[i] = _plan(arr, decode, starts, stops)
     gather = _start_gather(list(plans.values())) if plans else None
