@@ -1,7 +1,8 @@
 """The ``lamin-io`` command line.
 
 Exit codes: 0 success, 1 a lamin-io error (message on stderr), 2 bad usage, 3 nothing
-matched (unknown key), 4 storage or registry temporarily unreachable or locked (retry).
+found (unknown key, missing path or bucket), 4 storage or registry temporarily unreachable
+or locked (retry).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ _EPILOG = ("Exit codes: 0 ok, 1 error, 2 bad usage, 3 not found, "
 
 
 def _exit_code(exc: errors.LaminIOError) -> int:
-    if isinstance(exc, errors.ArtifactNotFoundError | errors.PathNotFoundError):
+    if isinstance(exc, errors.ArtifactNotFoundError | errors.PathNotFoundError
+                  | errors.BucketNotFoundError):
         return EXIT_NOT_FOUND
     if isinstance(exc, errors.StorageUnreachableError | errors.RegistryLockedError
                   | errors.RegistryUnreachableError):

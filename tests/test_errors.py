@@ -91,7 +91,11 @@ def test_folder_missing_a_listed_file_is_corrupt(conn, tmp_path):
         art.cache()
 
 
-def test_unreachable_s3_endpoint(tmp_path):
+def test_unreachable_s3_endpoint(tmp_path, monkeypatch):
+    # credentials of its own: without any, signing fails before a connection is tried
+    # (a CredentialsError), whether or not another test started the S3 server first
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     with socket_closed_port() as port:
         endpoint = f"http://127.0.0.1:{port}"
         conn = ln.connect(tmp_path / "r.db", f"s3://{BUCKET}/x", endpoint_url=endpoint)
@@ -220,3 +224,21 @@ def test_bad_arguments(conn, tmp_path):
         ln.connect(tmp_path / "r.db", "gs://bucket")
     with pytest.raises(errors.InvalidArgumentError, match="not saved"):
         _ = ln.Artifact(f).uid
+
+
+def test_registry_or_storage_under_a_regular_file(tmp_path):
+    blocker = write_bytes(tmp_path / "somefile", b"not a folder")
+    cases = [
+        (blocker / "registry.db", tmp_path / "storage"),
+        (tmp_path / "r.db", blocker / "storage"),
+        (tmp_path / "r2.db", blocker),  # the storage root itself is a file
+        (blocker / "deeper" / "registry.db", tmp_path / "storage"),
+    ]
+    for registry, storage in cases:
+        with pytest.raises(errors.InvalidArgumentError) as info:
+            ln.connect(registry, storage)
+        text = str(info.value)
+        assert f"{blocker} is a regular file, not a directory" in text
+        wrong = registry if blocker in (registry, *registry.parents) else storage
+        assert str(wrong) in text  # which setting is wrong
+    assert blocker.read_bytes() == b"not a folder"

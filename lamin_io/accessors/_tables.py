@@ -34,12 +34,12 @@ from typing import TYPE_CHECKING, Any
 from lamin_io.errors import (
     InvalidArgumentError,
     MissingDependencyError,
-    PathNotFoundError,
     UnsupportedFormatError,
     WriteNotSupportedError,
 )
 from lamin_io.storage import (
     is_local,
+    missing_path,
     polars_storage_options,
     pyarrow_filesystem,
     storage_errors,
@@ -276,8 +276,7 @@ def resolve_table(path: UPath) -> TableSource:
         try:
             info = path.fs.info(path.path)
         except FileNotFoundError as exc:
-            msg = f"path {path} does not exist: check the path, or the bucket and prefix"
-            raise PathNotFoundError(msg) from exc
+            raise missing_path(path) from exc
         folder = info.get("type") == "directory"
         files = _data_files(path) if folder else {path.name: str(path.path)}
     if not folder:

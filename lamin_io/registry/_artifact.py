@@ -25,7 +25,6 @@ from lamin_io.errors import (
     InvalidKeyError,
     MissingDependencyError,
     ObjectExistsError,
-    PathNotFoundError,
     RegistryError,
     StorageModifiedError,
     StorageObjectMissingError,
@@ -52,6 +51,7 @@ from lamin_io.storage import (
     fingerprint,
     hash_path,
     is_local,
+    missing_path,
     remove,
     storage_errors,
     suffix_of,
@@ -266,8 +266,8 @@ class Artifact(Record):
             # Nothing may stay behind: drop the pending record and any partial object
             # (but never an object that existed before: that one is not ours).
             if not isinstance(exc, ObjectExistsError):
-                _quietly(remove, dest)
-            _quietly(_delete_row, conn, row.id)
+                _quietly(f"removing the partial upload {dest}", remove, dest)
+            _quietly(f"dropping the pending record {row.uid}", _delete_row, conn, row.id)
             raise
         try:
             with conn.db.write() as c:
@@ -275,8 +275,8 @@ class Artifact(Record):
                 refresh_latest(c, t, row.family_uid)
                 return c.execute(select(t).where(t.c.id == row.id)).one()
         except BaseException:
-            _quietly(remove, dest)
-            _quietly(_delete_row, conn, row.id)
+            _quietly(f"removing the uploaded object {dest}", remove, dest)
+            _quietly(f"dropping the pending record {row.uid}", _delete_row, conn, row.id)
             raise
 
     # -- reading ---------------------------------------------------------------------------
@@ -626,8 +626,7 @@ def existing_path(path: PathLike, storage_options: dict[str, Any] | None = None)
     with storage_errors(str(source), conn.settings.endpoint_url):
         exists = source.exists()
     if not exists:
-        msg = f"path {source} does not exist: check the path, or the bucket and prefix"
-        raise PathNotFoundError(msg)
+        raise missing_path(source)
     return source
 
 
@@ -651,8 +650,17 @@ def _count_observations(path: UPath, suffix: str) -> int | None:
     return None if n is None else int(n)
 
 
-def _quietly(fn: Any, *args: Any) -> None:
+def _quietly(what: str, fn: Any, *args: Any) -> None:
+    """Run a cleanup step after a failed save; a failure of its own is one line of log.
+
+    The save's own error is what the caller re-raises; a cleanup that fails for the same
+    reason (no credentials, no bucket) must not bury it under another chain of tracebacks.
+    The traceback is logged at DEBUG level.
+    """
     try:
         fn(*args)
-    except Exception:
-        logger.exception("cleanup step %s failed; `lamin-io gc` will retry it", fn.__name__)
+    except Exception as exc:  # noqa: BLE001 (the save's own error is re-raised by the caller)
+        first = next(iter(str(exc).splitlines()), "")
+        logger.warning("cleanup after the failed save: %s failed (%s: %s); `lamin-io gc` "
+                       "removes what is left", what, type(exc).__name__, first)
+        logger.debug("cleanup step %s failed", what, exc_info=True)
