@@ -15,18 +15,18 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
+from lamin_io.accessors._formats import parameters
 from lamin_io.errors import (
     InvalidArgumentError,
     MissingDependencyError,
     NameNotFoundError,
-    PathNotFoundError,
     UnsupportedFormatError,
     WriteNotSupportedError,
 )
-from lamin_io.storage import is_local, tiledb_config
+from lamin_io.storage import is_local, missing_path, tiledb_config
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
     from types import ModuleType
 
     import anndata as ad
@@ -40,6 +40,7 @@ __all__ = [
     "load_soma",
     "open_soma",
     "soma_context",
+    "soma_keywords",
     "write_experiment",
 ]
 
@@ -81,11 +82,22 @@ def _soma_errors(path: UPath) -> Iterator[None]:
         yield
     except tiledbsoma.DoesNotExistError as exc:
         if not path.exists():
-            msg = (f"{path} does not exist: check the path; write an experiment with "
-                   f"lamin_io.save_tiledbsoma_experiment or tiledbsoma.io.from_anndata")
-            raise PathNotFoundError(msg) from exc
+            raise missing_path(path, "write an experiment with lamin_io."
+                               "save_tiledbsoma_experiment or tiledbsoma.io.from_anndata"
+                               ) from exc
         msg = f"{path} holds no TileDB-SOMA object (no TileDB group or array metadata)"
         raise UnsupportedFormatError(msg) from exc
+
+
+def soma_keywords(what: str, suffix: str, kwargs: Mapping[str, Any]) -> frozenset[str] | None:
+    """Return what ``open()``/``load()`` hand to tiledbsoma (the format table's hook).
+
+    ``open()``: ``tiledbsoma.open``'s keywords but the mode and context lamin-io gives;
+    ``load()``: ``tiledbsoma.io.to_anndata``'s.
+    """
+    if what == "open":
+        return parameters("tiledbsoma:open", skip=("mode", "context"))
+    return parameters("tiledbsoma.io:to_anndata", skip=("measurement_name",))
 
 
 def open_soma(path: UPath, *, mode: str = "r", on_close: Callable[[], Any] | None = None,

@@ -88,17 +88,17 @@ def _pending_wait() -> float:
 LOAD_WARN_BYTES = 10_000_000_000
 
 
-def _warn_if_large(artifact: Artifact) -> None:
-    """Warn (``UserWarning``) before loading an artifact above the configured size."""
+def _warn_if_large(what: str, size: int) -> None:
+    """Warn (``UserWarning``) before loading ``size`` bytes above the configured limit."""
     raw = os.environ.get("LAMIN_IO_LOAD_WARN_BYTES", "").strip()
     try:
         limit = int(float(raw)) if raw else LOAD_WARN_BYTES
     except ValueError:
         msg = f"LAMIN_IO_LOAD_WARN_BYTES must be a number of bytes (0: never warn), got {raw!r}"
         raise InvalidArgumentError(msg) from None
-    if 0 < limit < artifact.size:
+    if 0 < limit < size:
         warnings.warn(
-            f"loading {artifact._what()} into memory: {format_size(artifact.size)}, above "
+            f"loading {what} into memory: {format_size(size)}, above "
             f"{format_size(limit)} (LAMIN_IO_LOAD_WARN_BYTES); open() reads it lazily",
             UserWarning, stacklevel=3)
 
@@ -122,6 +122,12 @@ class Artifact(Record):
         A version label; default: the next integer in the family.
     storage_options
         fsspec options for reading ``path`` (default: those of the connection).
+
+    Notes
+    -----
+    Before :meth:`save`, :meth:`open`, :meth:`load` and :meth:`cache` read the file or
+    folder given (as lamindb allows): nothing is written to the registry or to storage for
+    it, and it is no lineage input until it is saved.
 
     Examples
     --------
@@ -331,7 +337,9 @@ class Artifact(Record):
         return _stored_path(current(), self._saved())
 
     def _what(self) -> str:
-        row = self._saved()
+        if self._row is None:
+            return f"unsaved artifact {self._source}"
+        row = self._row
         return f"artifact {row.key or row.uid!r} (uid {row.uid})"
 
     def verify(self) -> UPath:
@@ -394,57 +402,147 @@ class Artifact(Record):
                        f"the record says {size}; it was modified outside lamin-io")
                 raise StorageModifiedError(msg)
 
-    def cache(self, *, mute: bool = False) -> Path:
+    def cache(self, *, mute: bool = False, is_run_input: bool | None = None) -> Path:
         """Return a local path to the content, downloading S3 objects once.
 
         The local copy is kept per content hash and fetched again when it no longer matches
-        the record (missing, edited). Local storage returns the stored path itself.
+        the record (missing, edited). Local storage returns the stored path itself. An
+        unsaved artifact returns its local file or folder itself (an S3 one is downloaded
+        into the cache).
+
+        Parameters
+        ----------
+        mute
+            Hide progress bars.
+        is_run_input
+            Accepted as lamindb does; lineage is not recorded yet (see :meth:`_read_as_input`).
         """
+        if self._row is None:
+            return self._cache_unsaved(mute=mute)
         path = self.verify()
         if is_local(path):
-            return Path(path.path)
-        row = self._saved()
-        name = PurePosixPath(row.key).name if row.key else f"{row.uid}{row.suffix}"
-        with storage_errors(str(path), current().settings_for(row.storage_id).endpoint_url):
-            return cached_copy(path, sha256=row.hash, name=name, manifest=self.manifest,
+            local = Path(path.path)
+        else:
+            row = self._saved()
+            name = PurePosixPath(row.key).name if row.key else f"{row.uid}{row.suffix}"
+            with storage_errors(str(path),
+                                current().settings_for(row.storage_id).endpoint_url):
+                local = cached_copy(path, sha256=row.hash, name=name, manifest=self.manifest,
+                                    what=self._what(), mute=mute)
+        self._read_as_input(is_run_input=is_run_input)
+        return local
+
+    def _cache_unsaved(self, *, mute: bool) -> Path:
+        """Return the unsaved source: itself if local, else a verified copy in the cache."""
+        source = self._source
+        endpoint = dict(source.storage_options).get("endpoint_url")
+        with storage_errors(str(source), endpoint):
+            if not source.exists():
+                raise missing_path(source)
+            if is_local(source):
+                return Path(source.path)
+            digest, _, manifest = hash_path(source, mute=mute)
+            return cached_copy(source, sha256=digest, name=source.name, manifest=manifest,
                                what=self._what(), mute=mute)
 
-    def load(self, **kwargs: Any) -> Any:
+    def _source_size(self) -> int:
+        source = self._source
+        with storage_errors(str(source), dict(source.storage_options).get("endpoint_url")):
+            return int(source.fs.du(source.path, total=True))
+
+    def _read_as_input(self, *, is_run_input: bool | None) -> None:
+        """Record that this artifact was read: the hook lineage will fill.
+
+        Lineage is not recorded yet. When it is, it belongs here, for saved artifacts only:
+        an unsaved artifact has no record to link to, and reading it writes nothing to the
+        registry (``is_run_input`` then has no effect, as in lamindb).
+        """
+        if self._row is None:
+            return  # never a run input before it is saved
+        # lineage: link self._row to the active run here, unless is_run_input is False
+
+    def load(self, *, mute: bool = False, is_run_input: bool | None = None,
+             **kwargs: Any) -> Any:
         """Load into memory: AnnData for ``.h5ad``/``.zarr``, a pandas DataFrame for tables.
 
         Tables are parquet, csv, tsv, Arrow IPC/Feather, JSON Lines and ORC files, and
         folders of one of them (sharded or hive-partitioned). Extra keyword arguments go to
         the reader (``anndata.read_h5ad``, ``pandas.read_*``; ``pyarrow.dataset.dataset`` for
-        table folders). Above ``LAMIN_IO_LOAD_WARN_BYTES`` (default 10 GB; ``0`` turns it
-        off) a ``UserWarning`` suggests :meth:`open` instead.
+        table folders); one the reader does not take is an ``UnsupportedFormatError``,
+        raised before anything is downloaded. Above ``LAMIN_IO_LOAD_WARN_BYTES`` (default
+        10 GB; ``0`` turns it off) a ``UserWarning`` suggests :meth:`open` instead. An
+        unsaved artifact loads the file or folder it was made from.
+
+        Parameters
+        ----------
+        mute
+            Hide progress bars of a download.
+        is_run_input
+            Accepted as lamindb does; lineage is not recorded yet.
+        **kwargs
+            Passed to the format's reader.
+
+        Raises
+        ------
+        UnsupportedFormatError
+            No reader for the suffix, or a keyword the reader does not take.
+        CorruptArtifactError
+            The bytes cannot be decoded (a truncated file, a damaged chunk).
         """
         from lamin_io.accessors import format_for
 
-        loader = format_for(self.suffix).resolve("load")
-        _warn_if_large(self)
-        return loader(to_upath(self.cache()), **kwargs)
+        fmt = format_for(self.suffix)
+        loader = fmt.resolve("load")
+        fmt.check_keywords("load", self.suffix, kwargs)
+        if self._row is None:
+            _warn_if_large(self._what(), self._source_size())
+        else:
+            _warn_if_large(self._what(), self.size)
+        try:
+            loaded = loader(to_upath(self.cache(mute=mute)), **kwargs)
+        except CorruptArtifactError as exc:
+            exc.add_note(f"while loading {self._what()}")
+            raise
+        self._read_as_input(is_run_input=is_run_input)
+        return loaded
 
-    def open(self, mode: str = "r", **kwargs: Any) -> Any:
+    def open(self, mode: str = "r", *, is_run_input: bool | None = None, **kwargs: Any) -> Any:
         """Open lazily where the bytes lie (see :func:`lamin_io.open`).
 
         A write mode on a folder (``"r+"`` on an AnnData ``.zarr``, ``"w"`` on a
         ``.tiledbsoma`` experiment) works on a private copy; closing the accessor saves that
         copy as a new version of this artifact (the registered version stays immutable: the
-        record is the truth). The format table's ``modes`` are checked before anything is
-        copied; single files open where they lie, and their readers refuse write modes.
+        record is the truth). The format table's ``modes`` and keywords are checked before
+        anything is copied; single files open where they lie, and their readers refuse
+        write modes. An unsaved artifact opens the file or folder it was made from, as
+        :func:`lamin_io.open` does (a write mode then edits that file itself).
+
+        Parameters
+        ----------
+        mode
+            ``"r"``, or a write mode the format takes.
+        is_run_input
+            Accepted as lamindb does; lineage is not recorded yet.
+        **kwargs
+            Passed to the format's opener (``engine=`` for tables, ...).
         """
         from lamin_io.accessors import format_for
         from lamin_io.accessors import open as open_path
 
+        if self._row is None:
+            return open_path(self._source, mode, **kwargs)
         path = self.verify()
         if mode == "r" or self.n_files is None:
-            return open_path(path, mode, **kwargs)
+            opened = open_path(path, mode, **kwargs)
+            self._read_as_input(is_run_input=is_run_input)
+            return opened
         fmt = format_for(self.suffix, path, what="open")
         if mode not in fmt.modes:
             shown = " or ".join(map(repr, fmt.modes))
             msg = (f"cannot open {self._what()} in mode {mode!r}: {fmt.name} stores open in "
                    f"mode {shown}")
             raise WriteNotSupportedError(msg)
+        fmt.check_keywords("open", self.suffix, kwargs)
         return self._open_writable_copy(mode, **kwargs)
 
     def _open_writable_copy(self, mode: str, **kwargs: Any) -> Any:
