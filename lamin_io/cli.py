@@ -102,12 +102,17 @@ def connect(registry: str | None, storage: str | None, endpoint_url: str | None,
 @click.argument("path")
 @click.option("--key", help="Registry key, e.g. project/pbmc.h5ad (suffix must match).")
 @click.option("--description", help="Free text.")
-@click.option("--revises", help="Key of the artifact this is a new version of.")
+@click.option("--revises", help="Key of the artifact this is a new version of (its key is "
+              "the default --key; another --key moves the family to that key).")
 @click.option("--mute", is_flag=True, help="No progress bars.")
 @_run
 def save(path: str, key: str | None, description: str | None, revises: str | None,
          mute: bool) -> None:  # noqa: FBT001
-    """Hash, upload and register PATH (a file, a folder, or an s3:// URL)."""
+    """Hash, upload and register PATH (a file, a folder, or an s3:// URL).
+
+    With --revises and a different --key, the new version is saved under --key: the
+    family's key changes (a warning says so), and the old key keeps the earlier versions.
+    """
     from lamin_io.registry import Artifact
 
     previous = Artifact.get(key=revises) if revises else None
@@ -173,8 +178,10 @@ def delete(key: str, version: str | None, yes: bool) -> None:  # noqa: FBT001
                        err=True)
             sys.exit(EXIT_USAGE)
         click.confirm(f"delete {artifact!r}?", abort=True)
+    # read before delete(): the record is gone afterwards
+    name, label, uid = artifact.key or artifact.uid, artifact.version, artifact.uid
     artifact.delete()
-    click.echo(f"deleted {key} (version {artifact.version if artifact._row else version})")
+    click.echo(f"deleted {name} (version {label}, uid {uid})")
 
 
 @cli.command(epilog=_EPILOG)

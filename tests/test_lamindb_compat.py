@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import anndata as ad
@@ -155,3 +156,25 @@ def test_soma_keywords(conn: Any, tmp_path: Path) -> None:
     with pytest.raises(errors.UnsupportedFormatError, match="does not take context="):
         artifact.open(context=None)  # lamin-io builds the context from the storage
     assert artifact.load(obs_id_name="obs_id").n_obs == truth.n_obs
+
+
+# -- versions: the key of a family ----------------------------------------------------------
+
+
+def test_revises_keeps_the_key_or_says_it_changes(conn: Any, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    v1 = ln.Artifact(write_bytes(tmp_path / "a.csv", b"a\n1\n"), key="old/t.csv").save()
+    v2 = ln.Artifact(write_bytes(tmp_path / "b.csv", b"a\n2\n"), revises=v1).save()
+    assert (v2.key, v2.version) == ("old/t.csv", "2")  # the family's key, as in lamindb
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="lamin_io"):
+        v3 = ln.Artifact(write_bytes(tmp_path / "c.csv", b"a\n3\n"), key="new/t.csv",
+                         revises=v2).save()
+    assert (v3.key, v3.version) == ("new/t.csv", "3")
+    assert [r.getMessage() for r in caplog.records] == [
+        "the family of 'old/t.csv' now has key 'new/t.csv': version 3 was saved under the new "
+        "key, so Artifact.get(key='new/t.csv') returns it and 'old/t.csv' keeps only the "
+        "earlier versions"]
+    assert ln.Artifact.get(key="new/t.csv") == v3
+    assert v3.versions[0] == v1
+

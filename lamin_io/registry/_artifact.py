@@ -117,7 +117,8 @@ class Artifact(Record):
     description
         Free text.
     revises
-        A saved artifact this one is a new version of.
+        A saved artifact this one is a new version of; its key is the default ``key``. A
+        different ``key`` moves the family to that key (a warning says so at save).
     version
         A version label; default: the next integer in the family.
     storage_options
@@ -151,11 +152,13 @@ class Artifact(Record):
         source = existing_path(path, storage_options)
         self._source = source
         self._suffix = suffix_of(source.name)
-        if key is not None:
-            validate_key(key, suffix=self._suffix)
         if revises is not None and (not isinstance(revises, Artifact) or revises._row is None):
             msg = "revises= must be a saved Artifact (for example Artifact.get(key=...))"
             raise InvalidArgumentError(msg)
+        if key is None and revises is not None:
+            key = revises.key  # a new version keeps its family's key, as in lamindb
+        if key is not None:
+            validate_key(key, suffix=self._suffix)
         self._key = key
         self._description = description
         self._revises = revises
@@ -211,9 +214,20 @@ class Artifact(Record):
             return self
         if row.status == READY:  # registered in place, nothing to upload
             self._row = row
-            return self
-        self._row = self._upload_and_publish(conn, row, mute=mute)
+        else:
+            self._row = self._upload_and_publish(conn, row, mute=mute)
+        self._warn_if_key_moved()
         return self
+
+    def _warn_if_key_moved(self) -> None:
+        """Say so when a new version of ``revises`` moved its family to another key."""
+        previous = self._revises
+        if previous is None or previous.key == self.key:
+            return
+        logger.warning("the family of %r now has key %r: version %s was saved under the new "
+                       "key, so Artifact.get(key=%r) returns it and %r keeps only the earlier "
+                       "versions", previous.key, self.key, self.version, self.key,
+                       previous.key)
 
     def _claim(self, conn: Connection, digest: str, size: int, manifest: Manifest | None,
                key: str | None, located: tuple[int, str] | None, *,
