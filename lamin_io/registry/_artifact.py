@@ -1,4 +1,6 @@
-"""Artifacts: registered files and folders, with versions, caching, loading and deletion.
+"""Artifacts: registered files and folders, with versions, saving and deletion.
+
+Reading their content (verify, cache, load, open) is :mod:`lamin_io.registry._reading`.
 
 Saving is crash-safe. The record is written first as *pending*, the bytes are uploaded to
 their final key with a conditional create, and only then is the record marked *ready*;
@@ -12,7 +14,6 @@ import json
 import logging
 import os
 import time
-import warnings
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -20,20 +21,18 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from sqlalchemy import delete, select, update
 
 from lamin_io.errors import (
-    CorruptArtifactError,
     InvalidArgumentError,
     InvalidKeyError,
     MissingDependencyError,
     ObjectExistsError,
     RegistryError,
     StorageModifiedError,
-    StorageObjectMissingError,
     UnsupportedFormatError,
-    WriteNotSupportedError,
 )
 from lamin_io.registry import _schema as s
 from lamin_io.registry._connection import Connection, current
 from lamin_io.registry._keys import RESERVED_PREFIX, object_key, validate_key
+from lamin_io.registry._reading import ArtifactReads, format_size, manifest_of, stored_path
 from lamin_io.registry._record import (
     DELETING,
     PENDING,
@@ -47,10 +46,8 @@ from lamin_io.registry._record import (
 )
 from lamin_io.storage import (
     Manifest,
-    cached_copy,
     fingerprint,
     hash_path,
-    is_local,
     missing_path,
     remove,
     storage_errors,
@@ -70,40 +67,11 @@ __all__ = ["Artifact", "ArtifactSet", "existing_path", "format_size"]
 logger = logging.getLogger(__name__)
 
 
-def format_size(n: int) -> str:
-    """Return a byte count for humans (``"1.5 MB"``)."""
-    size = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"  # pragma: no cover
-
-
 def _pending_wait() -> float:
     return float(os.environ.get("LAMIN_IO_PENDING_WAIT", "600"))
 
 
-#: Default of ``LAMIN_IO_LOAD_WARN_BYTES``: ``load()`` warns above this size.
-LOAD_WARN_BYTES = 10_000_000_000
-
-
-def _warn_if_large(what: str, size: int) -> None:
-    """Warn (``UserWarning``) before loading ``size`` bytes above the configured limit."""
-    raw = os.environ.get("LAMIN_IO_LOAD_WARN_BYTES", "").strip()
-    try:
-        limit = int(float(raw)) if raw else LOAD_WARN_BYTES
-    except ValueError:
-        msg = f"LAMIN_IO_LOAD_WARN_BYTES must be a number of bytes (0: never warn), got {raw!r}"
-        raise InvalidArgumentError(msg) from None
-    if 0 < limit < size:
-        warnings.warn(
-            f"loading {what} into memory: {format_size(size)}, above "
-            f"{format_size(limit)} (LAMIN_IO_LOAD_WARN_BYTES); open() reads it lazily",
-            UserWarning, stacklevel=3)
-
-
-class Artifact(Record):
+class Artifact(Record, ArtifactReads):
     """A file or folder in the registry.
 
     Parameters
@@ -275,7 +243,7 @@ class Artifact(Record):
 
     def _upload_and_publish(self, conn: Connection, row: Row[Any], *, mute: bool) -> Row[Any]:
         t = s.artifact
-        dest = _stored_path(conn, row)
+        dest = stored_path(conn, row)
         endpoint = conn.settings_for(row.storage_id).endpoint_url
         try:
             with storage_errors(str(dest), endpoint):
@@ -348,216 +316,13 @@ class Artifact(Record):
     @property
     def path(self) -> UPath:
         """Where the bytes are stored, as a ``UPath`` carrying the storage's settings."""
-        return _stored_path(current(), self._saved())
+        return stored_path(current(), self._saved())
 
     def _what(self) -> str:
         if self._row is None:
             return f"unsaved artifact {self._source}"
         row = self._row
         return f"artifact {row.key or row.uid!r} (uid {row.uid})"
-
-    def verify(self) -> UPath:
-        """Check that the stored object still matches the record; return its path.
-
-        Raises
-        ------
-        StorageObjectMissingError
-            The stored object is gone.
-        StorageModifiedError
-            It was changed behind the registry's back.
-        CorruptArtifactError
-            A folder lacks a file its manifest lists (never read as fill values).
-        """
-        conn = current()
-        row = self._saved()
-        path = _stored_path(conn, row)
-        with storage_errors(str(path), conn.settings_for(row.storage_id).endpoint_url):
-            if row.manifest is not None:
-                self._verify_folder(path)
-            else:
-                self._verify_file(path)
-        return path
-
-    def _verify_file(self, path: UPath) -> None:
-        row = self._saved()
-        try:
-            now = fingerprint(path)
-        except StorageObjectMissingError as exc:
-            msg = (f"{self._what()}: its stored object {path} is missing; restore it or "
-                   f"remove the record with `lamin-io delete {row.key or row.uid}`")
-            raise StorageObjectMissingError(msg) from exc
-        recorded = json.loads(row.fingerprint or "{}")
-        changed = now["size"] != row.size or (
-            "etag" in recorded and now.get("etag") != recorded["etag"])
-        if not changed and "mtime_ns" in recorded and now["mtime_ns"] != recorded["mtime_ns"]:
-            changed = hash_path(path, mute=True)[0] != row.hash
-        if changed:
-            msg = (f"{self._what()}: the stored object {path} no longer matches the record "
-                   f"(overwritten or truncated outside lamin-io); save the new content as a "
-                   f"new version")
-            raise StorageModifiedError(msg)
-
-    def _verify_folder(self, path: UPath) -> None:
-        root = path.path.rstrip("/")
-        listing = {name[len(root) + 1 :]: int(info.get("size") or 0)
-                   for name, info in path.fs.find(root, detail=True, withdirs=False).items()}
-        if not listing:
-            msg = f"{self._what()}: its stored folder {path} is missing"
-            raise StorageObjectMissingError(msg)
-        manifest = self.manifest
-        assert manifest is not None  # noqa: S101 (folder rows always carry one)
-        for rel, size, _ in manifest.entries:
-            if rel not in listing:
-                msg = (f"{self._what()}: file {rel!r} listed in its manifest is missing from "
-                       f"{path}; the folder is incomplete and is not read")
-                raise CorruptArtifactError(msg)
-            if listing[rel] != size:
-                msg = (f"{self._what()}: file {rel!r} in {path} has {listing[rel]} bytes, "
-                       f"the record says {size}; it was modified outside lamin-io")
-                raise StorageModifiedError(msg)
-
-    def cache(self, *, mute: bool = False, is_run_input: bool | None = None) -> Path:
-        """Return a local path to the content, downloading S3 objects once.
-
-        The local copy is kept per content hash and fetched again when it no longer matches
-        the record (missing, edited). Local storage returns the stored path itself. An
-        unsaved artifact returns its local file or folder itself (an S3 one is downloaded
-        into the cache).
-
-        Parameters
-        ----------
-        mute
-            Hide progress bars.
-        is_run_input
-            Accepted as lamindb does; lineage is not recorded yet (see :meth:`_read_as_input`).
-        """
-        if self._row is None:
-            return self._cache_unsaved(mute=mute)
-        path = self.verify()
-        if is_local(path):
-            local = Path(path.path)
-        else:
-            row = self._saved()
-            name = PurePosixPath(row.key).name if row.key else f"{row.uid}{row.suffix}"
-            with storage_errors(str(path),
-                                current().settings_for(row.storage_id).endpoint_url):
-                local = cached_copy(path, sha256=row.hash, name=name, manifest=self.manifest,
-                                    what=self._what(), mute=mute)
-        self._read_as_input(is_run_input=is_run_input)
-        return local
-
-    def _cache_unsaved(self, *, mute: bool) -> Path:
-        """Return the unsaved source: itself if local, else a verified copy in the cache."""
-        source = self._source
-        endpoint = dict(source.storage_options).get("endpoint_url")
-        with storage_errors(str(source), endpoint):
-            if not source.exists():
-                raise missing_path(source)
-            if is_local(source):
-                return Path(source.path)
-            digest, _, manifest = hash_path(source, mute=mute)
-            return cached_copy(source, sha256=digest, name=source.name, manifest=manifest,
-                               what=self._what(), mute=mute)
-
-    def _source_size(self) -> int:
-        source = self._source
-        with storage_errors(str(source), dict(source.storage_options).get("endpoint_url")):
-            return int(source.fs.du(source.path, total=True))
-
-    def _read_as_input(self, *, is_run_input: bool | None) -> None:
-        """Record that this artifact was read: the hook lineage will fill.
-
-        Lineage is not recorded yet. When it is, it belongs here, for saved artifacts only:
-        an unsaved artifact has no record to link to, and reading it writes nothing to the
-        registry (``is_run_input`` then has no effect, as in lamindb).
-        """
-        if self._row is None:
-            return  # never a run input before it is saved
-        # lineage: link self._row to the active run here, unless is_run_input is False
-
-    def load(self, *, mute: bool = False, is_run_input: bool | None = None,
-             **kwargs: Any) -> Any:
-        """Load into memory: AnnData for ``.h5ad``/``.zarr``, a pandas DataFrame for tables.
-
-        Tables are parquet, csv, tsv, Arrow IPC/Feather, JSON Lines and ORC files, and
-        folders of one of them (sharded or hive-partitioned). Extra keyword arguments go to
-        the reader (``anndata.read_h5ad``, ``pandas.read_*``; ``pyarrow.dataset.dataset`` for
-        table folders); one the reader does not take is an ``UnsupportedFormatError``,
-        raised before anything is downloaded. Above ``LAMIN_IO_LOAD_WARN_BYTES`` (default
-        10 GB; ``0`` turns it off) a ``UserWarning`` suggests :meth:`open` instead. An
-        unsaved artifact loads the file or folder it was made from.
-
-        Parameters
-        ----------
-        mute
-            Hide progress bars of a download.
-        is_run_input
-            Accepted as lamindb does; lineage is not recorded yet.
-        **kwargs
-            Passed to the format's reader.
-
-        Raises
-        ------
-        UnsupportedFormatError
-            No reader for the suffix, or a keyword the reader does not take.
-        CorruptArtifactError
-            The bytes cannot be decoded (a truncated file, a damaged chunk).
-        """
-        from lamin_io.accessors import format_for
-
-        fmt = format_for(self.suffix)
-        loader = fmt.resolve("load")
-        fmt.check_keywords("load", self.suffix, kwargs)
-        if self._row is None:
-            _warn_if_large(self._what(), self._source_size())
-        else:
-            _warn_if_large(self._what(), self.size)
-        try:
-            loaded = loader(to_upath(self.cache(mute=mute)), **kwargs)
-        except CorruptArtifactError as exc:
-            exc.add_note(f"while loading {self._what()}")
-            raise
-        self._read_as_input(is_run_input=is_run_input)
-        return loaded
-
-    def open(self, mode: str = "r", *, is_run_input: bool | None = None, **kwargs: Any) -> Any:
-        """Open lazily where the bytes lie (see :func:`lamin_io.open`).
-
-        A write mode on a folder (``"r+"`` on an AnnData ``.zarr``, ``"w"`` on a
-        ``.tiledbsoma`` experiment) works on a private copy; closing the accessor saves that
-        copy as a new version of this artifact (the registered version stays immutable: the
-        record is the truth). The format table's ``modes`` and keywords are checked before
-        anything is copied; single files open where they lie, and their readers refuse
-        write modes. An unsaved artifact opens the file or folder it was made from, as
-        :func:`lamin_io.open` does (a write mode then edits that file itself).
-
-        Parameters
-        ----------
-        mode
-            ``"r"``, or a write mode the format takes.
-        is_run_input
-            Accepted as lamindb does; lineage is not recorded yet.
-        **kwargs
-            Passed to the format's opener (``engine=`` for tables, ...).
-        """
-        from lamin_io.accessors import format_for
-        from lamin_io.accessors import open as open_path
-
-        if self._row is None:
-            return open_path(self._source, mode, **kwargs)
-        path = self.verify()
-        if mode == "r" or self.n_files is None:
-            opened = open_path(path, mode, **kwargs)
-            self._read_as_input(is_run_input=is_run_input)
-            return opened
-        fmt = format_for(self.suffix, path, what="open")
-        if mode not in fmt.modes:
-            shown = " or ".join(map(repr, fmt.modes))
-            msg = (f"cannot open {self._what()} in mode {mode!r}: {fmt.name} stores open in "
-                   f"mode {shown}")
-            raise WriteNotSupportedError(msg)
-        fmt.check_keywords("open", self.suffix, kwargs)
-        return self._open_writable_copy(mode, **kwargs)
 
     def _open_writable_copy(self, mode: str, **kwargs: Any) -> Any:
         import shutil
@@ -613,7 +378,7 @@ class Artifact(Record):
             c.execute(update(t).where(t.c.id == row.id).values(status=DELETING, is_latest=False))
             refresh_latest(c, t, row.family_uid)
         if storage if storage is not None else row.managed:
-            path = _stored_path(conn, row)
+            path = stored_path(conn, row)
             try:
                 with storage_errors(str(path), conn.settings_for(row.storage_id).endpoint_url):
                     remove(path)
@@ -700,16 +465,6 @@ class ArtifactSet(RecordSet[Artifact]):
 
 
 Artifact._set = ArtifactSet
-
-
-def manifest_of(row: Row[Any]) -> Manifest | None:
-    """Return the manifest stored in an artifact row, ``None`` for a single file."""
-    return None if row.manifest is None else Manifest.from_json(json.loads(row.manifest))
-
-
-def _stored_path(conn: Connection, row: Row[Any]) -> UPath:
-    settings = conn.settings_for(row.storage_id)
-    return to_upath(f"{settings.root}/{row.storage_key}", settings.fsspec_options())
 
 
 def _delete_row(conn: Connection, row_id: int) -> None:
