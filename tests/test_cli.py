@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
-import pytest
 from conftest import write_bytes
-
-
-@pytest.fixture
-def cli_env(tmp_path):
-    env = os.environ.copy()
-    env.update(LAMIN_IO_CONFIG_DIR=str(tmp_path / "config"),
-               LAMIN_IO_DATA_DIR=str(tmp_path / "data"),
-               LAMIN_IO_CACHE_DIR=str(tmp_path / "cache"))
-    for name in ("LAMIN_IO_REGISTRY", "LAMIN_IO_STORAGE"):
-        env.pop(name, None)
-    return env
 
 
 def run(env, *args, check_rc=0):

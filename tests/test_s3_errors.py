@@ -71,17 +71,6 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120, check=False)
 
 
-@pytest.fixture
-def cli_env(tmp_path: Path, s3_endpoint: str) -> dict[str, str]:
-    env = os.environ.copy()  # after the server started: its test credentials are set
-    env.update(LAMIN_IO_CONFIG_DIR=str(tmp_path / "config"),
-               LAMIN_IO_DATA_DIR=str(tmp_path / "data"),
-               LAMIN_IO_CACHE_DIR=str(tmp_path / "cache"))
-    for name in ("LAMIN_IO_REGISTRY", "LAMIN_IO_STORAGE"):
-        env.pop(name, None)
-    return env
-
-
 def registry_rows(conn: Connection) -> list[object]:
     from sqlalchemy import select
 
