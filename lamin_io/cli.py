@@ -1,7 +1,8 @@
 """The ``lamin-io`` command line.
 
 Exit codes: 0 success, 1 a lamin-io error (message on stderr), 2 bad usage, 3 nothing
-matched (unknown key), 4 storage or registry temporarily unreachable or locked (retry).
+found (unknown key, missing path or bucket), 4 storage or registry temporarily unreachable
+or locked (retry).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ _EPILOG = ("Exit codes: 0 ok, 1 error, 2 bad usage, 3 not found, "
 
 
 def _exit_code(exc: errors.LaminIOError) -> int:
-    if isinstance(exc, errors.ArtifactNotFoundError | errors.PathNotFoundError):
+    if isinstance(exc, errors.ArtifactNotFoundError | errors.PathNotFoundError
+                  | errors.BucketNotFoundError):
         return EXIT_NOT_FOUND
     if isinstance(exc, errors.StorageUnreachableError | errors.RegistryLockedError
                   | errors.RegistryUnreachableError):
@@ -100,12 +102,17 @@ def connect(registry: str | None, storage: str | None, endpoint_url: str | None,
 @click.argument("path")
 @click.option("--key", help="Registry key, e.g. project/pbmc.h5ad (suffix must match).")
 @click.option("--description", help="Free text.")
-@click.option("--revises", help="Key of the artifact this is a new version of.")
+@click.option("--revises", help="Key of the artifact this is a new version of (its key is "
+              "the default --key; another --key moves the family to that key).")
 @click.option("--mute", is_flag=True, help="No progress bars.")
 @_run
 def save(path: str, key: str | None, description: str | None, revises: str | None,
          mute: bool) -> None:  # noqa: FBT001
-    """Hash, upload and register PATH (a file, a folder, or an s3:// URL)."""
+    """Hash, upload and register PATH (a file, a folder, or an s3:// URL).
+
+    With --revises and a different --key, the new version is saved under --key: the
+    family's key changes (a warning says so), and the old key keeps the earlier versions.
+    """
     from lamin_io.registry import Artifact
 
     previous = Artifact.get(key=revises) if revises else None
@@ -171,8 +178,10 @@ def delete(key: str, version: str | None, yes: bool) -> None:  # noqa: FBT001
                        err=True)
             sys.exit(EXIT_USAGE)
         click.confirm(f"delete {artifact!r}?", abort=True)
+    # read before delete(): the record is gone afterwards
+    name, label, uid = artifact.key or artifact.uid, artifact.version, artifact.uid
     artifact.delete()
-    click.echo(f"deleted {key} (version {artifact.version if artifact._row else version})")
+    click.echo(f"deleted {name} (version {label}, uid {uid})")
 
 
 @cli.command(epilog=_EPILOG)

@@ -11,6 +11,8 @@ __all__ = [
     "ArtifactNotFoundError",
     "CorruptArtifactError",
     "AccessorClosedError",
+    "BucketNotFoundError",
+    "CredentialsError",
     "IndexOutOfRangeError",
     "InvalidArgumentError",
     "InvalidKeyError",
@@ -100,6 +102,17 @@ class StorageError(LaminIOError, OSError):
 
 class StorageUnreachableError(StorageError, ConnectionError):
     """The storage endpoint did not answer after bounded retries."""
+
+
+class BucketNotFoundError(StorageError, FileNotFoundError):
+    """The S3 bucket a path or storage root names does not exist at the endpoint."""
+
+
+class CredentialsError(StorageError, PermissionError):
+    """No credentials were found for storage that needs them.
+
+    Anonymous access is used only when asked for (``anon=True``), never as a fallback.
+    """
 
 
 class StorageObjectMissingError(StorageError, FileNotFoundError):

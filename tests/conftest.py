@@ -88,6 +88,22 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]
     disconnect()
 
 
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """The environment for a ``lamin-io`` subprocess, its settings and data in tmp_path.
+
+    A copy of this process's environment: a test that also takes ``s3_endpoint`` (session
+    scoped, so started first) passes the server's test credentials on.
+    """
+    env = os.environ.copy()
+    env.update(LAMIN_IO_CONFIG_DIR=str(tmp_path / "config"),
+               LAMIN_IO_DATA_DIR=str(tmp_path / "data"),
+               LAMIN_IO_CACHE_DIR=str(tmp_path / "cache"))
+    for name in ("LAMIN_IO_REGISTRY", "LAMIN_IO_STORAGE"):
+        env.pop(name, None)
+    return env
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh registry: a SQLite file, or a database on LAMIN_IO_TEST_POSTGRES."""

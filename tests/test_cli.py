@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
-import pytest
 from conftest import write_bytes
-
-
-@pytest.fixture
-def cli_env(tmp_path):
-    env = os.environ.copy()
-    env.update(LAMIN_IO_CONFIG_DIR=str(tmp_path / "config"),
-               LAMIN_IO_DATA_DIR=str(tmp_path / "data"),
-               LAMIN_IO_CACHE_DIR=str(tmp_path / "cache"))
-    for name in ("LAMIN_IO_REGISTRY", "LAMIN_IO_STORAGE"):
-        env.pop(name, None)
-    return env
 
 
 def run(env, *args, check_rc=0):
@@ -67,3 +54,30 @@ def test_import_is_light():
             "'zarr', 'h5py', 'pyarrow', 'torch', 'polars'} & set(sys.modules); "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_cli_delete_reports_the_version_and_revises_another_key(cli_env, tmp_path):
+    run(cli_env, "connect", "--registry", str(tmp_path / "r.db"),
+        "--storage", str(tmp_path / "store"))
+    run(cli_env, "save", str(write_bytes(tmp_path / "a.csv", b"a\n1\n")), "--key", "old/t.csv")
+    # a new version without --key keeps the family's key
+    out = run(cli_env, "save", str(write_bytes(tmp_path / "b.csv", b"a\n2\n")),
+              "--revises", "old/t.csv").stdout
+    assert "key='old/t.csv'" in out
+    assert "version='2'" in out
+    # with another --key: saved, and the family's key change is said
+    proc = run(cli_env, "save", str(write_bytes(tmp_path / "c.csv", b"a\n3\n")),
+               "--revises", "old/t.csv", "--key", "new/t.csv")
+    assert "key='new/t.csv'" in proc.stdout
+    assert "version='3'" in proc.stdout
+    assert ("the family of 'old/t.csv' now has key 'new/t.csv': version 3 was saved under the "
+            "new key") in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # delete says which version it deleted: the latest, or the one asked for
+    assert run(cli_env, "delete", "new/t.csv", "--yes").stdout.startswith(
+        "deleted new/t.csv (version 3, uid ")
+    assert run(cli_env, "delete", "old/t.csv", "--version", "1", "--yes").stdout.startswith(
+        "deleted old/t.csv (version 1, uid ")
+    rows = [line.split() for line in run(cli_env, "ls", "--all-versions").stdout.splitlines()
+            if "t.csv" in line]
+    assert [row[:2] for row in rows] == [["old/t.csv", "2"]]  # the one version left

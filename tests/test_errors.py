@@ -91,7 +91,11 @@ def test_folder_missing_a_listed_file_is_corrupt(conn, tmp_path):
         art.cache()
 
 
-def test_unreachable_s3_endpoint(tmp_path):
+def test_unreachable_s3_endpoint(tmp_path, monkeypatch):
+    # credentials of its own: without any, signing fails before a connection is tried
+    # (a CredentialsError), whether or not another test started the S3 server first
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     with socket_closed_port() as port:
         endpoint = f"http://127.0.0.1:{port}"
         conn = ln.connect(tmp_path / "r.db", f"s3://{BUCKET}/x", endpoint_url=endpoint)
@@ -220,3 +224,70 @@ def test_bad_arguments(conn, tmp_path):
         ln.connect(tmp_path / "r.db", "gs://bucket")
     with pytest.raises(errors.InvalidArgumentError, match="not saved"):
         _ = ln.Artifact(f).uid
+
+
+def _damaged_anndata(tmp_path, kind):
+    """An AnnData file or store whose bytes anndata cannot decode, made from a real one."""
+    import shutil
+
+    import anndata as ad
+    import numpy as np
+
+    adata = ad.AnnData(np.arange(2000, dtype=np.float32).reshape(200, 10))
+    if kind == "truncated.h5ad":
+        adata.write_h5ad(tmp_path / "whole.h5ad")
+        data = (tmp_path / "whole.h5ad").read_bytes()
+        return write_bytes(tmp_path / kind, data[: len(data) // 2])
+    if kind == "chunk.h5ad":  # the header is fine, a gzip chunk of X is not
+        import h5py
+
+        path = tmp_path / kind
+        adata.write_h5ad(path, compression="gzip")
+        with h5py.File(path) as f:
+            offset = f["X"].id.get_chunk_info(0).byte_offset
+        data = bytearray(path.read_bytes())
+        data[offset:offset + 50] = b"\xff" * 50
+        return write_bytes(path, bytes(data))
+    store = tmp_path / kind  # a zarr store whose X chunks are not blosc
+    adata.write_zarr(tmp_path / "whole.zarr")
+    shutil.copytree(tmp_path / "whole.zarr", store)
+    chunks = [p for p in (store / "X").rglob("*") if p.is_file() and not p.name.startswith(".")
+              and p.name != "zarr.json"]
+    assert chunks
+    for chunk in chunks:
+        chunk.write_bytes(b"garbage" * 10)
+    return store
+
+
+@pytest.mark.parametrize("kind", ["truncated.h5ad", "chunk.h5ad", "chunk.zarr"])
+def test_load_of_damaged_anndata_is_corrupt(conn, tmp_path, kind):
+    """load() reports damage as open() does, saved or not (not h5py's OSError, not blosc's
+    RuntimeError), naming the file."""
+    path = _damaged_anndata(tmp_path, kind)
+    with pytest.raises(errors.CorruptArtifactError, match=kind) as info:
+        ln.Artifact(path).load()
+    assert "restore it from its source" in str(info.value)
+    saved = ln.Artifact(path, key=kind).save()
+    with pytest.raises(errors.CorruptArtifactError, match="cannot be read as AnnData") as info:
+        saved.load()
+    assert any(kind in note for note in info.value.__notes__)  # which artifact
+    with pytest.raises(errors.CorruptArtifactError):
+        ln.open(path).to_memory()
+
+
+def test_registry_or_storage_under_a_regular_file(tmp_path):
+    blocker = write_bytes(tmp_path / "somefile", b"not a folder")
+    cases = [
+        (blocker / "registry.db", tmp_path / "storage"),
+        (tmp_path / "r.db", blocker / "storage"),
+        (tmp_path / "r2.db", blocker),  # the storage root itself is a file
+        (blocker / "deeper" / "registry.db", tmp_path / "storage"),
+    ]
+    for registry, storage in cases:
+        with pytest.raises(errors.InvalidArgumentError) as info:
+            ln.connect(registry, storage)
+        text = str(info.value)
+        assert f"{blocker} is a regular file, not a directory" in text
+        wrong = registry if blocker in (registry, *registry.parents) else storage
+        assert str(wrong) in text  # which setting is wrong
+    assert blocker.read_bytes() == b"not a folder"

@@ -1,4 +1,8 @@
-"""``lamin_io.open`` on a path that does not exist: PathNotFoundError in every mode."""
+"""``lamin_io.open`` on a path that does not exist: PathNotFoundError in every mode.
+
+The suffix is checked first: one that no format opens is an UnsupportedFormatError whether
+the path exists or not.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from lamin_io import errors
 if TYPE_CHECKING:
     from pathlib import Path
 
-SUFFIXES = [".zarr", ".h5ad", ".h5", ".tiledbsoma", ".parquet", ".csv", ".xyz", ""]
+SUFFIXES = [".zarr", ".h5ad", ".h5", ".tiledbsoma", ".parquet", ".csv", ""]
 MODES = ["r", "r+", "w"]
 
 
@@ -53,3 +57,17 @@ def test_existing_store_still_dispatches(tmp_path: Path) -> None:
     zarr.open_group(tmp_path / "plain.zarr", mode="w").create_array("x", shape=(2,), dtype="i4")
     with pytest.raises(errors.WriteNotSupportedError):
         ln.open(tmp_path / "plain.zarr", "w")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["x.txt", "notes.xyz"])
+def test_unsupported_suffix_comes_before_existence(tmp_path: Path, s3_endpoint: str,
+                                                   name: str, mode: str) -> None:
+    suffix = name[name.index("."):]
+    for path, options in ((tmp_path / name, None),
+                          (f"s3://{BUCKET}/{uuid.uuid4().hex}/{name}",
+                           {"endpoint_url": s3_endpoint})):
+        with pytest.raises(errors.UnsupportedFormatError, match=f"cannot open '\\{suffix}'; "
+                           "supported suffixes: .arrow") as info:
+            ln.open(path, mode, storage_options=options)
+        assert ".h5ad" in str(info.value)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import anndata as ad
@@ -287,6 +288,103 @@ def test_bad_inputs_change_nothing(conn, adatas, tmp_path: Path,
     assert snapshot(conn) == before
     assert list(staging.iterdir()) == []  # no staging folder left behind
     assert v1.is_latest
+
+
+# -- appending obsm and varm ------------------------------------------------------------------
+
+
+def with_embeddings(n_obs: int, first: int, genes: list[str], seed: int, *, pcs: int = 3,
+                    loadings: int = 2) -> ad.AnnData:
+    """An AnnData with obsm["X_pca"] and varm["PCs"], as scanpy leaves them."""
+    rng = np.random.default_rng(seed)
+    adata = ad.AnnData(rng.poisson(1.0, (n_obs, len(genes))).astype(np.float32),
+                       obs=pd.DataFrame(index=[f"cell{first + i}" for i in range(n_obs)]),
+                       var=pd.DataFrame(index=genes))
+    adata.obsm["X_pca"] = rng.normal(size=(n_obs, pcs)).astype(np.float32)
+    adata.varm["PCs"] = rng.normal(size=(len(genes), loadings))
+    return adata
+
+
+def genes(lo: int, hi: int) -> list[str]:
+    return [f"gene{i}" for i in range(lo, hi)]
+
+
+@pytest.fixture
+def local_conn(tmp_path: Path) -> Any:
+    return ln.connect(tmp_path / "r.db", tmp_path / "storage")
+
+
+def test_append_carries_obsm_and_varm_keeping_first_varm(local_conn) -> None:
+    """obsm rows come with their cells; varm rows of shared genes stay as first written."""
+    a1 = with_embeddings(30, 0, genes(0, 10), 0)
+    a2 = with_embeddings(20, 30, genes(6, 14), 1)  # genes 6..9 are shared
+    a2_loadings = a2.varm["PCs"].copy()
+    v1 = ln.save_tiledbsoma_experiment([a1], key="emb.tiledbsoma", mute=True)
+    with pytest.warns(UserWarning, match=r"adatas\[0\]: varm 'PCs' differs for 4 gene\(s\) "
+                      r"written before \(e.g. 'gene6', 'gene7', 'gene8', 'gene9'\); the "
+                      r"experiment keeps their first values"):
+        v2 = ln.save_tiledbsoma_experiment([a2], revises=v1, mute=True)
+    np.testing.assert_array_equal(a2.varm["PCs"], a2_loadings)  # the caller's object as it was
+    loaded = v2.load()
+    assert list(loaded.obs_names) == list(a1.obs_names) + list(a2.obs_names)
+    np.testing.assert_allclose(loaded.obsm["X_pca"],
+                               np.concatenate([a1.obsm["X_pca"], a2.obsm["X_pca"]]))
+    pcs = pd.DataFrame(loaded.varm["PCs"], index=loaded.var_names)
+    np.testing.assert_allclose(pcs.loc[genes(0, 10)], a1.varm["PCs"])  # first written
+    np.testing.assert_allclose(pcs.loc[genes(10, 14)], a2.varm["PCs"][4:])  # new genes
+    assert_same_cells_x(loaded, ad.concat([a1, a2], join="outer"))
+    # the same policy among the AnnData of one call, and no warning where rows agree
+    a3 = with_embeddings(10, 50, genes(0, 10), 2)
+    a3.varm["PCs"] = a1.varm["PCs"].copy()
+    with pytest.warns(UserWarning, match=r"adatas\[1\]: varm 'PCs' differs for 4 gene"):
+        both = ln.save_tiledbsoma_experiment([a1, a2], key="both.tiledbsoma", mute=True)
+    pcs = pd.DataFrame(both.load().varm["PCs"], index=genes(0, 14))
+    np.testing.assert_allclose(pcs.loc[genes(6, 10)], a1.varm["PCs"][6:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        v3 = ln.save_tiledbsoma_experiment([a3], revises=v1, mute=True)
+    assert v3.n_observations == 40
+
+
+def assert_same_cells_x(got: ad.AnnData, truth: ad.AnnData) -> None:
+    truth = truth[:, list(got.var_names)]
+    np.testing.assert_array_equal(dense(got.X), np.nan_to_num(dense(truth.X)))
+
+
+def test_append_refuses_what_it_cannot_carry(local_conn, tmp_path: Path) -> None:
+    a1 = with_embeddings(30, 0, genes(0, 10), 0)
+    v1 = ln.save_tiledbsoma_experiment([a1], key="emb.tiledbsoma", mute=True)
+    before = snapshot(local_conn)
+    wide = with_embeddings(10, 30, genes(0, 10), 1, pcs=5)
+    with pytest.raises(errors.InvalidArgumentError,
+                       match=r"adatas\[0\]: obsm 'X_pca' has 5 columns, the experiment has 3"):
+        ln.save_tiledbsoma_experiment([wide], revises=v1, mute=True)
+    narrow = with_embeddings(10, 30, genes(0, 10), 1, loadings=1)
+    with pytest.raises(errors.InvalidArgumentError,
+                       match=r"varm 'PCs' has 1 columns, the experiment has 2"):
+        ln.save_tiledbsoma_experiment([narrow], revises=v1, mute=True)
+    two = [with_embeddings(10, 30, genes(0, 10), 1), with_embeddings(10, 40, genes(0, 10), 2,
+                                                                     pcs=4)]
+    with pytest.raises(errors.InvalidArgumentError,
+                       match=r"adatas\[1\]: obsm 'X_pca' has 4 columns, adatas\[0\] has 3"):
+        ln.save_tiledbsoma_experiment(two, key="new.tiledbsoma", mute=True)
+    graph = with_embeddings(10, 30, genes(0, 10), 1)
+    graph.obsp["connectivities"] = np.eye(10, dtype=np.float32)
+    with pytest.raises(errors.InvalidArgumentError,
+                       match=r"adatas\[0\] has obsp 'connectivities': appending to a "
+                             r"TileDB-SOMA experiment cannot carry obsp or varp"):
+        ln.save_tiledbsoma_experiment([graph], revises=v1, mute=True)
+    genes_graph = with_embeddings(10, 30, genes(0, 10), 1)
+    genes_graph.varp["correlation"] = np.eye(10)
+    with pytest.raises(errors.InvalidArgumentError, match=r"has varp 'correlation'"):
+        ln.save_tiledbsoma_experiment([a1.copy(), genes_graph], key="x.tiledbsoma", mute=True)
+    assert snapshot(local_conn) == before
+    # a new experiment's first AnnData may carry obsp: nothing is appended to
+    first = ln.save_tiledbsoma_experiment([graph], key="graph.tiledbsoma", mute=True)
+    np.testing.assert_array_equal(first.load().obsp["connectivities"].toarray(), np.eye(10))
+    with pytest.raises(errors.InvalidArgumentError, match="append_obsm_varm"):
+        ln.save_tiledbsoma_experiment([with_embeddings(5, 90, genes(0, 10), 3)], revises=v1,
+                                      append_obsm_varm=False, mute=True)
 
 
 def test_tiledb_config_translates_storage_settings() -> None:

@@ -32,7 +32,7 @@ from lamin_io.errors import (
     UnsupportedLayoutError,
     WriteNotSupportedError,
 )
-from lamin_io.storage import is_local, storage_errors, suffix_of
+from lamin_io.storage import is_local, missing_path, storage_errors, suffix_of
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -188,7 +188,25 @@ def open_anndata(path: UPath, *, mode: str = "r",
 
 
 def load_anndata(path: UPath, **kwargs: Any) -> ad.AnnData:
-    """Read a whole AnnData from ``.h5ad`` (plain, ``.gz``, ``.tar.gz``) or ``.zarr``."""
+    """Read a whole AnnData from ``.h5ad`` (plain, ``.gz``, ``.tar.gz``) or ``.zarr``.
+
+    Bytes or metadata anndata cannot decode (a truncated file, a damaged chunk) raise
+    :class:`CorruptArtifactError` naming the file, as :func:`open_anndata` does.
+    """
+    try:
+        with storage_errors(str(path), dict(path.storage_options).get("endpoint_url")):
+            return _read_anndata(path, **kwargs)
+    except LaminIOError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError) as exc:
+        if isinstance(exc, FileNotFoundError) and not path.exists():
+            raise missing_path(path) from exc
+        msg = (f"{path} cannot be read as AnnData ({type(exc).__name__}: {exc}); the file is "
+               f"damaged or incomplete: restore it from its source")
+        raise CorruptArtifactError(msg) from exc
+
+
+def _read_anndata(path: UPath, **kwargs: Any) -> ad.AnnData:
     import anndata as ad
 
     suffix = suffix_of(path.name).lower()

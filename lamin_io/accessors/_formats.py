@@ -10,15 +10,74 @@ Third-party formats may plug in through the entry-point group ``lamin_io.formats
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lamin_io.errors import MissingDependencyError, UnsupportedFormatError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable, Mapping
 
-__all__ = ["Format", "format_for", "formats", "register_format", "supported_suffixes"]
+__all__ = [
+    "Format",
+    "format_for",
+    "formats",
+    "parameters",
+    "register_format",
+    "supported_suffixes",
+]
+
+#: Arguments the callers of a loader or opener give themselves: never the user's keywords.
+_GIVEN = {"load": frozenset(), "open": frozenset({"mode", "on_close"})}
+
+
+def _signature(target: str | Callable[..., Any],
+               skip: Iterable[str]) -> tuple[frozenset[str], bool] | None:
+    """Return ``(named keywords after the first argument, whether it takes **kwargs)``."""
+    fn: Callable[..., Any]
+    if isinstance(target, str):
+        module, _, name = target.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except ImportError:
+            return None
+    else:
+        fn = target
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature
+        return None
+    if params and params[0].kind in (params[0].POSITIONAL_ONLY,
+                                     params[0].POSITIONAL_OR_KEYWORD):
+        params = params[1:]
+    skipped = set(skip)
+    names = frozenset(p.name for p in params
+                      if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                      and not p.name.startswith("_") and p.name not in skipped)
+    return names, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def parameters(target: str | Callable[..., Any], *,
+               skip: Iterable[str] = ()) -> frozenset[str] | None:
+    """Return the keyword arguments a function takes after its first argument.
+
+    Parameters
+    ----------
+    target
+        A function, or ``"module:function"`` (imported here).
+    skip
+        Names to leave out: those the caller passes itself.
+
+    Returns
+    -------
+    frozenset[str] | None
+        The names, private ones (``_name``) left out; ``None`` when the function takes any
+        keyword (``**kwargs``), or when it cannot be imported or inspected (its reader then
+        reports the missing dependency itself).
+    """
+    found = _signature(target, skip)
+    return None if found is None or found[1] else found[0]
 
 
 @dataclass(frozen=True)
@@ -49,6 +108,12 @@ class Format:
     n_observations
         ``"module:function"`` taking ``(path)`` and returning the number of observations
         (cells, rows) stored, or ``None``; recorded on an artifact when it is saved.
+    keywords
+        ``"module:function"`` taking ``(what, suffix, kwargs)``, where ``what`` is
+        ``"load"`` or ``"open"``, and returning the keyword arguments that call hands on to
+        a library (``anndata.read_h5ad``, a polars scan), or ``None`` for any. Needed only
+        where the loader or opener takes ``**kwargs``; its own named arguments count
+        anyway (see :meth:`check_keywords`).
     """
 
     name: str
@@ -59,6 +124,7 @@ class Format:
     extra: str | None = None
     modes: tuple[str, ...] = ("r",)
     n_observations: str | None = None
+    keywords: str | None = None
 
     def resolve(self, what: str) -> Callable[..., Any]:
         """Import and return the function named by attribute ``what``."""
@@ -76,6 +142,66 @@ class Format:
             raise MissingDependencyError(msg) from exc
         fn: Callable[..., Any] = getattr(mod, func)
         return fn
+
+    def takes(self, what: str, suffix: str,
+              kwargs: Mapping[str, Any] | None = None) -> frozenset[str] | None:
+        """Return the keyword arguments ``load()`` or ``open()`` of this format takes.
+
+        Those its loader or opener names (beside the path, ``mode`` and ``on_close``), and,
+        where it takes ``**kwargs``, those the :attr:`keywords` hook says it hands on;
+        ``None`` when it takes any.
+
+        Parameters
+        ----------
+        what
+            ``"load"`` or ``"open"``.
+        suffix
+            The path's suffix (``".zarr"`` and ``".h5ad"`` load through different readers).
+        kwargs
+            The keywords of the call, for hooks whose answer depends on one (``engine=``).
+        """
+        found = _signature(self.resolve(what), _GIVEN[what])
+        if found is None:
+            return None
+        own, takes_any = found
+        if not takes_any:
+            return own
+        if self.keywords is None:
+            return None
+        passed = self.resolve("keywords")(what, suffix, dict(kwargs or {}))
+        return None if passed is None else own | frozenset(passed)
+
+    def check_keywords(self, what: str, suffix: str, kwargs: Mapping[str, Any]) -> None:
+        """Refuse keyword arguments that ``load()``/``open()`` of this format does not take.
+
+        Checked before anything is read or downloaded, so a wrong keyword never surfaces
+        as a ``TypeError`` from a reader deep inside.
+
+        Raises
+        ------
+        UnsupportedFormatError
+            A keyword is not taken; the message names the format, what it takes, and which
+            formats take the keyword.
+        """
+        if not kwargs:
+            return
+        taken = self.takes(what, suffix, kwargs)
+        if taken is None:
+            return
+        unknown = sorted(set(kwargs) - taken)
+        if not unknown:
+            return
+        shown = ", ".join(f"{k}=" for k in unknown)
+        accepted = ", ".join(f"{k}=" for k in sorted(taken)) or "no keyword arguments"
+        if what == "open":
+            accepted += " (besides mode=)"
+        msg = (f"{what}() of {self.name} ({suffix or 'no suffix'}) does not take {shown}; "
+               f"it takes {accepted}")
+        for key in unknown:
+            others = _formats_taking(what, key)
+            if others:
+                msg += f"; {key}= is taken by {what}() of {', '.join(others)}"
+        raise UnsupportedFormatError(msg)
 
 
 _BY_NAME: dict[str, Format] = {}
@@ -151,6 +277,33 @@ def format_for(suffix: str, path: Any = None, *, what: str = "load") -> Format:
     return candidates[-1]
 
 
+def _formats_taking(what: str, key: str) -> list[str]:
+    """Return the formats whose ``what`` takes keyword ``key`` (for an error message)."""
+    out = []
+    for fmt in formats():
+        if getattr(fmt, what) is None:
+            continue
+        try:
+            taken = fmt.takes(what, fmt.suffixes[0])
+        except (UnsupportedFormatError, MissingDependencyError):
+            continue
+        if taken is not None and key in taken:
+            out.append(fmt.name)
+    return out
+
+
+def anndata_keywords(what: str, suffix: str, kwargs: Mapping[str, Any]) -> frozenset[str] | None:
+    """Return what ``load()`` of an AnnData hands to anndata: ``read_zarr``'s or ``read_h5ad``'s.
+
+    The format table's :attr:`Format.keywords` hook of format ``anndata`` (its opener names
+    its own keywords).
+    """
+    if what != "load":
+        return frozenset()
+    return parameters("anndata:read_zarr" if suffix.lower() == ".zarr"
+                      else "anndata:read_h5ad")
+
+
 _A = "lamin_io.accessors._anndata"
 _B = "lamin_io.accessors._backed"
 _S = "lamin_io.accessors._spatialdata"
@@ -161,22 +314,28 @@ for _fmt in (
            can_open=f"{_S}:is_spatialdata"),
     Format("anndata", (".h5ad", ".h5ad.gz", ".h5ad.tar.gz", ".h5", ".hdf5", ".zarr"),
            load=f"{_A}:load_anndata", open=f"{_A}:open_anndata", can_open=f"{_A}:is_anndata",
-           modes=("r", "r+"), n_observations=f"{_A}:count_observations"),
+           modes=("r", "r+"), n_observations=f"{_A}:count_observations",
+           keywords=f"{__name__}:anndata_keywords"),
     Format("tiledbsoma", (".tiledbsoma",), load=f"{_SO}:load_soma", open=f"{_SO}:open_soma",
-           extra="soma", modes=("r", "w"), n_observations=f"{_SO}:count_observations"),
+           extra="soma", modes=("r", "w"), n_observations=f"{_SO}:count_observations",
+           keywords=f"{_SO}:soma_keywords"),
     Format("hdf5", (".h5", ".hdf5"), open=f"{_B}:open_backed"),
     Format("zarr", (".zarr",), open=f"{_B}:open_backed"),
     # tables: one reader pair for every format; _tables.TABLE_FORMATS says which engine
     # reads which (the names match); a folder without a suffix is probed for its part files
-    Format("parquet", (".parquet", ".pq"), load=f"{_T}:load_table", open=f"{_T}:open_table"),
-    Format("csv", (".csv", ".csv.gz"), load=f"{_T}:load_table", open=f"{_T}:open_table"),
-    Format("tsv", (".tsv", ".tsv.gz"), load=f"{_T}:load_table", open=f"{_T}:open_table"),
+    Format("parquet", (".parquet", ".pq"), load=f"{_T}:load_table", open=f"{_T}:open_table",
+           keywords=f"{_T}:table_keywords"),
+    Format("csv", (".csv", ".csv.gz"), load=f"{_T}:load_table", open=f"{_T}:open_table",
+           keywords=f"{_T}:table_keywords"),
+    Format("tsv", (".tsv", ".tsv.gz"), load=f"{_T}:load_table", open=f"{_T}:open_table",
+           keywords=f"{_T}:table_keywords"),
     Format("ipc", (".ipc", ".arrow", ".feather"), load=f"{_T}:load_table",
-           open=f"{_T}:open_table"),
+           open=f"{_T}:open_table", keywords=f"{_T}:table_keywords"),
     Format("json", (".json", ".ndjson", ".jsonl"), load=f"{_T}:load_table",
-           open=f"{_T}:open_table"),
-    Format("orc", (".orc",), load=f"{_T}:load_table", open=f"{_T}:open_table"),
+           open=f"{_T}:open_table", keywords=f"{_T}:table_keywords"),
+    Format("orc", (".orc",), load=f"{_T}:load_table", open=f"{_T}:open_table",
+           keywords=f"{_T}:table_keywords"),
     Format("table-folder", ("",), load=f"{_T}:load_table", open=f"{_T}:open_table",
-           can_open=f"{_T}:is_table_folder"),
+           can_open=f"{_T}:is_table_folder", keywords=f"{_T}:table_keywords"),
 ):
     register_format(_fmt)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from lamin_io.accessors._formats import format_for
-from lamin_io.errors import InvalidArgumentError, PathNotFoundError
-from lamin_io.storage import storage_errors, suffix_of, to_upath
+from lamin_io.errors import InvalidArgumentError
+from lamin_io.storage import missing_path, storage_errors, suffix_of, to_upath
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -54,7 +54,10 @@ def open(  # noqa: A001 (mirrors the builtin on purpose, like zarr.open and h5py
     mode
         ``"r"`` (default); ``"r+"`` where the format supports writing back (AnnData
         ``.zarr``); ``"w"`` for TileDB-SOMA stores. Every mode opens an existing path:
-        a missing one raises :class:`~lamin_io.errors.PathNotFoundError`.
+        a missing one raises :class:`~lamin_io.errors.PathNotFoundError`
+        (:class:`~lamin_io.errors.BucketNotFoundError` when its S3 bucket is missing),
+        after the suffix was checked: a suffix no format opens raises
+        :class:`~lamin_io.errors.UnsupportedFormatError` first.
     storage_options
         fsspec options for remote paths (``endpoint_url``, ``anon``, credentials).
     on_close
@@ -63,7 +66,9 @@ def open(  # noqa: A001 (mirrors the builtin on purpose, like zarr.open and h5py
     **kwargs
         Passed to the format's opener: for tables ``engine="pyarrow"|"polars"``,
         ``use_fsspec=True`` (read through fsspec instead of the engine's own S3 client) and
-        the engine's own options.
+        the engine's own options. A keyword the format does not take raises
+        :class:`~lamin_io.errors.UnsupportedFormatError` naming what it takes (see
+        :meth:`Format.check_keywords`).
 
     Examples
     --------
@@ -77,19 +82,20 @@ def open(  # noqa: A001 (mirrors the builtin on purpose, like zarr.open and h5py
         msg = f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}"
         raise InvalidArgumentError(msg)
     upath = to_upath(path, storage_options)
+    suffix = suffix_of(upath.name)
+    # a suffix no format opens is refused before storage is asked anything: "x.txt" is an
+    # UnsupportedFormatError whether or not it exists (no probe here: nothing is read)
+    format_for(suffix, what="open")
     endpoint = dict(upath.storage_options).get("endpoint_url")
     with storage_errors(str(upath), endpoint):
         exists = upath.exists()
     if not exists:
-        # before the format table: without a stored object to probe, the first format that
-        # claims the suffix would answer (e.g. "SpatialData opens read-only" for a .zarr)
-        msg = f"path {upath} does not exist: check the path, or the bucket and prefix"
-        if mode in _CREATE_HINTS:
-            msg += f"; {_CREATE_HINTS[mode]}"
-        raise PathNotFoundError(msg)
-    fmt = format_for(suffix_of(upath.name), upath, what="open")
+        # before the probing format table: without a stored object to probe, the first
+        # format that claims the suffix would answer (e.g. "SpatialData opens read-only"
+        # for a .zarr)
+        raise missing_path(upath, _CREATE_HINTS.get(mode))
+    fmt = format_for(suffix, upath, what="open")
+    fmt.check_keywords("open", suffix, kwargs)
     opener = fmt.resolve("open")
     with storage_errors(str(upath), endpoint):
         return opener(upath, mode=mode, on_close=on_close, **kwargs)
-
-

@@ -13,23 +13,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from typing import TYPE_CHECKING, Any
 
+from lamin_io.accessors._formats import parameters
 from lamin_io.errors import (
     InvalidArgumentError,
     MissingDependencyError,
     NameNotFoundError,
-    PathNotFoundError,
     UnsupportedFormatError,
     WriteNotSupportedError,
 )
-from lamin_io.storage import is_local, tiledb_config
+from lamin_io.storage import is_local, missing_path, tiledb_config
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
     from types import ModuleType
 
     import anndata as ad
+    import numpy as np
     import pandas as pd
     from upath import UPath
 
@@ -40,6 +42,7 @@ __all__ = [
     "load_soma",
     "open_soma",
     "soma_context",
+    "soma_keywords",
     "write_experiment",
 ]
 
@@ -81,11 +84,22 @@ def _soma_errors(path: UPath) -> Iterator[None]:
         yield
     except tiledbsoma.DoesNotExistError as exc:
         if not path.exists():
-            msg = (f"{path} does not exist: check the path; write an experiment with "
-                   f"lamin_io.save_tiledbsoma_experiment or tiledbsoma.io.from_anndata")
-            raise PathNotFoundError(msg) from exc
+            raise missing_path(path, "write an experiment with lamin_io."
+                               "save_tiledbsoma_experiment or tiledbsoma.io.from_anndata"
+                               ) from exc
         msg = f"{path} holds no TileDB-SOMA object (no TileDB group or array metadata)"
         raise UnsupportedFormatError(msg) from exc
+
+
+def soma_keywords(what: str, suffix: str, kwargs: Mapping[str, Any]) -> frozenset[str] | None:
+    """Return what ``open()``/``load()`` hand to tiledbsoma (the format table's hook).
+
+    ``open()``: ``tiledbsoma.open``'s keywords but the mode and context lamin-io gives;
+    ``load()``: ``tiledbsoma.io.to_anndata``'s.
+    """
+    if what == "open":
+        return parameters("tiledbsoma:open", skip=("mode", "context"))
+    return parameters("tiledbsoma.io:to_anndata", skip=("measurement_name",))
 
 
 def open_soma(path: UPath, *, mode: str = "r", on_close: Callable[[], Any] | None = None,
@@ -170,24 +184,26 @@ def count_observations(path: UPath) -> int | None:
         return int(obj.obs.count)
 
 
-def _check_ids(adatas: Sequence[ad.AnnData], obs_id_name: str, var_id_name: str) -> None:
-    """Check that every AnnData names its obs and var ids as asked, and obs ids are unique."""
+def _ids(df: pd.DataFrame, name: str, axis: str, i: int) -> pd.Index:
+    """Return the ids of an obs/var frame: column ``name``, else an index of that name."""
     import pandas as pd
 
-    def ids(df: pd.DataFrame, name: str, axis: str, i: int) -> pd.Index:
-        if name in df.columns:
-            return pd.Index(df[name])
-        if df.index.name in (name, "index", None):
-            return df.index
-        msg = (f"AnnData #{i} has no {axis} column {name!r} and its {axis} index is named "
-               f"{df.index.name!r}: pass {axis}_id_name= naming the {axis} column (or index) "
-               f"that holds unique ids; {axis} columns: {', '.join(map(str, df.columns))}")
-        raise InvalidArgumentError(msg)
+    if name in df.columns:
+        return pd.Index(df[name])
+    if df.index.name in (name, "index", None):
+        return df.index
+    msg = (f"AnnData #{i} has no {axis} column {name!r} and its {axis} index is named "
+           f"{df.index.name!r}: pass {axis}_id_name= naming the {axis} column (or index) "
+           f"that holds unique ids; {axis} columns: {', '.join(map(str, df.columns))}")
+    raise InvalidArgumentError(msg)
 
+
+def _check_ids(adatas: Sequence[ad.AnnData], obs_id_name: str, var_id_name: str) -> None:
+    """Check that every AnnData names its obs and var ids as asked, and obs ids are unique."""
     seen = []
     for i, adata in enumerate(adatas):
-        seen.append(ids(adata.obs, obs_id_name, "obs", i))
-        ids(adata.var, var_id_name, "var", i)
+        seen.append(_ids(adata.obs, obs_id_name, "obs", i))
+        _ids(adata.var, var_id_name, "var", i)
     every = seen[0].append(seen[1:]) if len(seen) > 1 else seen[0]
     duplicated = every[every.duplicated()].unique()
     if len(duplicated):
@@ -197,9 +213,143 @@ def _check_ids(adatas: Sequence[ad.AnnData], obs_id_name: str, var_id_name: str)
         raise InvalidArgumentError(msg)
 
 
+def _stored_measurement(uri: str, context: Any, measurement_name: str) -> Any:
+    """Return the measurement ``measurement_name`` of the experiment at ``uri`` (open), or None."""
+    tiledbsoma = _tiledbsoma()
+    if not tiledbsoma.Experiment.exists(uri, context=context):
+        return None
+    exp = tiledbsoma.Experiment.open(uri, "r", context=context)
+    if measurement_name not in exp.ms:
+        exp.close()
+        return None
+    return exp
+
+
+def _check_appendable(adatas: Sequence[ad.AnnData], first_appended: int,
+                      stored: Any, measurement_name: str) -> None:
+    """Refuse up front what appending cannot carry: obsp/varp, obsm/varm of another width.
+
+    ``first_appended``: the index of the first AnnData appended (0 when the experiment
+    exists, 1 when the first AnnData creates it).
+    """
+    for i in range(first_appended, len(adatas)):
+        for attr in ("obsp", "varp"):
+            keys = list(getattr(adatas[i], attr).keys())
+            if keys:
+                msg = (f"adatas[{i}] has {attr} {', '.join(map(repr, keys))}: appending to a "
+                       f"TileDB-SOMA experiment cannot carry obsp or varp (tiledbsoma writes "
+                       f"them only when it creates the experiment); drop them (del "
+                       f"adata.{attr}[...]) or save that AnnData as an experiment of its own")
+                raise InvalidArgumentError(msg)
+    widths: dict[tuple[str, str], tuple[int, str]] = {}
+    if stored is not None:
+        ms = stored.ms[measurement_name]
+        for attr in ("obsm", "varm"):
+            if attr in ms:
+                for key in ms[attr]:
+                    widths[attr, key] = (int(ms[attr][key].shape[1]), "the experiment")
+    for i, adata in enumerate(adatas):
+        for attr in ("obsm", "varm"):
+            for key, value in getattr(adata, attr).items():
+                width = int(value.shape[1]) if len(value.shape) > 1 else 1
+                first = widths.setdefault((attr, key), (width, f"adatas[{i}]"))
+                if first[0] != width:
+                    msg = (f"adatas[{i}]: {attr} {key!r} has {width} columns, {first[1]} has "
+                           f"{first[0]}; a TileDB-SOMA experiment stores one width per "
+                           f"{attr} key: give it the same columns, or another key")
+                    raise InvalidArgumentError(msg)
+
+
+def _dense(value: Any) -> np.ndarray:
+    import numpy as np
+
+    return np.asarray(value.toarray() if hasattr(value, "toarray") else value)
+
+
+def _stored_varm(stored: Any, measurement_name: str, var_id_name: str,
+                 genes: pd.Index) -> dict[str, tuple[pd.Index, np.ndarray]]:
+    """Return ``{varm key: (gene ids, rows)}`` the experiment holds for ``genes``."""
+    import numpy as np
+    import pandas as pd
+
+    ms = stored.ms[measurement_name]
+    if "varm" not in ms or not len(ms.varm):
+        return {}
+    var = ms.var.read(column_names=["soma_joinid", var_id_name]).concat().to_pandas()
+    var = var[var[var_id_name].isin(genes)]
+    joinids = var["soma_joinid"].to_numpy()
+    row_of = pd.Series(np.arange(len(var)), index=joinids)
+    out = {}
+    for key in ms.varm:
+        arr = ms.varm[key]
+        rows = np.zeros((len(var), int(arr.shape[1])),
+                        dtype=arr.schema.field("soma_data").type.to_pandas_dtype())
+        if len(joinids):  # absent cells are zeros (written from a dense matrix)
+            coo = arr.read(coords=(joinids,)).tables().concat()
+            rows[row_of[coo["soma_dim_0"].to_numpy()].to_numpy(),
+                 coo["soma_dim_1"].to_numpy()] = coo["soma_data"].to_numpy()
+        out[key] = (pd.Index(var[var_id_name]), rows)
+    return out
+
+
+def _keep_first_varm(adatas: Sequence[ad.AnnData], stored: Any, measurement_name: str,
+                     var_id_name: str) -> list[ad.AnnData]:
+    """Return the AnnData to write, varm rows of genes already written set to the first ones.
+
+    tiledbsoma writes one varm row per gene and an appended AnnData overwrites the rows of
+    the genes it shares with what is stored. The policy here: the first values stay (those
+    stored, else those of the first AnnData that has the gene); an AnnData whose rows
+    differ is written from a copy holding the first values (the caller's object is never
+    changed), with a ``UserWarning`` naming it, the key and the genes.
+    """
+    import numpy as np
+
+    genes = [_ids(a.var, var_id_name, "var", i) for i, a in enumerate(adatas)]
+    first: dict[str, tuple[pd.Index, np.ndarray]] = {}
+    if stored is not None:
+        every = genes[0].append(genes[1:]) if len(genes) > 1 else genes[0]
+        first = _stored_varm(stored, measurement_name, var_id_name, every.unique())
+    out = []
+    for i, adata in enumerate(adatas):
+        fixed = {}
+        for key, value in adata.varm.items():
+            rows = _dense(value)
+            known, known_rows = first.get(key, (genes[i][:0], rows[:0]))
+            pos = known.get_indexer(genes[i])
+            shared = np.flatnonzero(pos >= 0)
+            old, new = known_rows[pos[shared]], rows[shared]
+            same = (old == new) | (np.isnan(old) & np.isnan(new)) if rows.dtype.kind == "f" \
+                else old == new
+            differ = shared[~same.all(axis=tuple(range(1, same.ndim)))]
+            if len(differ):
+                rows = rows.copy()
+                rows[differ] = known_rows[pos[differ]]
+                fixed[key] = rows
+                shown = ", ".join(map(repr, genes[i][differ][:5].tolist()))
+                warnings.warn(
+                    f"adatas[{i}]: varm {key!r} differs for {len(differ)} gene(s) written "
+                    f"before (e.g. {shown}); the experiment keeps their first values (one "
+                    f"varm row per gene)", UserWarning, stacklevel=4)
+            new_genes = np.flatnonzero(pos < 0)
+            first[key] = (known.append(genes[i][new_genes]),
+                          np.concatenate([known_rows, rows[new_genes]]))
+        out.append(_with_varm(adata, fixed) if fixed else adata)
+    return out
+
+
+def _with_varm(adata: ad.AnnData, varm: dict[str, np.ndarray]) -> ad.AnnData:
+    """Return an AnnData sharing ``adata``'s elements but with ``varm`` entries replaced."""
+    import anndata as ad
+
+    return ad.AnnData(X=adata.X, obs=adata.obs, var=adata.var, uns=dict(adata.uns),
+                      obsm=dict(adata.obsm), varm={**adata.varm, **varm},
+                      layers=dict(adata.layers), obsp=dict(adata.obsp),
+                      varp=dict(adata.varp), raw=adata.raw)
+
+
 def write_experiment(path: UPath, adatas: Sequence[ad.AnnData], *,
                      measurement_name: str = "RNA", obs_id_name: str = "obs_id",
-                     var_id_name: str = "var_id", append_obsm_varm: bool = False,
+                     var_id_name: str = "var_id", append_obsm_varm: bool = True,
                      **kwargs: Any) -> None:
     """Write AnnData objects into the experiment at ``path``: create it, or append to it.
 
@@ -208,26 +358,34 @@ def write_experiment(path: UPath, adatas: Sequence[ad.AnnData], *,
     cells get new join ids, genes are matched by ``var_id_name`` and new ones added, and
     new categories extend the stored ones.
 
+    Appending carries ``obsm`` and ``varm``, with one policy for ``varm`` (TileDB-SOMA
+    stores one row per gene, and tiledbsoma would overwrite the rows of genes an appended
+    AnnData shares): the first values written stay, and an AnnData whose rows differ gets a
+    ``UserWarning``. Checked before anything is written: ``obsm``/``varm`` keys keep one
+    width, and appended AnnData carry no ``obsp``/``varp`` (appending cannot write them).
+
     Parameters
     ----------
     path
         The ``.tiledbsoma`` folder to write.
     adatas
-        In-memory AnnData objects.
+        In-memory AnnData objects (never modified).
     measurement_name
         The measurement ``X`` and var go to.
     obs_id_name, var_id_name
         The obs/var column holding unique ids; without such a column, the index if it is
         unnamed or has that name.
     append_obsm_varm
-        Also append ``obsm``/``varm`` (tiledbsoma's ``append_obsm_varm``).
+        Append ``obsm``/``varm`` (tiledbsoma's opt-in, on by default); ``False`` refuses
+        appended AnnData that carry them, as tiledbsoma does.
     **kwargs
         Passed to ``tiledbsoma.io.from_anndata`` (``X_layer_name``, ``uns_keys``, ...).
 
     Raises
     ------
     InvalidArgumentError
-        An id column is missing, obs ids repeat, or tiledbsoma refuses the data (obs ids
+        An id column is missing, obs ids repeat, appended AnnData carry ``obsp``/``varp``,
+        an ``obsm``/``varm`` key changes width, or tiledbsoma refuses the data (obs ids
         already in the experiment, incompatible columns).
     """
     tiledbsoma = _tiledbsoma()
@@ -237,9 +395,17 @@ def write_experiment(path: UPath, adatas: Sequence[ad.AnnData], *,
     _check_ids(adatas, obs_id_name, var_id_name)
     uri, context = _uri(path), soma_context(path)
     names = {"obs_id_name": obs_id_name, "var_id_name": var_id_name, **kwargs}
-    pending = list(adatas)
+    exists = tiledbsoma.Experiment.exists(uri, context=context)
+    stored = _stored_measurement(uri, context, measurement_name) if exists else None
     try:
-        if not tiledbsoma.Experiment.exists(uri, context=context):
+        _check_appendable(adatas, 0 if exists else 1, stored, measurement_name)
+        pending = (_keep_first_varm(adatas, stored, measurement_name, var_id_name)
+                   if append_obsm_varm else list(adatas))
+    finally:
+        if stored is not None:
+            stored.close()
+    try:
+        if not exists:
             tiledbsoma.io.from_anndata(uri, pending.pop(0), measurement_name,
                                        context=context, **names)
         if not pending:

@@ -31,15 +31,16 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from lamin_io.accessors._formats import parameters
 from lamin_io.errors import (
     InvalidArgumentError,
     MissingDependencyError,
-    PathNotFoundError,
     UnsupportedFormatError,
     WriteNotSupportedError,
 )
 from lamin_io.storage import (
     is_local,
+    missing_path,
     polars_storage_options,
     pyarrow_filesystem,
     storage_errors,
@@ -69,6 +70,7 @@ __all__ = [
     "open_many",
     "open_table",
     "resolve_table",
+    "table_keywords",
 ]
 
 #: Path components starting with these are not data (``_SUCCESS``, ``.crc``, ``_metadata``).
@@ -127,6 +129,9 @@ class Engine:
         The ``lamin-io[...]`` extra that installs it, if it is optional.
     open
         ``(sources, *, use_fsspec, kwargs)`` returning the opened table.
+    reader
+        ``"module:function"`` that receives the user's keywords; ``{reader}`` stands for
+        the format's reader of this engine (its :class:`TableFormat` field of that name).
     fsspec_hive
         Whether it still reads hive partitions with ``use_fsspec=True``.
     """
@@ -135,6 +140,7 @@ class Engine:
     module: str
     extra: str | None
     open: Callable[..., Any]
+    reader: str
     fsspec_hive: bool = True
 
 
@@ -276,8 +282,7 @@ def resolve_table(path: UPath) -> TableSource:
         try:
             info = path.fs.info(path.path)
         except FileNotFoundError as exc:
-            msg = f"path {path} does not exist: check the path, or the bucket and prefix"
-            raise PathNotFoundError(msg) from exc
+            raise missing_path(path) from exc
         folder = info.get("type") == "directory"
         files = _data_files(path) if folder else {path.name: str(path.path)}
     if not folder:
@@ -480,6 +485,33 @@ def _check_engine(engine: str, sources: list[TableSource], *, use_fsspec: bool) 
 # -- the format table's entry points -----------------------------------------------------------
 
 
+def table_keywords(what: str, suffix: str, kwargs: Mapping[str, Any]) -> frozenset[str] | None:
+    """Return the keywords ``load()``/``open()`` of a table hands on (the format table's hook).
+
+    ``open()``: those of the engine's reader (``pyarrow.dataset.dataset``, the format's polars
+    scan). ``load()``: those of the format's pandas reader (a file) and of
+    ``pyarrow.dataset.dataset`` (a folder). ``None`` (any) where the reader takes
+    ``**kwargs`` or cannot be told before the files are listed: an unknown engine (reported by
+    the opener), polars on a folder without a suffix.
+    """
+    fmt = _table_format(suffix) if suffix else None
+    if what == "open":
+        engine = ENGINES.get(kwargs.get("engine", next(iter(ENGINES))))
+        if engine is None:
+            return None
+        if "{reader}" in engine.reader:
+            reader = getattr(fmt, engine.name, None)
+            if reader is None:
+                return None
+            return parameters(engine.reader.format(reader=reader))
+        return parameters(engine.reader)
+    folder = parameters(ENGINES["pyarrow"].reader)
+    if fmt is None:
+        return folder
+    file = parameters(f"pandas:{fmt.pandas}", skip=("storage_options",))
+    return None if file is None or folder is None else file | folder
+
+
 def open_many(paths: Iterable[PathLike], *, engine: str = "pyarrow", use_fsspec: bool = False,
               storage_options: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
     """Open table files and folders of one format as one table, lazily.
@@ -530,6 +562,11 @@ def open_many(paths: Iterable[PathLike], *, engine: str = "pyarrow", use_fsspec:
         raise InvalidArgumentError(msg)
     sources = [resolve_table(p) for p in upaths]
     _check_engine(engine, sources, use_fsspec=use_fsspec)
+    if kwargs:  # the format table says what the engine's reader takes
+        from lamin_io.accessors._formats import formats
+
+        fmt = next(f for f in formats() if f.name == sources[0].format.name)
+        fmt.check_keywords("open", fmt.suffixes[0], {"engine": engine, **kwargs})
     first = sources[0].path
     with storage_errors(str(first), dict(first.storage_options).get("endpoint_url")):
         return ENGINES[engine].open(sources, use_fsspec=use_fsspec, kwargs=kwargs)
@@ -609,6 +646,8 @@ TABLE_FORMATS: dict[str, TableFormat] = {f.name: f for f in (
 #: Engines by name; the first is the default. polars reads partition values from paths, so it
 #: cannot read hive partitions from the file handles ``use_fsspec=True`` gives it.
 ENGINES: dict[str, Engine] = {e.name: e for e in (
-    Engine("pyarrow", "pyarrow.dataset", None, open=_open_pyarrow),
-    Engine("polars", "polars", "polars", open=PolarsScan, fsspec_hive=False),
+    Engine("pyarrow", "pyarrow.dataset", None, open=_open_pyarrow,
+           reader="pyarrow.dataset:dataset"),
+    Engine("polars", "polars", "polars", open=PolarsScan, reader="polars:{reader}",
+           fsspec_hive=False),
 )}

@@ -1,4 +1,6 @@
-"""Artifacts: registered files and folders, with versions, caching, loading and deletion.
+"""Artifacts: registered files and folders, with versions, saving and deletion.
+
+Reading their content (verify, cache, load, open) is :mod:`lamin_io.registry._reading`.
 
 Saving is crash-safe. The record is written first as *pending*, the bytes are uploaded to
 their final key with a conditional create, and only then is the record marked *ready*;
@@ -12,7 +14,6 @@ import json
 import logging
 import os
 import time
-import warnings
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -20,21 +21,18 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from sqlalchemy import delete, select, update
 
 from lamin_io.errors import (
-    CorruptArtifactError,
     InvalidArgumentError,
     InvalidKeyError,
     MissingDependencyError,
     ObjectExistsError,
-    PathNotFoundError,
     RegistryError,
     StorageModifiedError,
-    StorageObjectMissingError,
     UnsupportedFormatError,
-    WriteNotSupportedError,
 )
 from lamin_io.registry import _schema as s
 from lamin_io.registry._connection import Connection, current
 from lamin_io.registry._keys import RESERVED_PREFIX, object_key, validate_key
+from lamin_io.registry._reading import ArtifactReads, format_size, manifest_of, stored_path
 from lamin_io.registry._record import (
     DELETING,
     PENDING,
@@ -48,10 +46,9 @@ from lamin_io.registry._record import (
 )
 from lamin_io.storage import (
     Manifest,
-    cached_copy,
     fingerprint,
     hash_path,
-    is_local,
+    missing_path,
     remove,
     storage_errors,
     suffix_of,
@@ -70,40 +67,11 @@ __all__ = ["Artifact", "ArtifactSet", "existing_path", "format_size"]
 logger = logging.getLogger(__name__)
 
 
-def format_size(n: int) -> str:
-    """Return a byte count for humans (``"1.5 MB"``)."""
-    size = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"  # pragma: no cover
-
-
 def _pending_wait() -> float:
     return float(os.environ.get("LAMIN_IO_PENDING_WAIT", "600"))
 
 
-#: Default of ``LAMIN_IO_LOAD_WARN_BYTES``: ``load()`` warns above this size.
-LOAD_WARN_BYTES = 10_000_000_000
-
-
-def _warn_if_large(artifact: Artifact) -> None:
-    """Warn (``UserWarning``) before loading an artifact above the configured size."""
-    raw = os.environ.get("LAMIN_IO_LOAD_WARN_BYTES", "").strip()
-    try:
-        limit = int(float(raw)) if raw else LOAD_WARN_BYTES
-    except ValueError:
-        msg = f"LAMIN_IO_LOAD_WARN_BYTES must be a number of bytes (0: never warn), got {raw!r}"
-        raise InvalidArgumentError(msg) from None
-    if 0 < limit < artifact.size:
-        warnings.warn(
-            f"loading {artifact._what()} into memory: {format_size(artifact.size)}, above "
-            f"{format_size(limit)} (LAMIN_IO_LOAD_WARN_BYTES); open() reads it lazily",
-            UserWarning, stacklevel=3)
-
-
-class Artifact(Record):
+class Artifact(Record, ArtifactReads):
     """A file or folder in the registry.
 
     Parameters
@@ -117,11 +85,18 @@ class Artifact(Record):
     description
         Free text.
     revises
-        A saved artifact this one is a new version of.
+        A saved artifact this one is a new version of; its key is the default ``key``. A
+        different ``key`` moves the family to that key (a warning says so at save).
     version
         A version label; default: the next integer in the family.
     storage_options
         fsspec options for reading ``path`` (default: those of the connection).
+
+    Notes
+    -----
+    Before :meth:`save`, :meth:`open`, :meth:`load` and :meth:`cache` read the file or
+    folder given (as lamindb allows): nothing is written to the registry or to storage for
+    it, and it is no lineage input until it is saved.
 
     Examples
     --------
@@ -145,11 +120,13 @@ class Artifact(Record):
         source = existing_path(path, storage_options)
         self._source = source
         self._suffix = suffix_of(source.name)
-        if key is not None:
-            validate_key(key, suffix=self._suffix)
         if revises is not None and (not isinstance(revises, Artifact) or revises._row is None):
             msg = "revises= must be a saved Artifact (for example Artifact.get(key=...))"
             raise InvalidArgumentError(msg)
+        if key is None and revises is not None:
+            key = revises.key  # a new version keeps its family's key, as in lamindb
+        if key is not None:
+            validate_key(key, suffix=self._suffix)
         self._key = key
         self._description = description
         self._revises = revises
@@ -205,9 +182,20 @@ class Artifact(Record):
             return self
         if row.status == READY:  # registered in place, nothing to upload
             self._row = row
-            return self
-        self._row = self._upload_and_publish(conn, row, mute=mute)
+        else:
+            self._row = self._upload_and_publish(conn, row, mute=mute)
+        self._warn_if_key_moved()
         return self
+
+    def _warn_if_key_moved(self) -> None:
+        """Say so when a new version of ``revises`` moved its family to another key."""
+        previous = self._revises
+        if previous is None or previous.key == self.key:
+            return
+        logger.warning("the family of %r now has key %r: version %s was saved under the new "
+                       "key, so Artifact.get(key=%r) returns it and %r keeps only the earlier "
+                       "versions", previous.key, self.key, self.version, self.key,
+                       previous.key)
 
     def _claim(self, conn: Connection, digest: str, size: int, manifest: Manifest | None,
                key: str | None, located: tuple[int, str] | None, *,
@@ -255,7 +243,7 @@ class Artifact(Record):
 
     def _upload_and_publish(self, conn: Connection, row: Row[Any], *, mute: bool) -> Row[Any]:
         t = s.artifact
-        dest = _stored_path(conn, row)
+        dest = stored_path(conn, row)
         endpoint = conn.settings_for(row.storage_id).endpoint_url
         try:
             with storage_errors(str(dest), endpoint):
@@ -266,8 +254,8 @@ class Artifact(Record):
             # Nothing may stay behind: drop the pending record and any partial object
             # (but never an object that existed before: that one is not ours).
             if not isinstance(exc, ObjectExistsError):
-                _quietly(remove, dest)
-            _quietly(_delete_row, conn, row.id)
+                _quietly(f"removing the partial upload {dest}", remove, dest)
+            _quietly(f"dropping the pending record {row.uid}", _delete_row, conn, row.id)
             raise
         try:
             with conn.db.write() as c:
@@ -275,8 +263,8 @@ class Artifact(Record):
                 refresh_latest(c, t, row.family_uid)
                 return c.execute(select(t).where(t.c.id == row.id)).one()
         except BaseException:
-            _quietly(remove, dest)
-            _quietly(_delete_row, conn, row.id)
+            _quietly(f"removing the uploaded object {dest}", remove, dest)
+            _quietly(f"dropping the pending record {row.uid}", _delete_row, conn, row.id)
             raise
 
     # -- reading ---------------------------------------------------------------------------
@@ -328,124 +316,13 @@ class Artifact(Record):
     @property
     def path(self) -> UPath:
         """Where the bytes are stored, as a ``UPath`` carrying the storage's settings."""
-        return _stored_path(current(), self._saved())
+        return stored_path(current(), self._saved())
 
     def _what(self) -> str:
-        row = self._saved()
+        if self._row is None:
+            return f"unsaved artifact {self._source}"
+        row = self._row
         return f"artifact {row.key or row.uid!r} (uid {row.uid})"
-
-    def verify(self) -> UPath:
-        """Check that the stored object still matches the record; return its path.
-
-        Raises
-        ------
-        StorageObjectMissingError
-            The stored object is gone.
-        StorageModifiedError
-            It was changed behind the registry's back.
-        CorruptArtifactError
-            A folder lacks a file its manifest lists (never read as fill values).
-        """
-        conn = current()
-        row = self._saved()
-        path = _stored_path(conn, row)
-        with storage_errors(str(path), conn.settings_for(row.storage_id).endpoint_url):
-            if row.manifest is not None:
-                self._verify_folder(path)
-            else:
-                self._verify_file(path)
-        return path
-
-    def _verify_file(self, path: UPath) -> None:
-        row = self._saved()
-        try:
-            now = fingerprint(path)
-        except StorageObjectMissingError as exc:
-            msg = (f"{self._what()}: its stored object {path} is missing; restore it or "
-                   f"remove the record with `lamin-io delete {row.key or row.uid}`")
-            raise StorageObjectMissingError(msg) from exc
-        recorded = json.loads(row.fingerprint or "{}")
-        changed = now["size"] != row.size or (
-            "etag" in recorded and now.get("etag") != recorded["etag"])
-        if not changed and "mtime_ns" in recorded and now["mtime_ns"] != recorded["mtime_ns"]:
-            changed = hash_path(path, mute=True)[0] != row.hash
-        if changed:
-            msg = (f"{self._what()}: the stored object {path} no longer matches the record "
-                   f"(overwritten or truncated outside lamin-io); save the new content as a "
-                   f"new version")
-            raise StorageModifiedError(msg)
-
-    def _verify_folder(self, path: UPath) -> None:
-        root = path.path.rstrip("/")
-        listing = {name[len(root) + 1 :]: int(info.get("size") or 0)
-                   for name, info in path.fs.find(root, detail=True, withdirs=False).items()}
-        if not listing:
-            msg = f"{self._what()}: its stored folder {path} is missing"
-            raise StorageObjectMissingError(msg)
-        manifest = self.manifest
-        assert manifest is not None  # noqa: S101 (folder rows always carry one)
-        for rel, size, _ in manifest.entries:
-            if rel not in listing:
-                msg = (f"{self._what()}: file {rel!r} listed in its manifest is missing from "
-                       f"{path}; the folder is incomplete and is not read")
-                raise CorruptArtifactError(msg)
-            if listing[rel] != size:
-                msg = (f"{self._what()}: file {rel!r} in {path} has {listing[rel]} bytes, "
-                       f"the record says {size}; it was modified outside lamin-io")
-                raise StorageModifiedError(msg)
-
-    def cache(self, *, mute: bool = False) -> Path:
-        """Return a local path to the content, downloading S3 objects once.
-
-        The local copy is kept per content hash and fetched again when it no longer matches
-        the record (missing, edited). Local storage returns the stored path itself.
-        """
-        path = self.verify()
-        if is_local(path):
-            return Path(path.path)
-        row = self._saved()
-        name = PurePosixPath(row.key).name if row.key else f"{row.uid}{row.suffix}"
-        with storage_errors(str(path), current().settings_for(row.storage_id).endpoint_url):
-            return cached_copy(path, sha256=row.hash, name=name, manifest=self.manifest,
-                               what=self._what(), mute=mute)
-
-    def load(self, **kwargs: Any) -> Any:
-        """Load into memory: AnnData for ``.h5ad``/``.zarr``, a pandas DataFrame for tables.
-
-        Tables are parquet, csv, tsv, Arrow IPC/Feather, JSON Lines and ORC files, and
-        folders of one of them (sharded or hive-partitioned). Extra keyword arguments go to
-        the reader (``anndata.read_h5ad``, ``pandas.read_*``; ``pyarrow.dataset.dataset`` for
-        table folders). Above ``LAMIN_IO_LOAD_WARN_BYTES`` (default 10 GB; ``0`` turns it
-        off) a ``UserWarning`` suggests :meth:`open` instead.
-        """
-        from lamin_io.accessors import format_for
-
-        loader = format_for(self.suffix).resolve("load")
-        _warn_if_large(self)
-        return loader(to_upath(self.cache()), **kwargs)
-
-    def open(self, mode: str = "r", **kwargs: Any) -> Any:
-        """Open lazily where the bytes lie (see :func:`lamin_io.open`).
-
-        A write mode on a folder (``"r+"`` on an AnnData ``.zarr``, ``"w"`` on a
-        ``.tiledbsoma`` experiment) works on a private copy; closing the accessor saves that
-        copy as a new version of this artifact (the registered version stays immutable: the
-        record is the truth). The format table's ``modes`` are checked before anything is
-        copied; single files open where they lie, and their readers refuse write modes.
-        """
-        from lamin_io.accessors import format_for
-        from lamin_io.accessors import open as open_path
-
-        path = self.verify()
-        if mode == "r" or self.n_files is None:
-            return open_path(path, mode, **kwargs)
-        fmt = format_for(self.suffix, path, what="open")
-        if mode not in fmt.modes:
-            shown = " or ".join(map(repr, fmt.modes))
-            msg = (f"cannot open {self._what()} in mode {mode!r}: {fmt.name} stores open in "
-                   f"mode {shown}")
-            raise WriteNotSupportedError(msg)
-        return self._open_writable_copy(mode, **kwargs)
 
     def _open_writable_copy(self, mode: str, **kwargs: Any) -> Any:
         import shutil
@@ -501,7 +378,7 @@ class Artifact(Record):
             c.execute(update(t).where(t.c.id == row.id).values(status=DELETING, is_latest=False))
             refresh_latest(c, t, row.family_uid)
         if storage if storage is not None else row.managed:
-            path = _stored_path(conn, row)
+            path = stored_path(conn, row)
             try:
                 with storage_errors(str(path), conn.settings_for(row.storage_id).endpoint_url):
                     remove(path)
@@ -590,16 +467,6 @@ class ArtifactSet(RecordSet[Artifact]):
 Artifact._set = ArtifactSet
 
 
-def manifest_of(row: Row[Any]) -> Manifest | None:
-    """Return the manifest stored in an artifact row, ``None`` for a single file."""
-    return None if row.manifest is None else Manifest.from_json(json.loads(row.manifest))
-
-
-def _stored_path(conn: Connection, row: Row[Any]) -> UPath:
-    settings = conn.settings_for(row.storage_id)
-    return to_upath(f"{settings.root}/{row.storage_key}", settings.fsspec_options())
-
-
 def _delete_row(conn: Connection, row_id: int) -> None:
     t = s.artifact
     with conn.db.write() as c:
@@ -626,8 +493,7 @@ def existing_path(path: PathLike, storage_options: dict[str, Any] | None = None)
     with storage_errors(str(source), conn.settings.endpoint_url):
         exists = source.exists()
     if not exists:
-        msg = f"path {source} does not exist: check the path, or the bucket and prefix"
-        raise PathNotFoundError(msg)
+        raise missing_path(source)
     return source
 
 
@@ -651,8 +517,17 @@ def _count_observations(path: UPath, suffix: str) -> int | None:
     return None if n is None else int(n)
 
 
-def _quietly(fn: Any, *args: Any) -> None:
+def _quietly(what: str, fn: Any, *args: Any) -> None:
+    """Run a cleanup step after a failed save; a failure of its own is one line of log.
+
+    The save's own error is what the caller re-raises; a cleanup that fails for the same
+    reason (no credentials, no bucket) must not bury it under another chain of tracebacks.
+    The traceback is logged at DEBUG level.
+    """
     try:
         fn(*args)
-    except Exception:
-        logger.exception("cleanup step %s failed; `lamin-io gc` will retry it", fn.__name__)
+    except Exception as exc:  # noqa: BLE001 (the save's own error is re-raised by the caller)
+        first = next(iter(str(exc).splitlines()), "")
+        logger.warning("cleanup after the failed save: %s failed (%s: %s); `lamin-io gc` "
+                       "removes what is left", what, type(exc).__name__, first)
+        logger.debug("cleanup step %s failed", what, exc_info=True)

@@ -20,7 +20,13 @@ from sqlalchemy import select
 from lamin_io.errors import InvalidArgumentError
 from lamin_io.registry import _schema as s
 from lamin_io.registry._db import Database
-from lamin_io.storage import StorageSettings, relative_key, resolve_endpoint, to_upath
+from lamin_io.storage import (
+    StorageSettings,
+    make_local_dir,
+    relative_key,
+    resolve_endpoint,
+    to_upath,
+)
 
 if TYPE_CHECKING:
     from upath import UPath
@@ -94,7 +100,7 @@ class Connection:
 
     def _register_root(self, settings: StorageSettings) -> int:
         if not settings.is_remote:
-            Path(settings.root).mkdir(parents=True, exist_ok=True)
+            make_local_dir(Path(settings.root), f"storage root {settings.root}")
         with self.db.write() as conn:
             row = conn.execute(select(s.storage.c.id).where(s.storage.c.root == settings.root))
             found = row.scalar_one_or_none()
@@ -290,7 +296,11 @@ def connect(
         endpoint_url=resolve_endpoint(endpoint_url) if "://" in root else None,
         anon=anon, region=region, options=dict(storage_options or {}))
     db = Database(os.fspath(registry), busy_timeout=busy_timeout)
-    conn = Connection(db, settings)
+    try:
+        conn = Connection(db, settings)
+    except BaseException:
+        db.close()
+        raise
     with _lock:
         if _current is not None:
             _current.close()

@@ -25,6 +25,7 @@ from lamin_io.errors import (
     SchemaVersionError,
 )
 from lamin_io.registry import _schema as s
+from lamin_io.storage import make_local_dir
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -74,7 +75,7 @@ class Database:
         if self.dialect == "sqlite":
             path = make_url(self.url).database
             if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                make_local_dir(Path(path).parent, f"registry {path}")
             engine = create_engine(self.url, connect_args={"timeout": self.busy_timeout})
             busy_ms = int(self.busy_timeout * 1000)
 

@@ -67,7 +67,7 @@ def save_tiledbsoma_experiment(
     measurement_name: str = "RNA",
     obs_id_name: str = "obs_id",
     var_id_name: str = "var_id",
-    append_obsm_varm: bool = False,
+    append_obsm_varm: bool = True,
     mute: bool = False,
     **kwargs: Any,
 ) -> Artifact:
@@ -78,6 +78,14 @@ def save_tiledbsoma_experiment(
     version (the previous version stays readable as it was). Genes are matched across
     inputs by ``var_id_name`` and new ones added; categories are merged. The artifact
     records the experiment's number of cells as :attr:`Artifact.n_observations`.
+
+    Appending carries ``obsm`` and ``varm``. TileDB-SOMA stores one ``varm`` row per gene,
+    so for genes that are already written (stored in ``revises``, or in an earlier AnnData
+    of ``adatas``) the first values stay: an AnnData whose ``varm`` rows differ for such
+    genes gets a ``UserWarning`` naming it, the key and the genes (your AnnData objects are
+    never modified). ``obsm``/``varm`` of another width than what is written under the same
+    key, and ``obsp``/``varp`` on an appended AnnData (appending cannot write them), are
+    refused before anything is written.
 
     Parameters
     ----------
@@ -97,7 +105,8 @@ def save_tiledbsoma_experiment(
         Where an AnnData has no such column, its obs/var names are used if its index is
         unnamed or has that name; otherwise a missing column is an error.
     append_obsm_varm
-        Also append ``obsm``/``varm`` when appending (tiledbsoma's ``append_obsm_varm``).
+        Append ``obsm``/``varm`` (default); ``False`` refuses appended AnnData that carry
+        them (tiledbsoma's opt-in ``append_obsm_varm``).
     mute
         Hide progress bars.
     **kwargs
@@ -114,7 +123,8 @@ def save_tiledbsoma_experiment(
         ``key`` is unsafe or does not end in ``.tiledbsoma``.
     InvalidArgumentError
         No AnnData, an item that is no AnnData, a missing id column, repeated obs ids (also
-        against the experiment appended to), or ``revises`` that is no saved
+        against the experiment appended to), ``obsp``/``varp`` on an appended AnnData,
+        ``obsm``/``varm`` of another width under a key, or ``revises`` that is no saved
         ``.tiledbsoma`` artifact.
 
     Examples

@@ -11,10 +11,21 @@ from lamin_io.storage._engines import (
     s3_access,
     tiledb_config,
 )
-from lamin_io.storage._filesystem import refresh_if_credentials_changed, storage_errors
+from lamin_io.storage._filesystem import (
+    missing_path,
+    refresh_if_credentials_changed,
+    storage_errors,
+)
 from lamin_io.storage._hashing import Manifest, hash_path, manifest_hash
 from lamin_io.storage._options import StorageOptions, StorageSettings, resolve_endpoint
-from lamin_io.storage._paths import PathLike, is_local, relative_key, suffix_of, to_upath
+from lamin_io.storage._paths import (
+    PathLike,
+    is_local,
+    make_local_dir,
+    relative_key,
+    suffix_of,
+    to_upath,
+)
 from lamin_io.storage._progress import ProgressCallback
 from lamin_io.storage._transfer import download, fingerprint, remove, upload
 
@@ -31,7 +42,9 @@ __all__ = [
     "fingerprint",
     "hash_path",
     "is_local",
+    "make_local_dir",
     "manifest_hash",
+    "missing_path",
     "polars_storage_options",
     "pyarrow_filesystem",
     "refresh_if_credentials_changed",

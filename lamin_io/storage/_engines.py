@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from lamin_io.storage._filesystem import credentials_error
 from lamin_io.storage._options import credential_fingerprint, mask, resolve_endpoint
 from lamin_io.storage._paths import is_local
 
@@ -108,6 +109,13 @@ def s3_access(path: UPath) -> S3Access:
     the standard AWS chain as boto3 resolves it (``AWS_ENDPOINT_URL``, ``AWS_REGION``,
     ``AWS_ACCESS_KEY_ID``, profiles, config files). Timeouts and the retry count come from
     the botocore ``config_kwargs`` (:data:`lamin_io.storage.S3_DEFAULTS` unless overridden).
+
+    Raises
+    ------
+    CredentialsError
+        Not anonymous, and the chain has no credentials (or names a profile that does not
+        exist): every engine would otherwise fall back on its own chain, or on unsigned
+        requests. Anonymous access is used only when asked for (``anon=True``).
     """
     options: dict[str, Any] = dict(path.storage_options)
     client = dict(options.get("client_kwargs") or {})
@@ -119,14 +127,21 @@ def s3_access(path: UPath) -> S3Access:
     token = options.get("token") or client.get("aws_session_token")
     region = client.get("region_name")
     if not anon and (key is None or region is None):
+        import botocore.exceptions
+
         session = _aws_session(options.get("profile"), credential_fingerprint())
-        with _session_lock:
-            region = region or session.get_config_variable("region")
-            if key is None:
-                credentials = session.get_credentials()
-                if credentials is not None:
-                    frozen = credentials.get_frozen_credentials()
-                    key, secret, token = frozen.access_key, frozen.secret_key, frozen.token
+        try:
+            with _session_lock:
+                region = region or session.get_config_variable("region")
+                if key is None:
+                    credentials = session.get_credentials()
+                    if credentials is not None:
+                        frozen = credentials.get_frozen_credentials()
+                        key, secret, token = frozen.access_key, frozen.secret_key, frozen.token
+        except botocore.exceptions.BotoCoreError as exc:  # a missing profile, partial keys
+            raise credentials_error(str(path), endpoint, str(exc)) from None
+        if key is None:
+            raise credentials_error(str(path), endpoint)
     config = dict(options.get("config_kwargs") or {})
     attempts = (config.get("retries") or {}).get("max_attempts")
     return S3Access(

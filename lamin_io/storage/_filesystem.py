@@ -3,18 +3,34 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from typing import TYPE_CHECKING
 
 from fsspec import get_filesystem_class
 
-from lamin_io.errors import StorageObjectMissingError, StorageUnreachableError
+from lamin_io.errors import (
+    BucketNotFoundError,
+    CredentialsError,
+    PathNotFoundError,
+    StorageObjectMissingError,
+    StorageUnreachableError,
+)
 from lamin_io.storage._options import credential_fingerprint
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-__all__ = ["refresh_if_credentials_changed", "storage_errors"]
+    from upath import UPath
+
+__all__ = [
+    "credentials_error",
+    "missing_path",
+    "refresh_if_credentials_changed",
+    "storage_errors",
+]
+
+logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _seen: dict[str, str] = {}
@@ -43,16 +59,102 @@ _UNREACHABLE_NAMES = frozenset({
     "ReadTimeoutError",
 })
 
+#: botocore's "no usable credentials" errors (by name: botocore is imported by s3fs only).
+_NO_CREDENTIALS_NAMES = frozenset({
+    "NoCredentialsError",
+    "PartialCredentialsError",
+    "ProfileNotFound",
+})
 
-def _is_unreachable(exc: BaseException) -> bool:
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """Yield ``exc`` and the exceptions it was raised from or while handling, once each."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if type(e).__name__ in _UNREACHABLE_NAMES or isinstance(e, ConnectionRefusedError):
-            return True
+        yield e
         e = e.__cause__ or e.__context__
-    return False
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    return any(type(e).__name__ in _UNREACHABLE_NAMES or isinstance(e, ConnectionRefusedError)
+               for e in _chain(exc))
+
+
+def _error_code(exc: BaseException) -> str | None:
+    """Return the S3 error code (``"NoSuchBucket"``) of a botocore error in the chain."""
+    for e in _chain(exc):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            code = (response.get("Error") or {}).get("Code")
+            if code:
+                return str(code)
+    return None
+
+
+def _bucket_of(where: str) -> str | None:
+    """Return the bucket of an ``s3://bucket/key`` URL, ``None`` for anything else."""
+    if "://" not in where or where.split("://", 1)[0].lower() not in ("s3", "s3a"):
+        return None
+    return where.split("://", 1)[1].split("/", 1)[0] or None
+
+
+def _endpoint_text(endpoint: str | None) -> str:
+    return f"endpoint {endpoint}" if endpoint else "the default AWS endpoint"
+
+
+def bucket_error(bucket: str, where: str, endpoint: str | None) -> BucketNotFoundError:
+    """Return the error for a missing bucket, naming it, the endpoint and what to do."""
+    msg = (f"bucket {bucket!r} does not exist at {_endpoint_text(endpoint)} (while "
+           f"accessing {where}): create it (e.g. `aws s3 mb s3://{bucket}`), or fix the "
+           f"bucket name in the path or storage root")
+    return BucketNotFoundError(msg)
+
+
+def credentials_error(where: str, endpoint: str | None,
+                      detail: str | None = None) -> CredentialsError:
+    """Return the error for S3 access without credentials, with the ways to provide them.
+
+    Anonymous access is never a fallback: the hint says how to ask for it.
+    """
+    found = f" ({detail})" if detail else ""
+    msg = (f"no AWS credentials found to access {where} at {_endpoint_text(endpoint)}"
+           f"{found}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE (a "
+           f"profile in ~/.aws/credentials), or pass key=/secret= in storage_options; for a "
+           f"public bucket, ask for anonymous access with anon=True (connect(..., anon=True) "
+           f"or storage_options={{'anon': True}})")
+    return CredentialsError(msg)
+
+
+def missing_path(path: UPath, hint: str | None = None) -> PathNotFoundError | BucketNotFoundError:
+    """Return the error for a path that does not exist, telling a missing bucket apart.
+
+    On S3 a missing object and a missing bucket both read as "does not exist"; one more
+    request (a bucket probe, made only on this failure path) tells which, so the message
+    can say to create the bucket rather than to check the key.
+
+    Parameters
+    ----------
+    path
+        The normalized path that was found missing.
+    hint
+        What to do, appended to the message of a missing path.
+    """
+    endpoint = dict(path.storage_options).get("endpoint_url")
+    bucket = _bucket_of(str(path))
+    if bucket is not None:
+        try:
+            bucket_exists = bool(path.fs.exists(bucket))
+        except Exception:  # noqa: BLE001 (no answer about the bucket: report the path)
+            logger.debug("cannot probe bucket %s", bucket, exc_info=True)
+            bucket_exists = True
+        if not bucket_exists:
+            return bucket_error(bucket, str(path), endpoint)
+    msg = f"path {path} does not exist: check the path, or the bucket and prefix"
+    if hint:
+        msg += f"; {hint}"
+    return PathNotFoundError(msg)
 
 
 @contextlib.contextmanager
@@ -60,10 +162,14 @@ def storage_errors(where: str, endpoint: str | None = None) -> Iterator[None]:
     """Translate low-level storage failures into :mod:`lamin_io.errors` types.
 
     ``where`` names the path or key in the message; ``endpoint`` names the server.
+    Unreachable endpoints become :class:`StorageUnreachableError`, botocore's missing
+    credentials :class:`CredentialsError`, S3's ``NoSuchBucket``
+    :class:`BucketNotFoundError`; each message says what to do.
     """
     try:
         yield
-    except (StorageUnreachableError, StorageObjectMissingError):
+    except (StorageUnreachableError, StorageObjectMissingError, BucketNotFoundError,
+            CredentialsError):
         raise
     except Exception as exc:
         if _is_unreachable(exc):
@@ -72,4 +178,10 @@ def storage_errors(where: str, endpoint: str | None = None) -> Iterator[None]:
                    f"(gave up after bounded retries): check the endpoint URL, the network, "
                    f"and that the server is running")
             raise StorageUnreachableError(msg) from exc
+        botocore = next((e for e in _chain(exc) if type(e).__name__ in _NO_CREDENTIALS_NAMES),
+                        None)
+        if botocore is not None:
+            raise credentials_error(where, endpoint, str(botocore)) from None
+        if _error_code(exc) == "NoSuchBucket":
+            raise bucket_error(_bucket_of(where) or where, where, endpoint) from None
         raise

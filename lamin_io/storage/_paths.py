@@ -16,7 +16,7 @@ from lamin_io.storage._options import S3_DEFAULTS
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["PathLike", "is_local", "relative_key", "suffix_of", "to_upath"]
+__all__ = ["PathLike", "is_local", "make_local_dir", "relative_key", "suffix_of", "to_upath"]
 
 PathLike = str | os.PathLike[str] | UPath
 
@@ -101,3 +101,30 @@ def relative_key(path: UPath, root: UPath) -> str | None:
     if p.startswith(r + "/"):
         return p[len(r) + 1 :]
     return None
+
+
+def make_local_dir(path: Path, what: str) -> None:
+    """Create a local directory and its parents, naming a regular file that stands in the way.
+
+    Parameters
+    ----------
+    path
+        The directory to create (nothing happens if it exists).
+    what
+        What it is for, for the message (``"storage root /data/x"``).
+
+    Raises
+    ------
+    InvalidArgumentError
+        ``path`` or one of its parents is a regular file.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()),
+                       None)
+        if blocker is None:  # pragma: no cover (a race with another process)
+            raise
+        msg = (f"{what}: {blocker} is a regular file, not a directory; choose a path whose "
+               f"folders are directories (or move {blocker} away)")
+        raise InvalidArgumentError(msg) from exc

@@ -35,11 +35,14 @@ def _is_precondition_failure(exc: BaseException) -> bool:
 def _copy_verified(src_fs: Any, src: str, fout: BinaryIO, expected: str,
                    cb: ProgressCallback) -> None:
     try:
-        with src_fs.open(src, "rb", block_size=BLOCK_SIZE) as fin:
-            digest, _ = hash_stream(fin, cb, sink=fout)
+        fin = src_fs.open(src, "rb", block_size=BLOCK_SIZE)
     except FileNotFoundError as exc:
         msg = f"{src} disappeared while it was being saved: save again"
         raise SourceChangedError(msg) from exc
+    # outside the ``try``: writing to the target may fail with FileNotFoundError too (S3's
+    # NoSuchBucket), which says nothing about the source
+    with fin:
+        digest, _ = hash_stream(fin, cb, sink=fout)
     if digest != expected:
         msg = f"{src} changed while it was being saved (its hash moved): save again"
         raise SourceChangedError(msg)

@@ -1,0 +1,305 @@
+"""Reading an artifact's content: check it against the record, cache, load, open lazily.
+
+:class:`ArtifactReads` is the reading half of :class:`~lamin_io.Artifact` (which adds
+saving, versions and deletion). A saved artifact's reads check the stored object against
+its record first; before ``save()`` they read the file or folder the artifact was made from,
+and write nothing to the registry or to storage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from lamin_io.errors import (
+    CorruptArtifactError,
+    InvalidArgumentError,
+    StorageModifiedError,
+    StorageObjectMissingError,
+    WriteNotSupportedError,
+)
+from lamin_io.registry._connection import current
+from lamin_io.storage import (
+    Manifest,
+    cached_copy,
+    fingerprint,
+    hash_path,
+    is_local,
+    missing_path,
+    storage_errors,
+    to_upath,
+)
+
+if TYPE_CHECKING:
+    from sqlalchemy import Row
+    from upath import UPath
+
+    from lamin_io.registry._connection import Connection
+
+__all__ = ["LOAD_WARN_BYTES", "ArtifactReads", "format_size", "manifest_of", "stored_path"]
+
+
+def format_size(n: int) -> str:
+    """Return a byte count for humans (``"1.5 MB"``)."""
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+#: Default of ``LAMIN_IO_LOAD_WARN_BYTES``: ``load()`` warns above this size.
+LOAD_WARN_BYTES = 10_000_000_000
+
+
+def _warn_if_large(what: str, size: int) -> None:
+    """Warn (``UserWarning``) before loading ``size`` bytes above the configured limit."""
+    raw = os.environ.get("LAMIN_IO_LOAD_WARN_BYTES", "").strip()
+    try:
+        limit = int(float(raw)) if raw else LOAD_WARN_BYTES
+    except ValueError:
+        msg = f"LAMIN_IO_LOAD_WARN_BYTES must be a number of bytes (0: never warn), got {raw!r}"
+        raise InvalidArgumentError(msg) from None
+    if 0 < limit < size:
+        warnings.warn(
+            f"loading {what} into memory: {format_size(size)}, above "
+            f"{format_size(limit)} (LAMIN_IO_LOAD_WARN_BYTES); open() reads it lazily",
+            UserWarning, stacklevel=3)
+
+
+class ArtifactReads:
+    """What reads an artifact's content; see :class:`~lamin_io.Artifact`."""
+
+    _row: Row[Any] | None
+    _source: UPath
+
+    if TYPE_CHECKING:  # provided by Artifact and Record
+        def _saved(self) -> Row[Any]: ...
+        def _what(self) -> str: ...
+        def _open_writable_copy(self, mode: str, **kwargs: Any) -> Any: ...
+        @property
+        def suffix(self) -> str: ...
+        @property
+        def size(self) -> int: ...
+        @property
+        def n_files(self) -> int | None: ...
+        @property
+        def manifest(self) -> Manifest | None: ...
+
+    def verify(self) -> UPath:
+        """Check that the stored object still matches the record; return its path.
+
+        Raises
+        ------
+        StorageObjectMissingError
+            The stored object is gone.
+        StorageModifiedError
+            It was changed behind the registry's back.
+        CorruptArtifactError
+            A folder lacks a file its manifest lists (never read as fill values).
+        """
+        conn = current()
+        row = self._saved()
+        path = stored_path(conn, row)
+        with storage_errors(str(path), conn.settings_for(row.storage_id).endpoint_url):
+            if row.manifest is not None:
+                self._verify_folder(path)
+            else:
+                self._verify_file(path)
+        return path
+
+    def _verify_file(self, path: UPath) -> None:
+        row = self._saved()
+        try:
+            now = fingerprint(path)
+        except StorageObjectMissingError as exc:
+            msg = (f"{self._what()}: its stored object {path} is missing; restore it or "
+                   f"remove the record with `lamin-io delete {row.key or row.uid}`")
+            raise StorageObjectMissingError(msg) from exc
+        recorded = json.loads(row.fingerprint or "{}")
+        changed = now["size"] != row.size or (
+            "etag" in recorded and now.get("etag") != recorded["etag"])
+        if not changed and "mtime_ns" in recorded and now["mtime_ns"] != recorded["mtime_ns"]:
+            changed = hash_path(path, mute=True)[0] != row.hash
+        if changed:
+            msg = (f"{self._what()}: the stored object {path} no longer matches the record "
+                   f"(overwritten or truncated outside lamin-io); save the new content as a "
+                   f"new version")
+            raise StorageModifiedError(msg)
+
+    def _verify_folder(self, path: UPath) -> None:
+        root = path.path.rstrip("/")
+        listing = {name[len(root) + 1 :]: int(info.get("size") or 0)
+                   for name, info in path.fs.find(root, detail=True, withdirs=False).items()}
+        if not listing:
+            msg = f"{self._what()}: its stored folder {path} is missing"
+            raise StorageObjectMissingError(msg)
+        manifest = self.manifest
+        assert manifest is not None  # noqa: S101 (folder rows always carry one)
+        for rel, size, _ in manifest.entries:
+            if rel not in listing:
+                msg = (f"{self._what()}: file {rel!r} listed in its manifest is missing from "
+                       f"{path}; the folder is incomplete and is not read")
+                raise CorruptArtifactError(msg)
+            if listing[rel] != size:
+                msg = (f"{self._what()}: file {rel!r} in {path} has {listing[rel]} bytes, "
+                       f"the record says {size}; it was modified outside lamin-io")
+                raise StorageModifiedError(msg)
+
+    def cache(self, *, mute: bool = False, is_run_input: bool | None = None) -> Path:
+        """Return a local path to the content, downloading S3 objects once.
+
+        The local copy is kept per content hash and fetched again when it no longer matches
+        the record (missing, edited). Local storage returns the stored path itself. An
+        unsaved artifact returns its local file or folder itself (an S3 one is downloaded
+        into the cache).
+
+        Parameters
+        ----------
+        mute
+            Hide progress bars.
+        is_run_input
+            Accepted as lamindb does; lineage is not recorded yet (see :meth:`_read_as_input`).
+        """
+        if self._row is None:
+            return self._cache_unsaved(mute=mute)
+        path = self.verify()
+        if is_local(path):
+            local = Path(path.path)
+        else:
+            row = self._saved()
+            name = PurePosixPath(row.key).name if row.key else f"{row.uid}{row.suffix}"
+            with storage_errors(str(path),
+                                current().settings_for(row.storage_id).endpoint_url):
+                local = cached_copy(path, sha256=row.hash, name=name, manifest=self.manifest,
+                                    what=self._what(), mute=mute)
+        self._read_as_input(is_run_input=is_run_input)
+        return local
+
+    def _cache_unsaved(self, *, mute: bool) -> Path:
+        """Return the unsaved source: itself if local, else a verified copy in the cache."""
+        source = self._source
+        endpoint = dict(source.storage_options).get("endpoint_url")
+        with storage_errors(str(source), endpoint):
+            if not source.exists():
+                raise missing_path(source)
+            if is_local(source):
+                return Path(source.path)
+            digest, _, manifest = hash_path(source, mute=mute)
+            return cached_copy(source, sha256=digest, name=source.name, manifest=manifest,
+                               what=self._what(), mute=mute)
+
+    def _source_size(self) -> int:
+        source = self._source
+        with storage_errors(str(source), dict(source.storage_options).get("endpoint_url")):
+            return int(source.fs.du(source.path, total=True))
+
+    def _read_as_input(self, *, is_run_input: bool | None) -> None:
+        """Record that this artifact was read: the hook lineage will fill.
+
+        Lineage is not recorded yet. When it is, it belongs here, for saved artifacts only:
+        an unsaved artifact has no record to link to, and reading it writes nothing to the
+        registry (``is_run_input`` then has no effect, as in lamindb).
+        """
+        if self._row is None:
+            return  # never a run input before it is saved
+        # lineage: link self._row to the active run here, unless is_run_input is False
+
+    def load(self, *, mute: bool = False, is_run_input: bool | None = None,
+             **kwargs: Any) -> Any:
+        """Load into memory: AnnData for ``.h5ad``/``.zarr``, a pandas DataFrame for tables.
+
+        Tables are parquet, csv, tsv, Arrow IPC/Feather, JSON Lines and ORC files, and
+        folders of one of them (sharded or hive-partitioned). Extra keyword arguments go to
+        the reader (``anndata.read_h5ad``, ``pandas.read_*``; ``pyarrow.dataset.dataset`` for
+        table folders); one the reader does not take is an ``UnsupportedFormatError``,
+        raised before anything is downloaded. Above ``LAMIN_IO_LOAD_WARN_BYTES`` (default
+        10 GB; ``0`` turns it off) a ``UserWarning`` suggests :meth:`open` instead. An
+        unsaved artifact loads the file or folder it was made from.
+
+        Parameters
+        ----------
+        mute
+            Hide progress bars of a download.
+        is_run_input
+            Accepted as lamindb does; lineage is not recorded yet.
+        **kwargs
+            Passed to the format's reader.
+
+        Raises
+        ------
+        UnsupportedFormatError
+            No reader for the suffix, or a keyword the reader does not take.
+        CorruptArtifactError
+            The bytes cannot be decoded (a truncated file, a damaged chunk).
+        """
+        from lamin_io.accessors import format_for
+
+        fmt = format_for(self.suffix)
+        loader = fmt.resolve("load")
+        fmt.check_keywords("load", self.suffix, kwargs)
+        if self._row is None:
+            _warn_if_large(self._what(), self._source_size())
+        else:
+            _warn_if_large(self._what(), self.size)
+        try:
+            loaded = loader(to_upath(self.cache(mute=mute)), **kwargs)
+        except CorruptArtifactError as exc:
+            exc.add_note(f"while loading {self._what()}")
+            raise
+        self._read_as_input(is_run_input=is_run_input)
+        return loaded
+
+    def open(self, mode: str = "r", *, is_run_input: bool | None = None, **kwargs: Any) -> Any:
+        """Open lazily where the bytes lie (see :func:`lamin_io.open`).
+
+        A write mode on a folder (``"r+"`` on an AnnData ``.zarr``, ``"w"`` on a
+        ``.tiledbsoma`` experiment) works on a private copy; closing the accessor saves that
+        copy as a new version of this artifact (the registered version stays immutable: the
+        record is the truth). The format table's ``modes`` and keywords are checked before
+        anything is copied; single files open where they lie, and their readers refuse
+        write modes. An unsaved artifact opens the file or folder it was made from, as
+        :func:`lamin_io.open` does (a write mode then edits that file itself).
+
+        Parameters
+        ----------
+        mode
+            ``"r"``, or a write mode the format takes.
+        is_run_input
+            Accepted as lamindb does; lineage is not recorded yet.
+        **kwargs
+            Passed to the format's opener (``engine=`` for tables, ...).
+        """
+        from lamin_io.accessors import format_for
+        from lamin_io.accessors import open as open_path
+
+        if self._row is None:
+            return open_path(self._source, mode, **kwargs)
+        path = self.verify()
+        if mode == "r" or self.n_files is None:
+            opened = open_path(path, mode, **kwargs)
+            self._read_as_input(is_run_input=is_run_input)
+            return opened
+        fmt = format_for(self.suffix, path, what="open")
+        if mode not in fmt.modes:
+            shown = " or ".join(map(repr, fmt.modes))
+            msg = (f"cannot open {self._what()} in mode {mode!r}: {fmt.name} stores open in "
+                   f"mode {shown}")
+            raise WriteNotSupportedError(msg)
+        fmt.check_keywords("open", self.suffix, kwargs)
+        return self._open_writable_copy(mode, **kwargs)
+
+
+def manifest_of(row: Row[Any]) -> Manifest | None:
+    """Return the manifest stored in an artifact row, ``None`` for a single file."""
+    return None if row.manifest is None else Manifest.from_json(json.loads(row.manifest))
+
+
+def stored_path(conn: Connection, row: Row[Any]) -> UPath:
+    """Return where an artifact row's bytes are stored, with its storage's settings."""
+    settings = conn.settings_for(row.storage_id)
+    return to_upath(f"{settings.root}/{row.storage_key}", settings.fsspec_options())

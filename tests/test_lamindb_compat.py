@@ -1,0 +1,180 @@
+"""Code written for lamindb keeps working: unsaved artifacts, keywords, versions by key."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import snapshot, upload, write_bytes
+
+import lamin_io as ln
+from lamin_io import errors
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def small_adata() -> ad.AnnData:
+    rng = np.random.default_rng(0)
+    return ad.AnnData(rng.poisson(1.0, (20, 6)).astype(np.float32),
+                      obs=pd.DataFrame({"g": pd.Categorical(list("ab") * 10)},
+                                       index=[f"c{i}" for i in range(20)]),
+                      var=pd.DataFrame(index=[f"g{i}" for i in range(6)]))
+
+
+def assert_same(got: ad.AnnData, truth: ad.AnnData) -> None:
+    assert list(got.obs_names) == list(truth.obs_names)
+    assert list(got.var_names) == list(truth.var_names)
+    np.testing.assert_array_equal(np.asarray(got.X), np.asarray(truth.X))
+
+
+# -- an artifact not saved yet reads its own file -------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".h5ad", ".zarr"])
+def test_unsaved_artifact_opens_loads_and_caches_its_file(conn: Any, tmp_path: Path,
+                                                          suffix: str) -> None:
+    truth = small_adata()
+    path = tmp_path / f"pbmc{suffix}"
+    truth.write_h5ad(path) if suffix == ".h5ad" else truth.write_zarr(path)
+    before = snapshot(conn)
+    artifact = ln.Artifact(path, key=f"pbmc/raw{suffix}")
+    assert artifact.cache() == path
+    assert_same(artifact.load(), truth)
+    with artifact.open() as adata:
+        assert_same(adata[adata.obs["g"] == "a"].to_memory(), truth[truth.obs["g"] == "a"])
+    # lamindb's keywords are taken; an unsaved artifact is no run input, and nothing of it
+    # is written to the registry or to storage
+    assert_same(artifact.load(is_run_input=True, mute=True), truth)
+    artifact.cache(is_run_input=True)
+    artifact.open(is_run_input=True).close()
+    assert snapshot(conn) == before
+    saved = artifact.save()
+    assert saved.key == f"pbmc/raw{suffix}"
+    assert_same(saved.load(is_run_input=False), truth)
+
+
+def test_unsaved_table_and_s3_source(conn: Any, tmp_path: Path, s3_endpoint: str) -> None:
+    local = write_bytes(tmp_path / "t.csv", b"a,b\n1,x\n2,y\n")
+    truth = pd.read_csv(local)
+    before = snapshot(conn)
+    pd.testing.assert_frame_equal(ln.Artifact(local).load(), truth)
+    assert ln.Artifact(local).open().to_table().to_pandas().equals(truth)
+    remote = upload(local, s3_endpoint)
+    artifact = ln.Artifact(str(remote), storage_options={"endpoint_url": s3_endpoint})
+    cached = artifact.cache(mute=True)  # downloaded into the cache, verified
+    assert cached.read_bytes() == local.read_bytes()
+    assert artifact.cache(mute=True) == cached  # once
+    pd.testing.assert_frame_equal(artifact.load(mute=True), truth)
+    assert artifact.open().to_table().to_pandas().equals(truth)
+    assert snapshot(conn) == before
+
+
+def test_unsaved_artifact_whose_file_went_away(conn: Any, tmp_path: Path) -> None:
+    path = write_bytes(tmp_path / "t.csv", b"a\n1\n")
+    artifact = ln.Artifact(path)
+    path.unlink()
+    for read in (artifact.cache, artifact.load, artifact.open):
+        with pytest.raises(errors.PathNotFoundError, match="t.csv"):
+            read()
+
+
+# -- keywords a format does not take ---------------------------------------------------------
+
+
+@pytest.fixture
+def h5ad(conn: Any, tmp_path: Path) -> Path:
+    path = tmp_path / "x.h5ad"
+    small_adata().write_h5ad(path)
+    return path
+
+
+def test_engine_on_an_h5ad_is_unsupported(h5ad: Path) -> None:
+    saved = ln.Artifact(h5ad, key="x.h5ad").save()
+    for open_ in (lambda: ln.open(h5ad, engine="polars"),
+                  lambda: saved.open(engine="polars"),
+                  lambda: ln.Artifact(h5ad).open(engine="polars")):
+        with pytest.raises(errors.UnsupportedFormatError) as info:
+            open_()
+        text = str(info.value)
+        assert "open() of anndata (.h5ad) does not take engine=" in text
+        assert "it takes no keyword arguments" in text
+        assert "engine= is taken by open() of parquet, csv" in text
+    with pytest.raises(errors.UnsupportedFormatError,
+                       match=r"load\(\) of anndata \(\.h5ad\) does not take engine=; it takes "
+                             r"as_sparse=, as_sparse_fmt=, backed=, chunk_size="):
+        saved.load(engine="polars")
+
+
+@pytest.mark.parametrize("suffix", [".h5ad", ".zarr"])
+def test_compression_is_unsupported_where_no_reader_takes_it(conn: Any, tmp_path: Path,
+                                                             suffix: str) -> None:
+    path = tmp_path / f"x{suffix}"
+    truth = small_adata()
+    truth.write_h5ad(path) if suffix == ".h5ad" else truth.write_zarr(path)
+    artifact = ln.Artifact(path)
+    with pytest.raises(errors.UnsupportedFormatError, match="does not take compression="):
+        artifact.load(compression=None)
+    with pytest.raises(errors.UnsupportedFormatError, match="does not take compression="):
+        artifact.open(compression=None)
+    if suffix == ".zarr":  # anndata.read_zarr takes no options at all
+        with pytest.raises(errors.UnsupportedFormatError, match="it takes no keyword"):
+            artifact.load(as_sparse=["X"])
+    else:  # what read_h5ad takes still goes to it
+        loaded = artifact.load(as_sparse=["X"])
+        np.testing.assert_array_equal(loaded.X.toarray(), truth.X)
+
+
+def test_table_keywords_follow_the_engine(conn: Any, tmp_path: Path) -> None:
+    path = write_bytes(tmp_path / "t.csv", b"a,b\n1,x\n2,y\n3,z\n")
+    artifact = ln.Artifact(path, key="t.csv").save()
+    with pytest.raises(errors.UnsupportedFormatError,
+                       match=r"open\(\) of csv \(\.csv\) does not take n_rows=; it takes "
+                             r"engine=, exclude_invalid_files="):
+        artifact.open(n_rows=1)  # a polars keyword, with the pyarrow engine
+    with artifact.open(engine="polars", n_rows=2) as lf:
+        assert lf.collect()["a"].to_list() == [1, 2]
+    with pytest.raises(errors.UnsupportedFormatError, match="does not take partitioning="):
+        artifact.open(engine="polars", partitioning="hive")  # pyarrow's, with polars
+    with pytest.raises(errors.UnsupportedFormatError, match="does not take nrows="):
+        ln.Artifact.filter(key="t.csv").open(nrows=1)
+    assert len(artifact.load(nrows=2)) == 2  # pandas.read_csv's keyword
+    with pytest.raises(errors.UnsupportedFormatError, match="load.. of csv .* storage_options"):
+        artifact.load(storage_options={})  # lamin-io gives the storage's own
+
+
+def test_soma_keywords(conn: Any, tmp_path: Path) -> None:
+    pytest.importorskip("tiledbsoma")
+    truth = small_adata()
+    artifact = ln.save_tiledbsoma_experiment([truth], key="x.tiledbsoma", mute=True)
+    with pytest.raises(errors.UnsupportedFormatError, match="takes soma_type=, tiledb_timestamp="):
+        artifact.open(engine="polars")
+    with pytest.raises(errors.UnsupportedFormatError, match="does not take context="):
+        artifact.open(context=None)  # lamin-io builds the context from the storage
+    assert artifact.load(obs_id_name="obs_id").n_obs == truth.n_obs
+
+
+# -- versions: the key of a family ----------------------------------------------------------
+
+
+def test_revises_keeps_the_key_or_says_it_changes(conn: Any, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    v1 = ln.Artifact(write_bytes(tmp_path / "a.csv", b"a\n1\n"), key="old/t.csv").save()
+    v2 = ln.Artifact(write_bytes(tmp_path / "b.csv", b"a\n2\n"), revises=v1).save()
+    assert (v2.key, v2.version) == ("old/t.csv", "2")  # the family's key, as in lamindb
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="lamin_io"):
+        v3 = ln.Artifact(write_bytes(tmp_path / "c.csv", b"a\n3\n"), key="new/t.csv",
+                         revises=v2).save()
+    assert (v3.key, v3.version) == ("new/t.csv", "3")
+    assert [r.getMessage() for r in caplog.records] == [
+        "the family of 'old/t.csv' now has key 'new/t.csv': version 3 was saved under the new "
+        "key, so Artifact.get(key='new/t.csv') returns it and 'old/t.csv' keeps only the "
+        "earlier versions"]
+    assert ln.Artifact.get(key="new/t.csv") == v3
+    assert v3.versions[0] == v1
+
