@@ -38,17 +38,21 @@ class S3Stats:
     log: list[tuple[str, str, str | None, int]] = field(default_factory=list)
     #: Seconds each GET waits before it is answered (a slower network); kept across resets.
     get_delay: float = 0.0
-    #: GETs are held until this many requests are in flight at once (0: never held), for
+    #: GETs are held until this many of them are in flight at once (0: never held), for
     #: tests that must see requests overlap: whether they do then depends on what the client
     #: asked for, not on how busy the machine is. The first time the count is reached, or
     #: after :attr:`hold_seconds` without it, the gate opens for every request until the next
     #: reset, so a client that never overlaps waits once. Kept across resets.
     hold_gets: int = 0
-    #: Only GETs whose path holds one of these are held (every GET where empty).
+    #: Only GETs whose path holds one of these are held and counted (every GET where empty).
     hold_paths: tuple[str, ...] = ()
     hold_seconds: float = 30.0
-    #: Whether the gate of :attr:`hold_gets` has opened since the last reset.
+    #: The GETs :attr:`hold_gets` counts that are in flight now.
+    held: int = 0
+    #: Whether the gate has opened since the last reset, and whether it opened because
+    #: :attr:`hold_gets` GETs were in flight at once (not because the time ran out).
     gate_open: bool = False
+    gate_reached: bool = False
 
     def gets(self) -> list[tuple[str, str, str | None, int]]:
         """Return the logged GET requests as ``(method, path, range, bytes)``."""
@@ -64,23 +68,27 @@ class _Counting:
         self.changed = threading.Condition(lock)
 
     def _hold(self) -> None:
-        """Wait (lock held) until ``hold_gets`` requests are in flight or the gate opens."""
+        """Wait (lock held) until ``hold_gets`` GETs are in flight or the gate opens."""
         stats = self.stats
         if not stats.hold_gets or stats.gate_open:
             return
-        self.changed.wait_for(lambda: stats.gate_open or stats.in_flight >= stats.hold_gets,
+        self.changed.wait_for(lambda: stats.gate_open or stats.held >= stats.hold_gets,
                               timeout=stats.hold_seconds)
+        if stats.held >= stats.hold_gets:
+            stats.gate_reached = True
         stats.gate_open = True
         self.changed.notify_all()
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        path = environ.get("PATH_INFO", "")
+        held = environ["REQUEST_METHOD"] == "GET" and (
+            not self.stats.hold_paths or any(p in path for p in self.stats.hold_paths))
         with self.changed:
             self.stats.in_flight += 1
             self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
-            self.changed.notify_all()
-            path = environ.get("PATH_INFO", "")
-            if environ["REQUEST_METHOD"] == "GET" and (
-                    not self.stats.hold_paths or any(p in path for p in self.stats.hold_paths)):
+            if held:
+                self.stats.held += 1
+                self.changed.notify_all()
                 self._hold()
         try:
             if self.stats.get_delay and environ["REQUEST_METHOD"] == "GET":
@@ -92,6 +100,8 @@ class _Counting:
         finally:
             with self.lock:
                 self.stats.in_flight -= 1
+                if held:
+                    self.stats.held -= 1
         n = sum(len(c) for c in chunks)
         with self.lock:
             self.stats.requests += 1
@@ -156,7 +166,7 @@ class S3Server:
             self.stats.requests = 0
             self.stats.bytes_sent = 0
             self.stats.max_in_flight = self.stats.in_flight
-            self.stats.gate_open = False
+            self.stats.gate_open = self.stats.gate_reached = False
             self.stats.log.clear()
 
     def stop(self) -> None:

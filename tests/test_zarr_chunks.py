@@ -230,5 +230,7 @@ def test_s3_next_batch_is_fetched_while_one_decodes(stores: dict[str, Path], tru
             s3_server.stats.hold_gets = 0
             s3_server.stats.hold_paths = ()
         in_flight = s3_server.stats.max_in_flight
+        reached = s3_server.stats.gate_reached
     np.testing.assert_array_equal(got.toarray(), truth.X.toarray())
+    assert reached
     assert in_flight > 2 * 3  # more than one batch's 3 data and 3 indices chunks
