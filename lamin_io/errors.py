@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "ArtifactNotFoundError",
     "CorruptArtifactError",
+    "CorruptRegistryError",
     "AccessorClosedError",
     "BucketNotFoundError",
     "CredentialsError",
@@ -25,6 +26,7 @@ __all__ = [
     "RegistryError",
     "RegistryLockedError",
     "RegistryUnreachableError",
+    "SaveInterruptedError",
     "SchemaVersionError",
     "SourceChangedError",
     "StorageError",
@@ -90,6 +92,14 @@ class RegistryLockedError(RegistryError, TimeoutError):
 
 class RegistryUnreachableError(RegistryError, ConnectionError):
     """The registry's database server did not answer (refused, unknown host, timed out)."""
+
+
+class CorruptRegistryError(RegistryError):
+    """A registry row holds a value lamin-io never writes (edited outside lamin-io)."""
+
+
+class SaveInterruptedError(RegistryError):
+    """A save's pending record was collected by ``gc`` before the save could finish."""
 
 
 class SchemaVersionError(RegistryError):

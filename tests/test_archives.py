@@ -194,7 +194,7 @@ def write_h5sparse(path: Path) -> None:
 
 
 def write_bare_sparse(path: Path) -> ad.AnnData:
-    """Today's layout with sparse ``layers``/``obsp`` groups marked by nothing at all.
+    """Today's layout with sparse ``X``/``layers``/``obsp`` groups marked by nothing at all.
 
     anndata cannot read these (it takes them for mappings); the truth (returned) is what it
     read before their marks were removed. A square CSC matrix (``obsp["csc"]``) cannot be
@@ -204,7 +204,7 @@ def write_bare_sparse(path: Path) -> ad.AnnData:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         truth = read_truth(path)
-    _strip(path, ["layers/counts", "layers/csc", "obsp/distances"], lambda g, _: None)
+    _strip(path, ["X", "layers/counts", "layers/csc", "obsp/distances"], lambda g, _: None)
     return truth
 
 

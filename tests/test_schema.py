@@ -10,7 +10,7 @@ import lamin_io as ln
 from lamin_io.registry import _schema as s
 
 #: The artifact columns each schema version added, newest last.
-_ADDED = {2: "fingerprint", 3: "n_observations"}
+_ADDED = {2: "fingerprint", 3: "n_observations", 4: "lease_until"}
 
 
 def _create_old(db: str, version: int) -> None:
@@ -69,3 +69,19 @@ def test_v2_registry_is_migrated(tmp_path):
     with sqlite3.connect(db) as c:
         cols = [r[1] for r in c.execute("PRAGMA table_info(artifact)")]
     assert "n_observations" in cols
+
+
+def test_v3_registry_is_migrated_and_its_pending_rows_go_by_age(tmp_path):
+    """A save left pending before leases existed has none: gc collects it by its age."""
+    db = str(tmp_path / "old.db")
+    _create_old(db, 3)
+    conn = ln.connect(db, tmp_path / "storage")
+    with conn.db.read() as c:
+        assert c.execute(select(s.meta.c.value)).scalar() == str(s.SCHEMA_VERSION)
+    with sqlite3.connect(db) as c:
+        c.execute("INSERT INTO artifact (uid, key, suffix, size, hash, storage_id, storage_key, "
+                  "managed, status, family_uid, version, version_index, is_latest, created_at) "
+                  "VALUES ('AAAAAAAAAAAAAAAA', 'old.csv', '.csv', 4, 'h', ?, "
+                  "'.lamin-io/objects/AAAAAAAAAAAAAAAA.csv', 1, 'pending', "
+                  "'AAAAAAAAAAAAAAAA', '1', 1, 0, '2026-01-01 00:00:00')", (conn.storage_id,))
+    assert ln.gc(older_than=3600).records == ["pending old.csv (uid AAAAAAAAAAAAAAAA)"]

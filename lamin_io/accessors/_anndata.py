@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import logging
+import os
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -120,6 +121,43 @@ def _open_hdf5(path: UPath, mode: str, *, prime: bool = True) -> tuple[Any, list
         raise CorruptArtifactError(msg) from exc
 
 
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _our_bug(exc: BaseException) -> bool:
+    """Whether ``exc`` (not an I/O error) was raised by lamin-io's own code.
+
+    Its innermost frame is in this package: a bug of ours, which must surface as itself,
+    never as "the store is damaged" or "a layout lamin-io cannot read". I/O errors are the
+    store's, wherever they surface.
+    """
+    if isinstance(exc, OSError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE)
+
+
+def _reader_error(exc: Exception, what: str, layout_hint: str) -> LaminIOError | None:
+    """Return the typed error for a reading library's failure on ``what``.
+
+    ``None`` for a bug of ours (:func:`_our_bug`), which the caller re-raises as itself.
+    Errors of I/O and decoding say the store is damaged (:class:`CorruptArtifactError`);
+    any other (an encoding anndata does not know) that the layout cannot be read
+    (:class:`UnsupportedLayoutError`, with ``layout_hint`` on what to do).
+    """
+    if _our_bug(exc):
+        return None
+    if isinstance(exc, OSError | RuntimeError | ValueError | KeyError | EOFError):
+        msg = (f"{what} cannot be read ({type(exc).__name__}: {exc}); the store is damaged "
+               f"or incomplete: restore it from its source")
+        return CorruptArtifactError(msg)
+    msg = (f"{what} is stored in a layout lamin-io cannot read ({type(exc).__name__}: "
+           f"{exc}); {layout_hint}")
+    return UnsupportedLayoutError(msg)
+
+
 def _is_anndata_group(group: Any, path: UPath) -> bool:
     try:
         if el.encoding(group) == "anndata":
@@ -198,12 +236,15 @@ def load_anndata(path: UPath, **kwargs: Any) -> ad.AnnData:
             return _read_anndata(path, **kwargs)
     except LaminIOError:
         raise
-    except (OSError, RuntimeError, ValueError, KeyError, EOFError) as exc:
+    except Exception as exc:
         if isinstance(exc, FileNotFoundError) and not path.exists():
             raise missing_path(path) from exc
-        msg = (f"{path} cannot be read as AnnData ({type(exc).__name__}: {exc}); the file is "
-               f"damaged or incomplete: restore it from its source")
-        raise CorruptArtifactError(msg) from exc
+        typed = _reader_error(exc, f"{path} as AnnData",
+                              "anndata cannot read it: update anndata, or write the file "
+                              "again with a current one")
+        if typed is None:
+            raise
+        raise typed from exc
 
 
 def _read_anndata(path: UPath, **kwargs: Any) -> ad.AnnData:
@@ -291,8 +332,8 @@ class _Store:
         Unreachable storage becomes :class:`StorageUnreachableError`; bytes or metadata the
         libraries cannot decode (damaged chunks, invalid JSON, truncated datasets) become
         :class:`CorruptArtifactError`; any other failure (an encoding anndata does not know,
-        a layout no reader expects) :class:`UnsupportedLayoutError`. Our own errors pass
-        through unchanged.
+        a layout no reader expects) :class:`UnsupportedLayoutError`. Our own errors, typed
+        or not (a bug: see :func:`_our_bug`), pass through unchanged.
         """
         self.check()
         try:
@@ -300,15 +341,13 @@ class _Store:
                 yield
         except LaminIOError:
             raise
-        except (OSError, RuntimeError, ValueError, KeyError) as exc:
-            msg = (f"{self.path}: element {key!r} cannot be read ({type(exc).__name__}: "
-                   f"{exc}); the store is damaged or incomplete: restore it from its source")
-            raise CorruptArtifactError(msg) from exc
-        except Exception as exc:  # noqa: BLE001 (whatever else a reader raises gets typed)
-            msg = (f"{self.path}: element {key!r} is stored in a layout lamin-io cannot read "
-                   f"({type(exc).__name__}: {exc}); read the file with anndata "
-                   f"(anndata.read_h5ad or read_zarr) and write it again")
-            raise UnsupportedLayoutError(msg) from exc
+        except Exception as exc:
+            typed = _reader_error(exc, f"{self.path}: element {key!r}",
+                                  "read the file with anndata (anndata.read_h5ad or "
+                                  "read_zarr) and write it again")
+            if typed is None:
+                raise
+            raise typed from exc
 
     def has(self, key: str) -> bool:
         with self.reading(key):
@@ -782,7 +821,8 @@ class AnnDataAccessor:
         if not self._store.has(self._key("X")):
             return None
         return self._store.read(self._key("X"), self._rows(self._obs_sel, self._n_obs_file),
-                                self._rows(self._var_sel, self._n_vars_file))
+                                self._rows(self._var_sel, self._n_vars_file),
+                                (self._n_obs_file, self._n_vars_file))
 
     @property
     def obs(self) -> pd.DataFrame:

@@ -26,12 +26,14 @@ from lamin_io.errors import (
     MissingDependencyError,
     ObjectExistsError,
     RegistryError,
+    SaveInterruptedError,
     StorageModifiedError,
     UnsupportedFormatError,
 )
 from lamin_io.registry import _schema as s
 from lamin_io.registry._connection import Connection, current
 from lamin_io.registry._keys import RESERVED_PREFIX, object_key, validate_key
+from lamin_io.registry._lease import Lease, lease_end, lease_seconds
 from lamin_io.registry._reading import ArtifactReads, format_size, manifest_of, stored_path
 from lamin_io.registry._record import (
     DELETING,
@@ -160,11 +162,15 @@ class Artifact(Record, ArtifactReads):
         with storage_errors(str(source), conn.settings.endpoint_url):
             digest, size, manifest = hash_path(source, mute=mute)
         n_observations = _count_observations(source, self._suffix)
+        fp = None  # a file registered in place: its state now (before any registry lock)
+        if located is not None and manifest is None:
+            with storage_errors(str(source), conn.settings.endpoint_url):
+                fp = json.dumps(fingerprint(source))
 
         deadline = time.monotonic() + _pending_wait()
         while True:
             state, row = self._claim(conn, digest, size, manifest, key, located,
-                                     n_observations=n_observations)
+                                     n_observations=n_observations, stored_state=fp)
             if state != "busy":
                 break
             if time.monotonic() > deadline:
@@ -183,7 +189,8 @@ class Artifact(Record, ArtifactReads):
         if row.status == READY:  # registered in place, nothing to upload
             self._row = row
         else:
-            self._row = self._upload_and_publish(conn, row, mute=mute)
+            with Lease(conn, row.id):  # gc leaves the record alone while the bytes upload
+                self._row = self._upload_and_publish(conn, row, mute=mute)
         self._warn_if_key_moved()
         return self
 
@@ -199,8 +206,13 @@ class Artifact(Record, ArtifactReads):
 
     def _claim(self, conn: Connection, digest: str, size: int, manifest: Manifest | None,
                key: str | None, located: tuple[int, str] | None, *,
-               n_observations: int | None = None) -> tuple[str, Row[Any]]:
-        """Find the record of this content, or insert one (pending, or ready if in place)."""
+               n_observations: int | None = None,
+               stored_state: str | None = None) -> tuple[str, Row[Any]]:
+        """Find the record of this content, or insert one (pending, or ready if in place).
+
+        Only the database is touched while its write lock is held: no network call (a slow
+        storage endpoint would stall every other writer).
+        """
         t = s.artifact
         with conn.db.write() as c:
             row = c.execute(select(t).where(t.c.hash == digest)).one_or_none()
@@ -229,13 +241,11 @@ class Artifact(Record, ArtifactReads):
                 "status": READY if in_place else PENDING,
                 "family_uid": family, "version": label, "version_index": index,
                 "is_latest": False,
-                "fingerprint": None,
+                "fingerprint": stored_state,
                 "n_observations": n_observations,
                 "created_at": datetime.now(UTC),
+                "lease_until": None if in_place else lease_end(),
             }
-            if in_place and manifest is None:
-                with storage_errors(str(self._source), conn.settings.endpoint_url):
-                    values["fingerprint"] = json.dumps(fingerprint(self._source))
             c.execute(t.insert().values(**values))
             if in_place:
                 refresh_latest(c, t, family)
@@ -259,7 +269,15 @@ class Artifact(Record, ArtifactReads):
             raise
         try:
             with conn.db.write() as c:
-                c.execute(update(t).where(t.c.id == row.id).values(status=READY, fingerprint=fp))
+                published = c.execute(update(t).where(t.c.id == row.id, t.c.status == PENDING)
+                                      .values(status=READY, fingerprint=fp, lease_until=None))
+                if published.rowcount == 0:
+                    msg = (f"saving {self._source} failed: its pending record (uid {row.uid}) "
+                           f"was removed by `lamin-io gc` while the bytes uploaded (its lease "
+                           f"ran out: this process stalled for over {lease_seconds():g} s, "
+                           f"LAMIN_IO_LEASE_SECONDS, or could not reach the registry); the "
+                           f"upload was removed: save again")
+                    raise SaveInterruptedError(msg)
                 refresh_latest(c, t, row.family_uid)
                 return c.execute(select(t).where(t.c.id == row.id)).one()
         except BaseException:
@@ -366,6 +384,9 @@ class Artifact(Record, ArtifactReads):
         conn = current()
         row = self._saved()
         t = s.artifact
+        # checked before anything changes: a storage key that would leave the root is refused
+        path = stored_path(conn, row) if (storage if storage is not None else row.managed) \
+            else None
         with conn.db.write() as c:
             used = c.execute(select(s.collection.c.key, s.collection.c.uid)
                              .join(s.collection_artifact,
@@ -377,8 +398,7 @@ class Artifact(Record, ArtifactReads):
                 raise RegistryError(msg)
             c.execute(update(t).where(t.c.id == row.id).values(status=DELETING, is_latest=False))
             refresh_latest(c, t, row.family_uid)
-        if storage if storage is not None else row.managed:
-            path = stored_path(conn, row)
+        if path is not None:
             try:
                 with storage_errors(str(path), conn.settings_for(row.storage_id).endpoint_url):
                     remove(path)

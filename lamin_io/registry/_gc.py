@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, or_, select
+from sqlalchemy import delete, or_, select, update
 
 from lamin_io.registry import _schema as s
 from lamin_io.registry._connection import current
 from lamin_io.registry._keys import RESERVED_PREFIX
+from lamin_io.registry._reading import stored_path
 from lamin_io.registry._record import DELETING, PENDING, refresh_latest
 from lamin_io.storage import remove, storage_errors, to_upath
 
@@ -48,8 +49,9 @@ def _age_seconds(info: dict[str, Any]) -> float:
 def gc(*, older_than: float = 3600.0, dry_run: bool = False) -> GcReport:
     """Remove what interrupted saves and deletes left behind.
 
-    * *pending* records older than ``older_than`` seconds (a save that never finished), with
-      their partial objects;
+    * *pending* records older than ``older_than`` seconds whose lease ran out (a save that
+      stopped: a running save renews its lease, see ``LAMIN_IO_LEASE_SECONDS``), with their
+      partial objects;
     * records stuck in *deleting* (a delete that never finished), with their objects;
     * objects under ``<root>/.lamin-io/objects/`` that no record points to, older than
       ``older_than`` seconds.
@@ -64,19 +66,28 @@ def gc(*, older_than: float = 3600.0, dry_run: bool = False) -> GcReport:
     conn = current()
     t = s.artifact
     report = GcReport()
-    cutoff = datetime.now(UTC) - timedelta(seconds=older_than)
+    now = datetime.now(UTC)
+    cutoff = now - timedelta(seconds=older_than)
+    if conn.db.dialect == "sqlite":  # (SQLite keeps naive UTC times)
+        now, cutoff = now.replace(tzinfo=None), cutoff.replace(tzinfo=None)
+    # a pending record is collected only when its save stopped renewing its lease (records
+    # from before leases have none: their age alone decides) and it is older than asked
+    dead = (t.c.status == PENDING) & (t.c.created_at < cutoff) & (
+        t.c.lease_until.is_(None) | (t.c.lease_until < now))
     with conn.db.read() as c:
-        stale = c.execute(select(t).where(or_(
-            t.c.status == DELETING,
-            (t.c.status == PENDING) & (t.c.created_at < cutoff.replace(tzinfo=None))
-            if conn.db.dialect == "sqlite" else
-            (t.c.status == PENDING) & (t.c.created_at < cutoff)))).all()
+        stale = c.execute(select(t).where(or_(t.c.status == DELETING, dead))).all()
     for row in stale:
         settings = conn.settings_for(row.storage_id)
-        path = to_upath(f"{settings.root}/{row.storage_key}", settings.fsspec_options())
-        report.records.append(f"{row.status} {row.key or row.uid} (uid {row.uid})")
+        path = stored_path(conn, row)
         if dry_run:
+            report.records.append(f"{row.status} {row.key or row.uid} (uid {row.uid})")
             continue
+        with conn.db.write() as c:  # taken over only if still dead: a save may have renewed
+            taken = c.execute(update(t).where(t.c.id == row.id, or_(
+                t.c.status == DELETING, dead)).values(status=DELETING, is_latest=False))
+        if taken.rowcount == 0:
+            continue
+        report.records.append(f"{row.status} {row.key or row.uid} (uid {row.uid})")
         if row.managed:
             with storage_errors(str(path), settings.endpoint_url):
                 remove(path)
@@ -93,7 +104,10 @@ def gc(*, older_than: float = 3600.0, dry_run: bool = False) -> GcReport:
                               .where(t.c.storage_id == conn.storage_id)).scalars())
     for name, info in entries.items():
         key = f"{RESERVED_PREFIX}/objects/{name}"
-        if key in known or _age_seconds(info) < older_than:
+        # (a local save assembles its object as ".<name>.partial-<random>" beside it)
+        assembling = name.startswith(".") and ".partial-" in name and \
+            f"{RESERVED_PREFIX}/objects/{name[1:].split('.partial-')[0]}" in known
+        if key in known or assembling or _age_seconds(info) < older_than:
             continue
         report.objects.append(key)
         if not dry_run:

@@ -22,6 +22,7 @@ from lamin_io.errors import (
     WriteNotSupportedError,
 )
 from lamin_io.registry._connection import current
+from lamin_io.registry._keys import check_storage_key
 from lamin_io.storage import (
     Manifest,
     cached_copy,
@@ -300,6 +301,12 @@ def manifest_of(row: Row[Any]) -> Manifest | None:
 
 
 def stored_path(conn: Connection, row: Row[Any]) -> UPath:
-    """Return where an artifact row's bytes are stored, with its storage's settings."""
+    """Return where an artifact row's bytes are stored, with its storage's settings.
+
+    The row's storage key is checked first (:func:`check_storage_key`): every read, delete
+    and ``gc`` of an artifact finds its bytes here, never outside the storage root.
+    """
+    key = check_storage_key(row.storage_key, what=f"artifact {row.key or row.uid!r} "
+                                                   f"(uid {row.uid})")
     settings = conn.settings_for(row.storage_id)
-    return to_upath(f"{settings.root}/{row.storage_key}", settings.fsspec_options())
+    return to_upath(f"{settings.root}/{key}", settings.fsspec_options())

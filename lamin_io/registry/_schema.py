@@ -9,6 +9,8 @@ Schema history:
 3. ``artifact.n_observations``: the number of observations (cells) a stored object holds,
    where its format can count them (TileDB-SOMA experiments, AnnData); ``NULL`` when
    unknown.
+4. ``artifact.lease_until``: until when a *pending* record's save is known to be running
+   (renewed by the saving process); ``gc`` collects a pending record only after it.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy import Connection
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 metadata = MetaData()
 
@@ -76,6 +78,7 @@ artifact = Table(
     Column("fingerprint", Text, nullable=True),
     Column("n_observations", BigInteger, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("lease_until", DateTime(timezone=True), nullable=True),
     UniqueConstraint("family_uid", "version_index"),
     UniqueConstraint("family_uid", "version"),
     UniqueConstraint("storage_id", "storage_key"),
@@ -119,5 +122,13 @@ def _v2_to_v3(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE artifact ADD COLUMN n_observations BIGINT"))
 
 
+def _v3_to_v4(conn: Connection) -> None:
+    # (a record pending before the upgrade has no lease: gc goes by its age, as before)
+    conn.execute(text("ALTER TABLE artifact ADD COLUMN lease_until TIMESTAMP WITH TIME ZONE"
+                      if conn.dialect.name == "postgresql" else
+                      "ALTER TABLE artifact ADD COLUMN lease_until DATETIME"))
+
+
 #: ``MIGRATIONS[n]`` upgrades a registry from schema ``n`` to ``n + 1``.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3,
+                                                       3: _v3_to_v4}

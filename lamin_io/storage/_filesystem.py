@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fsspec import get_filesystem_class
 
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "credentials_error",
+    "error_codes",
     "missing_path",
     "refresh_if_credentials_changed",
     "storage_errors",
@@ -82,15 +83,22 @@ def _is_unreachable(exc: BaseException) -> bool:
                for e in _chain(exc))
 
 
-def _error_code(exc: BaseException) -> str | None:
-    """Return the S3 error code (``"NoSuchBucket"``) of a botocore error in the chain."""
+def error_codes(exc: BaseException) -> Iterator[str]:
+    """Yield the S3 error code and HTTP status of every botocore error in ``exc``'s chain.
+
+    (``"NoSuchBucket"``, ``"404"``; ``"PreconditionFailed"``, ``"412"``): what the server
+    answered, as opposed to what a message says.
+    """
     for e in _chain(exc):
         response = getattr(e, "response", None)
-        if isinstance(response, dict):
-            code = (response.get("Error") or {}).get("Code")
-            if code:
-                return str(code)
-    return None
+        if not isinstance(response, dict):
+            continue
+        code = (response.get("Error") or {}).get("Code")
+        if code:
+            yield str(code)
+        status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        if status:
+            yield str(status)
 
 
 def _bucket_of(where: str) -> str | None:
@@ -143,18 +151,27 @@ def missing_path(path: UPath, hint: str | None = None) -> PathNotFoundError | Bu
     """
     endpoint = dict(path.storage_options).get("endpoint_url")
     bucket = _bucket_of(str(path))
-    if bucket is not None:
-        try:
-            bucket_exists = bool(path.fs.exists(bucket))
-        except Exception:  # noqa: BLE001 (no answer about the bucket: report the path)
-            logger.debug("cannot probe bucket %s", bucket, exc_info=True)
-            bucket_exists = True
-        if not bucket_exists:
-            return bucket_error(bucket, str(path), endpoint)
+    if bucket is not None and _bucket_is_missing(path.fs, bucket):
+        return bucket_error(bucket, str(path), endpoint)
     msg = f"path {path} does not exist: check the path, or the bucket and prefix"
     if hint:
         msg += f"; {hint}"
     return PathNotFoundError(msg)
+
+
+def _bucket_is_missing(fs: Any, bucket: str) -> bool:
+    """Whether the server answers that ``bucket`` does not exist (``HeadBucket``: 404).
+
+    Any other answer (access denied, a timeout, an endpoint without the call) says nothing
+    about the bucket: the path is reported missing instead.
+    """
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except Exception as exc:  # noqa: BLE001 (only the server's own answer counts)
+        codes = set(error_codes(exc))
+        logger.debug("bucket probe of %s: %s", bucket, codes or exc)
+        return bool(codes & {"404", "NoSuchBucket"})
+    return False
 
 
 @contextlib.contextmanager
@@ -181,7 +198,7 @@ def storage_errors(where: str, endpoint: str | None = None) -> Iterator[None]:
         botocore = next((e for e in _chain(exc) if type(e).__name__ in _NO_CREDENTIALS_NAMES),
                         None)
         if botocore is not None:
-            raise credentials_error(where, endpoint, str(botocore)) from None
-        if _error_code(exc) == "NoSuchBucket":
-            raise bucket_error(_bucket_of(where) or where, where, endpoint) from None
+            raise credentials_error(where, endpoint, str(botocore)) from exc
+        if "NoSuchBucket" in error_codes(exc):
+            raise bucket_error(_bucket_of(where) or where, where, endpoint) from exc
         raise

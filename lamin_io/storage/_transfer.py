@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import uuid
@@ -15,6 +16,7 @@ from lamin_io.errors import (
     StorageModifiedError,
     StorageObjectMissingError,
 )
+from lamin_io.storage._filesystem import error_codes
 from lamin_io.storage._hashing import BLOCK_SIZE, Manifest, hash_stream
 from lamin_io.storage._paths import is_local
 from lamin_io.storage._progress import ProgressCallback
@@ -24,12 +26,19 @@ if TYPE_CHECKING:
 
 __all__ = ["download", "fingerprint", "remove", "upload"]
 
+logger = logging.getLogger(__name__)
+
 UPLOAD_BLOCK = 64 * 2**20  # multipart part size for S3 uploads
 
 
 def _is_precondition_failure(exc: BaseException) -> bool:
-    text = f"{type(exc).__name__} {exc}"
-    return "PreconditionFailed" in text or "412" in text or isinstance(exc, FileExistsError)
+    """Whether a conditional create failed because the object exists.
+
+    Told by the S3 error code or HTTP status (or s3fs's ``FileExistsError`` for it),
+    never by what a message happens to contain.
+    """
+    return isinstance(exc, FileExistsError) or any(
+        code in ("PreconditionFailed", "412") for code in error_codes(exc))
 
 
 def _copy_verified(src_fs: Any, src: str, fout: BinaryIO, expected: str,
@@ -56,8 +65,10 @@ def upload(src: UPath, dest: UPath, *, sha256: str, manifest: Manifest | None,
     ``manifest`` (a folder), so a source edited between hashing and upload is refused with
     :class:`SourceChangedError`. Local targets are assembled under a temporary name and
     published with ``link``/``rename``; S3 targets are written with a conditional create
-    (``If-None-Match: *``), so two writers cannot overwrite each other. On failure a
-    partially written S3 target may remain: the caller removes it (its key is unique).
+    (``If-None-Match: *``), so two writers cannot overwrite each other, and published only
+    when every file verified: a failed or changed source publishes nothing. A local target
+    is removed on failure; an S3 folder whose publishing failed half-way may keep the files
+    published before: the caller removes it (its key is unique).
     """
     entries = [("", 0, sha256)] if manifest is None else list(manifest.entries)
     src_fs, src_root = src.fs, src.path.rstrip("/")
@@ -67,20 +78,44 @@ def upload(src: UPath, dest: UPath, *, sha256: str, manifest: Manifest | None,
         if is_local(dest):
             _publish_local(src_fs, src_root, entries, Path(dest.path), cb)
             return
-        fs, root = dest.fs, dest.path.rstrip("/")
+        _publish_s3(src_fs, src_root, entries, dest, cb)
+
+
+def _publish_s3(src_fs: Any, src_root: str, entries: list[tuple[str, int, str]],
+                dest: UPath, cb: ProgressCallback) -> None:
+    """Upload every file as an unpublished multipart upload; publish only when all verify.
+
+    A file is published (its upload completed, conditionally: ``If-None-Match: *``) only
+    after every byte of every file was hashed again on the way and matched: a source that
+    changed mid-copy leaves nothing at any final key (its uploads are aborted).
+    """
+    fs, root = dest.fs, dest.path.rstrip("/")
+    uploads: list[Any] = []  # uploaded, not published
+    try:
         for rel, _, digest in entries:
             target = f"{root}/{rel}" if rel else root
-            try:
-                with fs.open(target, "xb", block_size=UPLOAD_BLOCK) as fout:
-                    _copy_verified(src_fs, f"{src_root}/{rel}" if rel else src_root,
-                                   fout, digest, cb)
-            except SourceChangedError:
-                raise
-            except Exception as exc:
-                if _is_precondition_failure(exc):
-                    msg = f"refusing to overwrite existing object {dest.protocol}://{target}"
-                    raise ObjectExistsError(msg) from exc
-                raise
+            fout = fs.open(target, "xb", block_size=UPLOAD_BLOCK, autocommit=False)
+            uploads.append(fout)
+            _copy_verified(src_fs, f"{src_root}/{rel}" if rel else src_root, fout, digest,
+                           cb)
+            fout.close()  # its last part goes up; nothing is visible yet
+        for fout in uploads:
+            fout.commit()
+    except BaseException as exc:
+        for fout in uploads:
+            _abort(fout)
+        if isinstance(exc, Exception) and _is_precondition_failure(exc):
+            msg = f"refusing to overwrite existing object {dest}"
+            raise ObjectExistsError(msg) from exc
+        raise
+
+
+def _abort(upload: Any) -> None:
+    """Abort an unpublished multipart upload (one published already is the caller's)."""
+    try:
+        upload.discard()
+    except Exception:  # noqa: BLE001 (an upload completed meanwhile cannot be aborted)
+        logger.debug("cannot abort the upload of %s", upload.path, exc_info=True)
 
 
 def _publish_local(src_fs: Any, src_root: str, entries: list[tuple[str, int, str]],
