@@ -54,9 +54,22 @@ class S3Stats:
     gate_open: bool = False
     gate_reached: bool = False
 
+    #: The access key id each request was signed with (``None``: unsigned), in order.
+    access_keys: list[str | None] = field(default_factory=list)
+
     def gets(self) -> list[tuple[str, str, str | None, int]]:
         """Return the logged GET requests as ``(method, path, range, bytes)``."""
         return [entry for entry in self.log if entry[0] == "GET"]
+
+
+def _access_key(environ: dict[str, Any]) -> str | None:
+    """Return the access key id a request was signed with (SigV4 header or presigned URL)."""
+    auth = environ.get("HTTP_AUTHORIZATION", "")
+    query = environ.get("QUERY_STRING", "")
+    for text, marker in ((auth, "Credential="), (query, "X-Amz-Credential=")):
+        if marker in text:
+            return text.split(marker, 1)[1].split("/", 1)[0].split("%2F", 1)[0]
+    return None
 
 
 class _Counting:
@@ -108,6 +121,7 @@ class _Counting:
             self.stats.bytes_sent += n
             self.stats.log.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
                                    environ.get("HTTP_RANGE"), n))
+            self.stats.access_keys.append(_access_key(environ))
         return chunks
 
 
@@ -168,6 +182,7 @@ class S3Server:
             self.stats.max_in_flight = self.stats.in_flight
             self.stats.gate_open = self.stats.gate_reached = False
             self.stats.log.clear()
+            self.stats.access_keys.clear()
 
     def stop(self) -> None:
         """Stop serving."""

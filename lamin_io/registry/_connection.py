@@ -26,6 +26,7 @@ from lamin_io.storage import (
     relative_key,
     resolve_endpoint,
     to_upath,
+    without_credentials,
 )
 
 if TYPE_CHECKING:
@@ -124,10 +125,15 @@ class Connection:
             row = conn.execute(select(s.storage).where(s.storage.c.id == storage_id)).one()
         public = json.loads(row.settings)
         same_protocol = row.root.split("://", 1)[0] == self.settings.root.split("://", 1)[0]
+        # credentials given for this connection's endpoint go to that endpoint only: another
+        # root saved in the registry under another endpoint gets the other options alone
+        # (timeouts, retries) and finds its credentials in the standard AWS chain
+        options = dict(self.settings.options) if same_protocol else {}
+        if public.get("endpoint_url") != self.settings.endpoint_url:
+            options = without_credentials(options)
         settings = StorageSettings(
             root=row.root, endpoint_url=public.get("endpoint_url"),
-            anon=bool(public.get("anon")), region=public.get("region"),
-            options=dict(self.settings.options) if same_protocol else {})
+            anon=bool(public.get("anon")), region=public.get("region"), options=options)
         self._roots[storage_id] = settings
         return settings
 
@@ -285,11 +291,16 @@ def connect(
     saved = _saved_settings()
     registry = registry or os.environ.get("LAMIN_IO_REGISTRY") or saved.get("registry") \
         or data_dir() / "registry.db"
-    storage = storage or os.environ.get("LAMIN_IO_STORAGE") or saved.get("storage") \
-        or data_dir() / "storage"
-    if endpoint_url is None and "endpoint_url" in saved and not os.environ.get("LAMIN_IO_STORAGE"):
-        endpoint_url = saved["endpoint_url"]
-    anon = anon or bool(saved.get("anon")) and not os.environ.get("LAMIN_IO_STORAGE")
+    explicit = storage or os.environ.get("LAMIN_IO_STORAGE")
+    storage = explicit or saved.get("storage") or data_dir() / "storage"
+    # the saved endpoint and anonymous access belong to the saved storage: a storage given
+    # here (or in LAMIN_IO_STORAGE) gets them only when it is that same storage
+    saved_storage = saved.get("storage")
+    if not explicit or (saved_storage is not None
+                        and _normalize_root(explicit) == _normalize_root(saved_storage)):
+        if endpoint_url is None and "endpoint_url" in saved:
+            endpoint_url = saved["endpoint_url"]
+        anon = anon or bool(saved.get("anon"))
     root = _normalize_root(storage)
     settings = StorageSettings(
         root=root,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from lamin_io.errors import InvalidArgumentError
@@ -46,6 +47,10 @@ def conditions(table: Table, fields: tuple[str, ...],
         elif op == "endswith":
             out.append(col.like(f"%{_escape(str(value))}", escape="\\"))
         elif op == "in":
+            if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+                msg = (f"{name}= takes a list of values, got {value!r}: write "
+                       f"{name}=[{value!r}] (a string would be read letter by letter)")
+                raise InvalidArgumentError(msg)
             out.append(col.in_(list(value)))
         elif op == "isnull":
             out.append(col.is_(None) if value else col.is_not(None))

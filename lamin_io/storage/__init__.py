@@ -17,7 +17,12 @@ from lamin_io.storage._filesystem import (
     storage_errors,
 )
 from lamin_io.storage._hashing import Manifest, hash_path, manifest_hash
-from lamin_io.storage._options import StorageOptions, StorageSettings, resolve_endpoint
+from lamin_io.storage._options import (
+    StorageOptions,
+    StorageSettings,
+    resolve_endpoint,
+    without_credentials,
+)
 from lamin_io.storage._paths import (
     PathLike,
     is_local,
@@ -57,4 +62,5 @@ __all__ = [
     "tiledb_config",
     "to_upath",
     "upload",
+    "without_credentials",
 ]

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
-__all__ = ["S3_DEFAULTS", "StorageOptions", "StorageSettings", "credential_fingerprint"]
+__all__ = ["S3_DEFAULTS", "StorageOptions", "StorageSettings", "credential_fingerprint",
+           "without_credentials"]
 
 #: Keys whose values are secrets and are never shown or stored.
 SECRET_KEYS = frozenset({"key", "secret", "token", "password", "aws_secret_access_key",
@@ -79,6 +80,24 @@ def credential_fingerprint() -> str:
         except OSError:
             h.update(f"{p}:-\0".encode())
     return h.hexdigest()
+
+
+#: Options that name whose credentials to use (besides :data:`SECRET_KEYS`).
+_CREDENTIAL_KEYS = SECRET_KEYS | {"profile", "profile_name"}
+
+
+def without_credentials(options: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``options`` without credentials (keys, secrets, tokens, profiles).
+
+    What one endpoint's settings may lend another: timeouts and retries, never whose
+    credentials to send.
+    """
+    out: dict[str, Any] = {}
+    for k, v in options.items():
+        if k.lower() in _CREDENTIAL_KEYS:
+            continue
+        out[k] = without_credentials(v) if isinstance(v, dict) else v
+    return out
 
 
 def mask(options: dict[str, Any]) -> dict[str, Any]:
