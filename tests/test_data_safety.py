@@ -236,3 +236,93 @@ def test_our_own_key_error_is_not_reported_as_damage(tmp_path, monkeypatch) -> N
     path.write_bytes(path.read_bytes()[:2000])
     with pytest.raises(errors.CorruptArtifactError):
         ln.open(path)
+
+
+# -- a folder's file rewritten at the same size ----------------------------------------
+
+def test_a_folder_file_rewritten_at_the_same_size_is_refused(conn, tmp_path) -> None:
+    """Each file's ETag (S3) or time and inode, then hash (local), is checked, not its size."""
+    import anndata as ad
+    import numpy as np
+
+    adata = ad.AnnData(np.arange(40, dtype=np.float32).reshape(10, 4))
+    folder = tmp_path / "x.zarr"
+    adata.write_zarr(folder)
+    art = ln.Artifact(folder, key="x.zarr").save(mute=True)
+    art.open().close()
+    stored = art.path
+    files = sorted(f for f in stored.fs.find(stored.path) if "/X/" in f and
+                   not f.endswith((".zarray", ".zattrs", "zarr.json")))
+    chunk = files[0]
+    before = stored.fs.cat_file(chunk)
+    if stored.protocol in ("", "file"):  # the same bytes written again: new time, same content
+        stored.fs.pipe_file(chunk, before)
+        art.open().close()
+        assert art.cache().exists()
+    stored.fs.pipe_file(chunk, bytes(reversed(before)))  # same size, other bytes
+    for use in (art.open, art.cache, art.load):
+        with pytest.raises(errors.StorageModifiedError, match="no longer matches"):
+            use()
+
+
+def test_a_local_file_replaced_by_another_inode_is_checked(tmp_path) -> None:
+    """Replaced with the same size and time (an rsync, a restore): its hash decides."""
+    import os
+
+    ln.connect(tmp_path / "r.db", tmp_path / "storage")
+    art = ln.Artifact(write_bytes(tmp_path / "x.csv", b"a\n1\n"), key="x.csv").save(mute=True)
+    stored = art.cache()
+    st = os.stat(stored)
+    other = write_bytes(tmp_path / "other.csv", b"a\n2\n")
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(other, stored)
+    assert os.stat(stored).st_mtime_ns == st.st_mtime_ns
+    with pytest.raises(errors.StorageModifiedError):
+        art.load()
+
+
+@pytest.mark.parametrize("how", ["replaced", "rewritten"])
+def test_a_local_h5ad_changed_while_open_is_never_mixed_in(tmp_path, how) -> None:
+    """Size, modification time and inode are checked after every read of an open file."""
+    import os
+
+    from conftest import grouped_h5ad
+
+    path = tmp_path / "x.h5ad"
+    adata = grouped_h5ad(path, 200, 30, "ab", seed=1)
+    other = tmp_path / "other.h5ad"
+    grouped_h5ad(other, 200, 30, "ab", seed=2)
+    os.utime(path, ns=(10**18, 10**18))  # a time no write now gives (a coarse clock's tick)
+    with ln.open(path) as acc:
+        assert list(acc.obs_names) == list(adata.obs_names)
+        np.testing.assert_array_equal(acc[:5].X.toarray(), adata.X[:5].toarray())
+        if how == "replaced":  # another file moved in under the same name
+            os.replace(other, path)
+        else:  # the same file's bytes rewritten in place (an editor, a botched copy)
+            data = bytearray(path.read_bytes())
+            data[-100:] = bytes(100)
+            with open(path, "r+b") as f:
+                f.write(data)
+        with pytest.raises(errors.StorageModifiedError, match="open it again"):
+            acc[5:50].X  # noqa: B018
+
+
+def test_a_table_changed_during_a_polars_scan_is_reported(conn, tmp_path) -> None:
+    """polars sends its own requests: the stored object is checked again after the block."""
+    pytest.importorskip("polars")
+    import pandas as pd
+
+    source = tmp_path / "t.parquet"
+    pd.DataFrame({"x": range(100)}).to_parquet(source)
+    art = ln.Artifact(source, key="t.parquet").save(mute=True)
+    with art.open(engine="polars") as lf:  # unchanged: no complaint
+        assert lf.collect().height == 100
+    other = tmp_path / "other.parquet"
+    pd.DataFrame({"x": range(100, 200)}).to_parquet(other)
+    stored = art.path
+    scan = art.open(engine="polars")
+    lf = scan.__enter__()
+    stored.fs.put_file(str(other), stored.path)  # overwritten behind the registry
+    lf.collect()
+    with pytest.raises(errors.StorageModifiedError, match="no longer matches"):
+        scan.__exit__(None, None, None)

@@ -29,6 +29,7 @@ from lamin_io.errors import (
     InvalidArgumentError,
     LaminIOError,
     NameNotFoundError,
+    StorageModifiedError,
     UnsupportedFormatError,
     UnsupportedLayoutError,
     WriteNotSupportedError,
@@ -137,6 +138,15 @@ def _our_bug(exc: BaseException) -> bool:
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE)
+
+
+def _file_state(path: str | None) -> tuple[int, int, int] | None:
+    """Return a local file's ``(size, mtime_ns, inode)``; ``None`` if it is gone."""
+    try:
+        st = os.stat(str(path))
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def _reader_error(exc: Exception, what: str, layout_hint: str) -> LaminIOError | None:
@@ -314,6 +324,9 @@ class _Store:
         # where HDF5 bytes can be read directly: a local file path or a RangeFile
         self.rangefile = source if source is not None and not isinstance(source, str) else None
         self.local_file = source if isinstance(source, str) else None
+        # a local file's size, modification time and inode as opened: every read checks
+        # them again after it (a file replaced or rewritten meanwhile is never mixed in)
+        self._state = _file_state(self.local_file) if self.local_file is not None else None
         self._fd: int | None = None
         self._size: int | None = None  # of the file, once asked
         self.closed = False
@@ -342,12 +355,23 @@ class _Store:
         except LaminIOError:
             raise
         except Exception as exc:
+            self._check_unchanged()  # a file changed under the read explains its failure
             typed = _reader_error(exc, f"{self.path}: element {key!r}",
                                   "read the file with anndata (anndata.read_h5ad or "
                                   "read_zarr) and write it again")
             if typed is None:
                 raise
             raise typed from exc
+        self._check_unchanged()
+
+    def _check_unchanged(self) -> None:
+        """Raise :class:`StorageModifiedError` if the local file changed since it was opened."""
+        if self._state is None or _file_state(self.local_file) == self._state:
+            return
+        msg = (f"{self.path} changed while it was open (its size, modification time or inode "
+               f"moved): what was read may mix two versions and is dropped; open it again to "
+               f"read the new content")
+        raise StorageModifiedError(msg)
 
     def has(self, key: str) -> bool:
         with self.reading(key):

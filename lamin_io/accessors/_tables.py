@@ -128,7 +128,8 @@ class Engine:
     extra
         The ``lamin-io[...]`` extra that installs it, if it is optional.
     open
-        ``(sources, *, use_fsspec, kwargs)`` returning the opened table.
+        ``(sources, *, use_fsspec, kwargs, after)`` returning the opened table; ``after``
+        (or ``None``) is to be called once a scan of it has finished.
     reader
         ``"module:function"`` that receives the user's keywords; ``{reader}`` stands for
         the format's reader of this engine (its :class:`TableFormat` field of that name).
@@ -356,8 +357,9 @@ def _pyarrow_format(fmt: TableFormat) -> Any:
     return fmt.pyarrow
 
 
-def _open_pyarrow(sources: list[TableSource], *, use_fsspec: bool,
-                  kwargs: dict[str, Any]) -> ds.Dataset:
+def _open_pyarrow(sources: list[TableSource], *, use_fsspec: bool, kwargs: dict[str, Any],
+                  after: Callable[[], Any] | None = None) -> ds.Dataset:
+    """Open the sources as one pyarrow dataset (``after``: no scan here to follow)."""
     import pyarrow.dataset as ds
 
     def one(batch: list[TableSource]) -> ds.Dataset:
@@ -422,10 +424,11 @@ class PolarsScan:
     """
 
     def __init__(self, sources: list[TableSource], *, use_fsspec: bool,
-                 kwargs: dict[str, Any]) -> None:
+                 kwargs: dict[str, Any], after: Callable[[], Any] | None = None) -> None:
         self._sources = sources
         self._use_fsspec = use_fsspec
         self._kwargs = kwargs
+        self._after = after
         self._stacks: list[contextlib.ExitStack] = []
 
     @property
@@ -444,9 +447,14 @@ class PolarsScan:
         self._stacks.append(stack)
         return lf
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         if self._stacks:
             self._stacks.pop().close()
+        if exc_type is None and self._after is not None:
+            # polars sent its own requests, with no version pinned: the registry's check
+            # (the objects' ETags, or files' states, against the record) says whether what
+            # was collected in the block came from the registered version
+            self._after()
 
     def __repr__(self) -> str:
         first = self._sources[0]
@@ -513,7 +521,8 @@ def table_keywords(what: str, suffix: str, kwargs: Mapping[str, Any]) -> frozens
 
 
 def open_many(paths: Iterable[PathLike], *, engine: str = "pyarrow", use_fsspec: bool = False,
-              storage_options: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+              storage_options: Mapping[str, Any] | None = None,
+              after_scan: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
     """Open table files and folders of one format as one table, lazily.
 
     Neighbouring paths on one filesystem become one scan over all their files; paths on
@@ -533,6 +542,12 @@ def open_many(paths: Iterable[PathLike], *, engine: str = "pyarrow", use_fsspec:
         object-store client (for stores the engine cannot reach); ignored for local files.
     storage_options
         fsspec options for paths given as URL strings.
+    after_scan
+        Called when a polars scan's ``with`` block ends without an error (the registry
+        checks there that the stored objects still match their records: polars sends its
+        own requests, which no version pins). A pyarrow ``Dataset`` scans whenever it is
+        asked, after this function returned: nothing is checked after its scans (call
+        :meth:`lamin_io.Artifact.verify` after one to confirm).
     **kwargs
         Passed to ``pyarrow.dataset.dataset`` (``schema``, ``partitioning``, ``format``) or
         the polars scan (``schema``, ``n_rows``, ``infer_schema_length``...).
@@ -569,7 +584,8 @@ def open_many(paths: Iterable[PathLike], *, engine: str = "pyarrow", use_fsspec:
         fmt.check_keywords("open", fmt.suffixes[0], {"engine": engine, **kwargs})
     first = sources[0].path
     with storage_errors(str(first), dict(first.storage_options).get("endpoint_url")):
-        return ENGINES[engine].open(sources, use_fsspec=use_fsspec, kwargs=kwargs)
+        return ENGINES[engine].open(sources, use_fsspec=use_fsspec, kwargs=kwargs,
+                                    after=after_scan)
 
 
 def open_table(path: UPath, *, mode: str = "r", on_close: Callable[[], Any] | None = None,
@@ -583,7 +599,8 @@ def open_table(path: UPath, *, mode: str = "r", on_close: Callable[[], Any] | No
     mode
         ``"r"`` only: tables are read-only.
     on_close
-        Unused (tables are never written back).
+        Called when a polars scan's ``with`` block ends (see ``after_scan`` of
+        :func:`open_many`); tables are never written back.
     engine
         ``"pyarrow"`` (default) or ``"polars"``; see :func:`open_many`.
     use_fsspec
@@ -594,7 +611,8 @@ def open_table(path: UPath, *, mode: str = "r", on_close: Callable[[], Any] | No
     if mode != "r":
         msg = f"tables open read-only (mode='r'), got mode={mode!r}: write a new file instead"
         raise WriteNotSupportedError(msg)
-    return open_many([path], engine=engine, use_fsspec=use_fsspec, **kwargs)
+    return open_many([path], engine=engine, use_fsspec=use_fsspec, after_scan=on_close,
+                     **kwargs)
 
 
 def load_table(path: UPath, **kwargs: Any) -> pd.DataFrame:

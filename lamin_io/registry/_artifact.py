@@ -162,10 +162,10 @@ class Artifact(Record, ArtifactReads):
         with storage_errors(str(source), conn.settings.endpoint_url):
             digest, size, manifest = hash_path(source, mute=mute)
         n_observations = _count_observations(source, self._suffix)
-        fp = None  # a file registered in place: its state now (before any registry lock)
-        if located is not None and manifest is None:
+        fp = None  # registered in place: its state now (before any registry lock)
+        if located is not None:
             with storage_errors(str(source), conn.settings.endpoint_url):
-                fp = json.dumps(fingerprint(source))
+                fp = json.dumps(fingerprint(source, folder=manifest is not None))
 
         deadline = time.monotonic() + _pending_wait()
         while True:
@@ -259,7 +259,7 @@ class Artifact(Record, ArtifactReads):
             with storage_errors(str(dest), endpoint):
                 upload(self._source, dest, sha256=row.hash, manifest=manifest_of(row),
                        mute=mute)
-                fp = None if row.manifest else json.dumps(fingerprint(dest))
+                fp = json.dumps(fingerprint(dest, folder=row.manifest is not None))
         except BaseException as exc:
             # Nothing may stay behind: drop the pending record and any partial object
             # (but never an object that existed before: that one is not ours).
@@ -481,7 +481,8 @@ class ArtifactSet(RecordSet[Artifact]):
         if not self:
             msg = "no artifacts to open: the query matched nothing"
             raise InvalidArgumentError(msg)
-        return open_many([a.verify() for a in self], engine=engine, **kwargs)
+        return open_many([a.verify() for a in self], engine=engine,
+                         after_scan=lambda: [a.verify() for a in self], **kwargs)
 
 
 Artifact._set = ArtifactSet

@@ -27,6 +27,7 @@ from lamin_io.storage import (
     Manifest,
     cached_copy,
     fingerprint,
+    folder_states,
     hash_path,
     is_local,
     missing_path,
@@ -124,7 +125,8 @@ class ArtifactReads:
         recorded = json.loads(row.fingerprint or "{}")
         changed = now["size"] != row.size or (
             "etag" in recorded and now.get("etag") != recorded["etag"])
-        if not changed and "mtime_ns" in recorded and now["mtime_ns"] != recorded["mtime_ns"]:
+        if not changed and any(k in recorded and now.get(k) != recorded[k]
+                               for k in ("mtime_ns", "inode")):  # touched or replaced locally
             changed = hash_path(path, mute=True)[0] != row.hash
         if changed:
             msg = (f"{self._what()}: the stored object {path} no longer matches the record "
@@ -133,22 +135,29 @@ class ArtifactReads:
             raise StorageModifiedError(msg)
 
     def _verify_folder(self, path: UPath) -> None:
-        root = path.path.rstrip("/")
-        listing = {name[len(root) + 1 :]: int(info.get("size") or 0)
-                   for name, info in path.fs.find(root, detail=True, withdirs=False).items()}
+        row = self._saved()
+        listing = folder_states(path)
         if not listing:
             msg = f"{self._what()}: its stored folder {path} is missing"
             raise StorageObjectMissingError(msg)
         manifest = self.manifest
         assert manifest is not None  # noqa: S101 (folder rows always carry one)
-        for rel, size, _ in manifest.entries:
+        # each file's state at save (records from before these states: sizes alone)
+        recorded = json.loads(row.fingerprint or "{}").get("files", {})
+        local = is_local(path)
+        for rel, size, digest in manifest.entries:
             if rel not in listing:
                 msg = (f"{self._what()}: file {rel!r} listed in its manifest is missing from "
                        f"{path}; the folder is incomplete and is not read")
                 raise CorruptArtifactError(msg)
-            if listing[rel] != size:
-                msg = (f"{self._what()}: file {rel!r} in {path} has {listing[rel]} bytes, "
-                       f"the record says {size}; it was modified outside lamin-io")
+            now = listing[rel]
+            changed = now[0] != size
+            if not changed and rel in recorded and now != recorded[rel]:
+                # an ETag names the content; a local file's new time or inode may not
+                changed = not local or hash_path(path / rel, mute=True)[0] != digest
+            if changed:
+                msg = (f"{self._what()}: file {rel!r} in {path} no longer matches the record "
+                       f"(rewritten outside lamin-io); save the new content as a new version")
                 raise StorageModifiedError(msg)
 
     def cache(self, *, mute: bool = False, is_run_input: bool | None = None) -> Path:
@@ -282,7 +291,10 @@ class ArtifactReads:
             return open_path(self._source, mode, **kwargs)
         path = self.verify()
         if mode == "r" or self.n_files is None:
-            opened = open_path(path, mode, **kwargs)
+            # read-only openers that cannot pin their reads (a polars scan) call the check
+            # again when they finish; the others ignore it
+            opened = open_path(path, mode, on_close=self.verify if mode == "r" else None,
+                               **kwargs)
             self._read_as_input(is_run_input=is_run_input)
             return opened
         fmt = format_for(self.suffix, path, what="open")

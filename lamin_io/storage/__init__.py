@@ -32,7 +32,7 @@ from lamin_io.storage._paths import (
     to_upath,
 )
 from lamin_io.storage._progress import ProgressCallback
-from lamin_io.storage._transfer import download, fingerprint, remove, upload
+from lamin_io.storage._transfer import download, fingerprint, folder_states, remove, upload
 
 __all__ = [
     "Manifest",
@@ -45,6 +45,7 @@ __all__ = [
     "cached_copy",
     "download",
     "fingerprint",
+    "folder_states",
     "hash_path",
     "is_local",
     "make_local_dir",

@@ -24,7 +24,7 @@ from lamin_io.storage._progress import ProgressCallback
 if TYPE_CHECKING:
     from upath import UPath
 
-__all__ = ["download", "fingerprint", "remove", "upload"]
+__all__ = ["download", "fingerprint", "folder_states", "remove", "upload"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,12 +145,17 @@ def _publish_local(src_fs: Any, src_root: str, entries: list[tuple[str, int, str
             tmp.unlink(missing_ok=True)
 
 
-def fingerprint(path: UPath) -> dict[str, Any]:
+def fingerprint(path: UPath, *, folder: bool = False) -> dict[str, Any]:
     """Return what identifies a stored object's current state cheaply (no content read).
 
-    S3: size and ETag (and version id where the bucket keeps versions); local: size and
-    modification time. Raises :class:`StorageObjectMissingError` when the object is gone.
+    S3: size and ETag (and version id where the bucket keeps versions); local: size,
+    modification time and inode. A ``folder`` gets ``{"files": {relative path: state}}``
+    with each file's state: ``[size, ETag]`` on S3, ``[size, mtime_ns, inode]`` locally, so
+    a file rewritten at the same size is told apart too. Raises
+    :class:`StorageObjectMissingError` when the object is gone.
     """
+    if folder:
+        return {"files": folder_states(path)}
     try:
         info = path.fs.info(path.path)
     except FileNotFoundError as exc:
@@ -158,7 +163,8 @@ def fingerprint(path: UPath) -> dict[str, Any]:
         raise StorageObjectMissingError(msg) from exc
     fp: dict[str, Any] = {"size": int(info.get("size") or 0)}
     if is_local(path):
-        fp["mtime_ns"] = os.stat(path.path).st_mtime_ns
+        st = os.stat(path.path)
+        fp["mtime_ns"], fp["inode"] = st.st_mtime_ns, st.st_ino
     else:
         etag = info.get("ETag") or info.get("etag")
         if etag:
@@ -166,6 +172,29 @@ def fingerprint(path: UPath) -> dict[str, Any]:
         if info.get("VersionId") not in (None, "null"):
             fp["version_id"] = info["VersionId"]
     return fp
+
+
+def folder_states(path: UPath) -> dict[str, list[Any]]:
+    """Return each file of a stored folder with its state (see :func:`fingerprint`).
+
+    One listing; locally one ``stat`` a file. An empty dict when the folder is missing.
+    """
+    root = path.path.rstrip("/")
+    try:
+        found = path.fs.find(root, detail=True, withdirs=False)
+    except FileNotFoundError:
+        return {}
+    states: dict[str, list[Any]] = {}
+    for name, info in found.items():
+        rel = name[len(root) + 1:]
+        size = int(info.get("size") or 0)
+        if is_local(path):
+            st = os.stat(name)
+            states[rel] = [size, st.st_mtime_ns, st.st_ino]
+        else:
+            etag = info.get("ETag") or info.get("etag")
+            states[rel] = [size, str(etag).strip('"') if etag else None]
+    return states
 
 
 def _download_file(src_fs: Any, src: str, dest: Path, expected: str | None,
