@@ -10,19 +10,21 @@ first 64 KB and its tail in one round of requests before HDF5 starts: writers pu
 metadata they write last there (an AnnData's obs and var, and the object headers of its
 groups), which HDF5 would otherwise fetch one small read after another.
 
-Every request goes through pyarrow's native S3 client, whose C++ code signs and sends it
-without the GIL (about a third of the client time per request of a Python S3 client).
-Reads that HDF5 makes (``readinto``) happen while HDF5 holds its global lock; they must
-never wait on another Python thread (the garbage collector may run there and finalize an
-HDF5 object, which needs the same lock), so they read in the calling thread. Concurrent
-fetches use a thread pool and are only made outside HDF5 calls.
+On S3 every request is pinned to the version of the object opened
+(:class:`lamin_io.storage._pinned.PinnedObject`: by version id, or ``If-Match`` on the ETag
+found at open or recorded at save), so an object overwritten while it is read raises
+:class:`StorageModifiedError` instead of mixing two versions. Other remote stores are read
+through pyarrow over their fsspec file system. Reads that HDF5 makes (``readinto``) happen
+while HDF5 holds its global lock; they must never wait on another Python thread (the
+garbage collector may run there and finalize an HDF5 object, which needs the same lock), so
+they read in the calling thread. Concurrent fetches use a thread pool and are only made
+outside HDF5 calls.
 """
 
 from __future__ import annotations
 
 import bisect
 import io
-import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -38,10 +40,6 @@ METADATA_BLOCK = 16 * 1024
 DIRECT_READ = 64 * 1024
 #: Ranges closer than this share one request (the bytes between are read and dropped).
 BRIDGE = 64 * 1024
-#: Pieces at least this large are read straight into the caller's buffer, each through
-#: a file handle of its own (opening one costs a HEAD request); smaller ones through the
-#: shared handle, which copies (the reading thread's heap may keep the copy's memory).
-READ_INTO = 1 << 20
 #: Misses of the block cache that follow each other in the file read twice as far ahead
 #: each time, up to this many bytes (HDF5 reads a string column's heap in order, a block
 #: at a time).
@@ -69,22 +67,51 @@ def tail_size(size: int) -> int:
     return size if size - tail <= HEAD_BYTES else tail
 
 
-class RangeFile(io.RawIOBase):
-    """Seekable binary reader of ``path`` with an explicit prefetch of byte ranges."""
+class _ArrowSource:
+    """Byte ranges of an object of any other remote store, through pyarrow over fsspec."""
 
-    def __init__(self, path: UPath, *, block_size: int = METADATA_BLOCK) -> None:
+    def __init__(self, path: UPath) -> None:
         from lamin_io.storage._engines import pyarrow_filesystem
+
+        self._reader = pyarrow_filesystem(path, use_fsspec=True).open_input_file(path.path)
+        self.size = int(self._reader.size())
+
+    def read_at(self, n: int, start: int) -> bytes:
+        # (``read_at`` is safe from several threads: it moves the file's one position under
+        # a lock where the file system has only one)
+        return bytes(self._reader.read_at(n, start))
+
+    def read_into(self, start: int, view: memoryview) -> int:
+        data = self.read_at(len(view), start)
+        view[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+class RangeFile(io.RawIOBase):
+    """Seekable binary reader of ``path`` with an explicit prefetch of byte ranges.
+
+    Parameters
+    ----------
+    path
+        A remote path (normalized, with its storage options).
+    etag
+        On S3: the ETag the object must have (the one recorded at save); every read is
+        pinned to it. ``None`` pins the reads to the version found at open.
+    """
+
+    def __init__(self, path: UPath, *, etag: str | None = None,
+                 block_size: int = METADATA_BLOCK) -> None:
+        from lamin_io.storage._engines import S3_PROTOCOLS
+        from lamin_io.storage._pinned import PinnedObject
 
         super().__init__()
         self._path = path.path
-        self._fs = pyarrow_filesystem(path)
-        self._reader = self._fs.open_input_file(path.path)
-        # idle handles for concurrent reads: each has its own position, so it can read
-        # straight into the caller's buffer (``read_at`` would allocate a copy per request)
-        self._handles: list[Any] = []
-        self._handles_lock = threading.Lock()
-        self._closing = False
-        self.size = int(self._reader.size())
+        self._source: Any = (PinnedObject(path, etag=etag) if path.protocol in S3_PROTOCOLS
+                             else _ArrowSource(path))
+        self.size = int(self._source.size)
         self._block = block_size
         self._blocks: dict[int, bytes] = {}
         self._next_block, self._ahead = -1, 1  # read-ahead of in-order misses
@@ -101,25 +128,16 @@ class RangeFile(io.RawIOBase):
         The first :data:`HEAD_BYTES` go to the block cache; the last ``size //
         TAIL_FRACTION`` bytes (:data:`MIN_TAIL` to :data:`MAX_TAIL`) are kept until
         :meth:`release_tail` or ``close``, and every read inside them is served from
-        memory. A small object is read whole (:func:`tail_size`). On S3 the tail is one
-        request read straight into place through the shared handle, whose position nothing
-        else uses (``read_at`` leaves it alone there): pieces through handles of their own
-        would cost a HEAD request each first, and ``read_at`` a copy, which the Arrow
-        memory pool keeps after it is freed. Other file systems (fsspec's, behind pyarrow)
-        move one shared position for ``read_at`` too, so there the tail is read with it.
+        memory. A small object is read whole (:func:`tail_size`).
         """
-        import pyarrow.fs as pafs
-
         from lamin_io.storage._localread import executor, results
 
         tail = tail_size(self.size)
         head = HEAD_BYTES if tail < self.size else 0
         at = self.size - tail
         view = memoryview(bytearray(tail))
-        tail_read = executor().submit(
-            self._fill if isinstance(self._fs, pafs.S3FileSystem) else self._fill_at,
-            self._reader, at, view)
-        head_read = executor().submit(self._reader.read_at, head, 0) if head else None
+        tail_read = executor().submit(self._read_piece, at, view)
+        head_read = executor().submit(self._source.read_at, head, 0) if head else None
         results([tail_read] if head_read is None else [tail_read, head_read])
         if head_read is not None:
             first = memoryview(head_read.result())
@@ -135,47 +153,11 @@ class RangeFile(io.RawIOBase):
         view[:] = tail[start - at:start - at + len(view)]
         return True
 
-    def _fill(self, handle: Any, start: int, view: memoryview) -> None:
-        """Read ``len(view)`` bytes at ``start`` straight into ``view`` through ``handle``."""
-        handle.seek(start)
-        done = 0
-        while done < len(view):
-            n = handle.readinto(view[done:])
-            if n <= 0:
-                self._short(start, done, len(view))
-            done += n
-
-    def _fill_at(self, handle: Any, start: int, view: memoryview) -> None:
-        """Read ``len(view)`` bytes at ``start`` into ``view`` with ``handle.read_at``."""
-        data = handle.read_at(len(view), start)
-        if len(data) != len(view):
-            self._short(start, len(data), len(view))
-        view[:] = data
-
     def _read_piece(self, start: int, view: memoryview) -> None:
-        """Read ``len(view)`` bytes at ``start`` into ``view`` (from any thread).
-
-        Small pieces are read with the shared handle's ``read_at`` (thread-safe; it
-        allocates a copy); large ones straight into ``view`` through a handle of their own.
-        """
-        if len(view) < READ_INTO:
-            self._fill_at(self._reader, start, view)
-            return
-        with self._handles_lock:
-            handle = self._handles.pop() if self._handles else None
-        if handle is None:
-            handle = self._fs.open_input_file(self._path)
-        try:
-            self._fill(handle, start, view)
-        finally:
-            # nothing that may run the garbage collector under the lock: a collection
-            # there can wait on HDF5's lock, held by a thread that waits on this one
-            with self._handles_lock:
-                kept = not self._closing
-                if kept:
-                    self._handles.append(handle)
-            if not kept:
-                handle.close()
+        """Read ``len(view)`` bytes at ``start`` into ``view`` (from any thread)."""
+        got = self._source.read_into(start, view)
+        if got != len(view):
+            self._short(start, got, len(view))
 
     def _short(self, start: int, got: int, wanted: int) -> None:
         msg = (f"{self._path}: read {got} of {wanted} bytes at offset {start}: the object "
@@ -302,7 +284,7 @@ class RangeFile(io.RawIOBase):
             return n
         data: bytes | memoryview | None = self._from_prefetch(self._pos, n)
         if data is None and n >= DIRECT_READ:
-            data = self._reader.read_at(n, self._pos)
+            data = self._source.read_at(n, self._pos)
         elif data is None:
             data = self._from_blocks(self._pos, n)
         view[:len(data)] = data
@@ -318,7 +300,7 @@ class RangeFile(io.RawIOBase):
             stop = max(missing[-1] + 1, missing[0] + self._ahead)
             lo, hi = missing[0] * self._block, min(self.size, stop * self._block)
             self._next_block = stop
-            blob = self._reader.read_at(hi - lo, lo)
+            blob = self._source.read_at(hi - lo, lo)
             for b in range(missing[0], -(-hi // self._block)):
                 self._blocks[b] = blob[(b - missing[0]) * self._block:
                                        (b - missing[0] + 1) * self._block]
@@ -330,12 +312,9 @@ class RangeFile(io.RawIOBase):
 
     def close(self) -> None:  # noqa: D102
         if not self.closed:
-            self._reader.close()
-            with self._handles_lock:
-                self._closing = True  # handles in use are closed when returned
-                idle, self._handles = self._handles, []
-            for handle in idle:
-                handle.close()
+            close = getattr(self._source, "close", None)
+            if close is not None:
+                close()
             self._blocks.clear()
             self.release_tail()
             self.release()
