@@ -326,3 +326,87 @@ def test_a_table_changed_during_a_polars_scan_is_reported(conn, tmp_path) -> Non
     lf.collect()
     with pytest.raises(errors.StorageModifiedError, match="no longer matches"):
         scan.__exit__(None, None, None)
+
+
+# -- reads pinned to one version of an S3 object ------------------------------------------
+
+def _two_h5ads(tmp_path: Path) -> tuple[Path, Any, Path]:
+    from conftest import grouped_h5ad
+
+    first, other = tmp_path / "a" / "x.h5ad", tmp_path / "b" / "x.h5ad"
+    first.parent.mkdir()
+    other.parent.mkdir()
+    adata = grouped_h5ad(first, 300, 40, "abc", seed=1)
+    grouped_h5ad(other, 300, 40, "abc", seed=2)
+    return first, adata, other
+
+
+def test_an_s3_h5ad_overwritten_while_open_is_never_mixed_in(s3_server, tmp_path) -> None:
+    from conftest import upload
+
+    first, adata, other = _two_h5ads(tmp_path)
+    remote = upload(first, s3_server.endpoint)
+    with ln.open(remote) as acc:
+        np.testing.assert_array_equal(acc[:5].X.toarray(), adata.X[:5].toarray())
+        remote.fs.put_file(str(other), remote.path)  # another version under the same key
+        with pytest.raises(errors.StorageModifiedError, match="open it again"):
+            acc[100:].X  # noqa: B018
+
+
+def test_a_versioned_bucket_keeps_serving_the_version_opened(versioned_bucket, s3_endpoint,
+                                                            tmp_path) -> None:
+    from lamin_io.storage import to_upath
+
+    first, adata, other = _two_h5ads(tmp_path)
+    remote = to_upath(f"s3://{versioned_bucket}/{uuid.uuid4().hex}/x.h5ad",
+                      {"endpoint_url": s3_endpoint})
+    remote.fs.put_file(str(first), remote.path)
+    with ln.open(remote) as acc:
+        names = list(acc.obs_names)
+        remote.fs.put_file(str(other), remote.path)  # overwritten: a new version
+        got = acc[100:].X  # read by version id: still the version opened, consistent
+    assert names == list(adata.obs_names)
+    np.testing.assert_array_equal(got.toarray(), adata.X[100:].toarray())
+
+
+def test_a_version_other_than_the_recorded_one_is_refused(s3_server, tmp_path) -> None:
+    from conftest import upload
+
+    first, _, _ = _two_h5ads(tmp_path)
+    remote = upload(first, s3_server.endpoint)
+    with pytest.raises(errors.StorageModifiedError):
+        ln.open(remote, versions="0123456789abcdef0123456789abcdef")
+
+
+def test_an_s3_zarr_chunk_rewritten_while_open_is_refused(s3_server, tmp_path) -> None:
+    """Artifact.open pins each zarr object to the ETag recorded at save."""
+    import anndata as ad
+
+    adata = ad.AnnData(np.arange(4000, dtype=np.float32).reshape(200, 20))
+    folder = tmp_path / "x.zarr"
+    adata.write_zarr(folder, chunks=(50, 20))
+    ln.connect(tmp_path / "r.db", f"s3://{s3_server.bucket}/{uuid.uuid4().hex}",
+               endpoint_url=s3_server.endpoint)
+    art = ln.Artifact(folder, key="x.zarr").save(mute=True)
+    stored = art.path
+    chunks = sorted(f for f in stored.fs.find(stored.path)
+                    if "/X/" in f and f.rsplit("/", 1)[-1][0].isdigit())
+    with art.open() as acc:
+        np.testing.assert_array_equal(acc[:10].X, adata.X[:10])
+        data = stored.fs.cat_file(chunks[-1])
+        stored.fs.pipe_file(chunks[-1], bytes(reversed(data)))  # same size, other bytes
+        with pytest.raises(errors.StorageModifiedError, match="recorded"):
+            acc[150:].X  # noqa: B018
+
+
+def test_a_download_is_pinned_to_the_recorded_version(s3_server, tmp_path) -> None:
+    from conftest import upload
+
+    from lamin_io.storage import download
+
+    first, _, _ = _two_h5ads(tmp_path)
+    remote = upload(first, s3_server.endpoint)
+    with pytest.raises(errors.StorageModifiedError, match="no longer the version recorded"):
+        download(remote, tmp_path / "copy.h5ad", sha256=None, manifest=None, what="x",
+                 mute=True, versions="0123456789abcdef0123456789abcdef")
+    assert not (tmp_path / "copy.h5ad").exists()

@@ -75,11 +75,13 @@ def _h5ad_member(fileobj: Any, path: UPath) -> tuple[Any, Any]:
     raise UnsupportedFormatError(msg)
 
 
-def _open_hdf5(path: UPath, mode: str, *, prime: bool = True) -> tuple[Any, list[Any], Any]:
+def _open_hdf5(path: UPath, mode: str, *, prime: bool = True,
+               etag: str | None = None) -> tuple[Any, list[Any], Any]:
     """Return ``(h5py.File, handles to close, RangeFile or None)``.
 
     ``prime``: a remote file reads its first blocks and its tail up front
     (:meth:`RangeFile.prime`); a format probe, which reads the root group alone, skips it.
+    ``etag``: the S3 version every read of a remote file must see (see :class:`RangeFile`).
     """
     import h5py
 
@@ -98,7 +100,7 @@ def _open_hdf5(path: UPath, mode: str, *, prime: bool = True) -> tuple[Any, list
         except OSError as exc:
             msg = f"{path} is not a readable HDF5 file (truncated or damaged?): {exc}"
             raise CorruptArtifactError(msg) from exc
-    raw: Any = path.fs.open(path.path, "rb") if is_local(path) else RangeFile(path)
+    raw: Any = path.fs.open(path.path, "rb") if is_local(path) else RangeFile(path, etag=etag)
     handles = [raw]
     fileobj = raw
     if tarred:
@@ -199,9 +201,15 @@ def is_anndata(path: UPath) -> bool:
             h.close()
 
 
-def open_anndata(path: UPath, *, mode: str = "r",
-                 on_close: Callable[[], Any] | None = None) -> AnnDataAccessor:
-    """Open an AnnData ``.h5ad``/``.zarr`` lazily (the format table's opener)."""
+def open_anndata(path: UPath, *, mode: str = "r", on_close: Callable[[], Any] | None = None,
+                 versions: str | Mapping[str, str] | None = None) -> AnnDataAccessor:
+    """Open an AnnData ``.h5ad``/``.zarr`` lazily (the format table's opener).
+
+    ``versions``: the stored versions every read must see, as the registry recorded them
+    (an h5ad's ETag; each file's ETag of a zarr store, by relative path): a read of anything
+    else raises :class:`StorageModifiedError`. Without them a remote h5ad is pinned to the
+    version found at open.
+    """
     suffix = suffix_of(path.name).lower()
     is_zarr = suffix == ".zarr"
     if mode != "r" and not (is_zarr and mode == "r+"):
@@ -216,11 +224,13 @@ def open_anndata(path: UPath, *, mode: str = "r",
     remote = not is_local(path)
     endpoint = dict(path.storage_options).get("endpoint_url") if remote else None
     if is_zarr:
-        group = open_zarr_group(path, "r+" if mode == "r+" else "r")
+        group = open_zarr_group(path, "r+" if mode == "r+" else "r",
+                                versions=versions if isinstance(versions, Mapping) else None)
         store = _Store(group, handles=[], path=str(path), mode=mode, on_close=on_close,
                        remote=remote, endpoint=endpoint)
     else:
-        file, handles, source = _open_hdf5(path, "r")
+        file, handles, source = _open_hdf5(path, "r", etag=versions
+                                           if isinstance(versions, str) else None)
         store = _Store(file, handles=[file, *handles], path=str(path), mode="r",
                        source=source, remote=remote, endpoint=endpoint)
     try:

@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 #: Arguments the callers of a loader or opener give themselves: never the user's keywords.
-_GIVEN = {"load": frozenset(), "open": frozenset({"mode", "on_close"})}
+_GIVEN = {"load": frozenset(), "open": frozenset({"mode", "on_close", "versions"})}
 
 
 def _signature(target: str | Callable[..., Any],
@@ -114,6 +114,10 @@ class Format:
         a library (``anndata.read_h5ad``, a polars scan), or ``None`` for any. Needed only
         where the loader or opener takes ``**kwargs``; its own named arguments count
         anyway (see :meth:`check_keywords`).
+    pinned
+        Whether its opener takes ``versions=`` (the stored versions the registry recorded:
+        an S3 object's ETag, or each file's of a folder) and pins its reads to them, so an
+        object overwritten while it is read raises ``StorageModifiedError``.
     """
 
     name: str
@@ -125,6 +129,7 @@ class Format:
     modes: tuple[str, ...] = ("r",)
     n_observations: str | None = None
     keywords: str | None = None
+    pinned: bool = False
 
     def resolve(self, what: str) -> Callable[..., Any]:
         """Import and return the function named by attribute ``what``."""
@@ -315,7 +320,7 @@ for _fmt in (
     Format("anndata", (".h5ad", ".h5ad.gz", ".h5ad.tar.gz", ".h5", ".hdf5", ".zarr"),
            load=f"{_A}:load_anndata", open=f"{_A}:open_anndata", can_open=f"{_A}:is_anndata",
            modes=("r", "r+"), n_observations=f"{_A}:count_observations",
-           keywords=f"{__name__}:anndata_keywords"),
+           keywords=f"{__name__}:anndata_keywords", pinned=True),
     Format("tiledbsoma", (".tiledbsoma",), load=f"{_SO}:load_soma", open=f"{_SO}:open_soma",
            extra="soma", modes=("r", "w"), n_observations=f"{_SO}:count_observations",
            keywords=f"{_SO}:soma_keywords"),

@@ -33,6 +33,7 @@ def open(  # noqa: A001 (mirrors the builtin on purpose, like zarr.open and h5py
     *,
     storage_options: Mapping[str, Any] | None = None,
     on_close: Callable[[], Any] | None = None,
+    versions: str | Mapping[str, str] | None = None,
     **kwargs: Any,
 ) -> Any:
     """Open a file or folder lazily, locally or on S3, without downloading it.
@@ -60,6 +61,12 @@ def open(  # noqa: A001 (mirrors the builtin on purpose, like zarr.open and h5py
         :class:`~lamin_io.errors.UnsupportedFormatError` first.
     storage_options
         fsspec options for remote paths (``endpoint_url``, ``anon``, credentials).
+    versions
+        The stored versions the reads must see (the registry passes what it recorded): an
+        S3 object's ETag, or for a folder each file's ETag by relative path. Formats whose
+        readers pin their requests (AnnData) refuse other versions with
+        :class:`~lamin_io.errors.StorageModifiedError`; without it, an S3 h5ad's reads are
+        pinned to the version found when it is opened.
     on_close
         Called once when a writable accessor is closed (the registry uses it to save a new
         artifact version).
@@ -97,5 +104,7 @@ def open(  # noqa: A001 (mirrors the builtin on purpose, like zarr.open and h5py
     fmt = format_for(suffix, upath, what="open")
     fmt.check_keywords("open", suffix, kwargs)
     opener = fmt.resolve("open")
+    if versions is not None and fmt.pinned:
+        kwargs["versions"] = versions
     with storage_errors(str(upath), endpoint):
         return opener(upath, mode=mode, on_close=on_close, **kwargs)

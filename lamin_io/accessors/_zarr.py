@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 from zarr.storage import WrapperStore
 
-from lamin_io.errors import CorruptArtifactError
-from lamin_io.storage import is_local
+from lamin_io.errors import CorruptArtifactError, StorageModifiedError
+from lamin_io.storage import error_codes, is_local
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+    from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 
     from upath import UPath
     from zarr.abc.store import ByteRequest, Store
@@ -46,18 +46,60 @@ class MetadataCacheStore(WrapperStore["Store"]):
     their one read.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, versions: Mapping[str, str] | None = None) -> None:
         super().__init__(store)
         self._documents: dict[str, Buffer | None] = {}
         self._listings: dict[str, list[str]] = {}
         self._ahead: dict[str, Buffer | None] = {}
+        self._versions = dict(versions or {})
 
     def _with_store(self, store: Store) -> MetadataCacheStore:
         # zarr re-wraps stores (e.g. ``with_read_only``): the copy shares what was read
-        copy = type(self)(store)
+        copy = type(self)(store, versions=self._versions)
         copy._documents, copy._listings, copy._ahead = (self._documents, self._listings,
                                                         self._ahead)
         return copy
+
+    async def _read(self, key: str, prototype: BufferPrototype,
+                    byte_range: ByteRequest | None = None) -> Buffer | None:
+        """Read an object, pinned to its recorded version where the store has one for it.
+
+        A pinned object is asked for with ``If-Match`` on its recorded ETag: one changed
+        since raises :class:`StorageModifiedError`, one gone :class:`CorruptArtifactError`
+        (the record lists it: never read as fill values).
+        """
+        etag = self._versions.get(key)
+        if etag is None:
+            return await self._store.get(key, prototype, byte_range)
+        from botocore.exceptions import ClientError
+
+        fs: Any = getattr(self._store, "fs", None)
+        root: str = getattr(self._store, "path", "")
+        bucket, _, prefix = root.strip("/").partition("/")
+        request = {"Bucket": bucket, "Key": f"{prefix}/{key}" if prefix else key,
+                   "IfMatch": etag if etag.startswith('"') else f'"{etag}"'}
+        if byte_range is not None:
+            request["Range"] = _range_header(byte_range)
+        client = await fs.set_session()
+        try:
+            response = await client.get_object(**request)
+        except ClientError as exc:
+            codes = set(error_codes(exc))
+            if codes & {"412", "PreconditionFailed"}:
+                msg = (f"{root}/{key} changed after the store was verified: its bytes are no "
+                       f"longer the version recorded; open it again for the new version")
+                raise StorageModifiedError(msg) from exc
+            if codes & {"404", "NoSuchKey"}:
+                msg = (f"{root}/{key} is listed in the store's record but gone from "
+                       f"storage: the store is incomplete and is not read as fill values")
+                raise CorruptArtifactError(msg) from exc
+            raise
+        body = response["Body"]
+        try:
+            data = await body.read()
+        finally:
+            body.close()
+        return prototype.buffer.from_bytes(data)
 
     async def fetch_ahead(self, keys: list[str]) -> None:
         """Fetch whole objects concurrently; each is served once, to the next read of it.
@@ -70,7 +112,7 @@ class MetadataCacheStore(WrapperStore["Store"]):
         from zarr.core.buffer import default_buffer_prototype
 
         prototype = default_buffer_prototype()
-        got = await asyncio.gather(*(self._store.get(k, prototype) for k in keys),
+        got = await asyncio.gather(*(self._read(k, prototype) for k in keys),
                                    return_exceptions=True)
         for key, value in zip(keys, got, strict=True):
             if not isinstance(value, BaseException):  # a failed one is asked for again
@@ -90,9 +132,9 @@ class MetadataCacheStore(WrapperStore["Store"]):
         if byte_range is None and key in self._ahead:
             return self._ahead.pop(key)
         if byte_range is not None or not self._is_metadata(key):
-            return await self._store.get(key, prototype, byte_range)
+            return await self._read(key, prototype, byte_range)
         if key not in self._documents:
-            self._documents[key] = await self._store.get(key, prototype)
+            self._documents[key] = await self._read(key, prototype)
         return self._documents[key]
 
     async def _get_many(self, requests: Iterable[tuple[str, BufferPrototype,
@@ -119,6 +161,20 @@ class MetadataCacheStore(WrapperStore["Store"]):
     def list_dir(self, prefix: str) -> AsyncIterator[str]:
         """List the members under ``prefix`` (once per prefix)."""
         return self._listed(prefix)
+
+
+def _range_header(byte_range: ByteRequest) -> str:
+    """Return the HTTP ``Range`` of one of zarr's byte requests."""
+    from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+
+    if isinstance(byte_range, RangeByteRequest):
+        return f"bytes={byte_range.start}-{byte_range.end - 1}"
+    if isinstance(byte_range, OffsetByteRequest):
+        return f"bytes={byte_range.offset}-"
+    if isinstance(byte_range, SuffixByteRequest):
+        return f"bytes=-{byte_range.suffix}"
+    msg = f"unknown byte request {byte_range!r}"
+    raise TypeError(msg)
 
 
 def fetch_arrays_ahead(group: Any, *, skip_index: bool = False) -> Callable[[], None]:
@@ -537,12 +593,14 @@ def _read_through_zarr(items: list[tuple[Any, np.ndarray, np.ndarray]]) -> list[
     return sync(every())
 
 
-def open_zarr_group(path: UPath, mode: Literal["r", "r+"]) -> Any:
+def open_zarr_group(path: UPath, mode: Literal["r", "r+"], *,
+                    versions: Mapping[str, str] | None = None) -> Any:
     """Open a zarr group (format 2 or 3, consolidated or not), locally or remotely.
 
     Writers bypass consolidated metadata (the accessor rewrites it on close); readers use
     it where there is some. Remote read-only groups go through a
-    :class:`MetadataCacheStore`.
+    :class:`MetadataCacheStore`; ``versions`` (each object's recorded ETag, by relative
+    path) pins the reads of an S3 store to what the registry recorded.
     """
     import zarr
 
@@ -561,7 +619,8 @@ def open_zarr_group(path: UPath, mode: Literal["r", "r+"]) -> Any:
         store: Any = FsspecStore.from_url(str(path), storage_options=options,
                                           read_only=mode == "r")
         if mode == "r":
-            store = MetadataCacheStore(store)
+            store = MetadataCacheStore(
+                store, versions=versions if path.protocol in ("s3", "s3a") else None)
         return zarr.open_group(store, mode=mode, use_consolidated=consolidated)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
         msg = f"{path} is not a readable zarr group (corrupt or missing metadata?): {exc}"

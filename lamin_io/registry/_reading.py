@@ -114,6 +114,20 @@ class ArtifactReads:
                 self._verify_file(path)
         return path
 
+    def _versions(self) -> str | dict[str, str] | None:
+        """Return the S3 versions recorded at save, for readers to pin their requests to.
+
+        A file's ETag, or a folder's files' ETags by relative path; ``None`` where none were
+        recorded (local storage, records from before).
+        """
+        recorded = json.loads(self._saved().fingerprint or "{}")
+        if "files" in recorded:
+            etags = {rel: state[1] for rel, state in recorded["files"].items()
+                     if len(state) == 2 and isinstance(state[1], str)}
+            return etags or None
+        etag = recorded.get("etag")
+        return str(etag) if etag else None
+
     def _verify_file(self, path: UPath) -> None:
         row = self._saved()
         try:
@@ -186,7 +200,7 @@ class ArtifactReads:
             with storage_errors(str(path),
                                 current().settings_for(row.storage_id).endpoint_url):
                 local = cached_copy(path, sha256=row.hash, name=name, manifest=self.manifest,
-                                    what=self._what(), mute=mute)
+                                    what=self._what(), mute=mute, versions=self._versions())
         self._read_as_input(is_run_input=is_run_input)
         return local
 
@@ -294,6 +308,7 @@ class ArtifactReads:
             # read-only openers that cannot pin their reads (a polars scan) call the check
             # again when they finish; the others ignore it
             opened = open_path(path, mode, on_close=self.verify if mode == "r" else None,
+                               versions=self._versions() if mode == "r" else None,
                                **kwargs)
             self._read_as_input(is_run_input=is_run_input)
             return opened

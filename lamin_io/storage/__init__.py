@@ -12,6 +12,7 @@ from lamin_io.storage._engines import (
     tiledb_config,
 )
 from lamin_io.storage._filesystem import (
+    error_codes,
     missing_path,
     refresh_if_credentials_changed,
     storage_errors,
@@ -44,6 +45,7 @@ __all__ = [
     "cache_dir",
     "cached_copy",
     "download",
+    "error_codes",
     "fingerprint",
     "folder_states",
     "hash_path",

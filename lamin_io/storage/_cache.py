@@ -58,13 +58,18 @@ def _is_valid(local: Path) -> bool:
 
 
 def cached_copy(src: UPath, *, sha256: str, name: str, manifest: Manifest | None,
-                what: str, mute: bool = False) -> Path:
-    """Return a verified local copy of ``src``, downloading it only when needed."""
+                what: str, mute: bool = False,
+                versions: str | dict[str, str] | None = None) -> Path:
+    """Return a verified local copy of ``src``, downloading it only when needed.
+
+    ``versions``: the S3 ETags recorded for the object (or a folder's files, by relative
+    path); the download's requests are pinned to them (see :func:`download`).
+    """
     local = cache_dir() / sha256 / name
     if _is_valid(local):
         return local
     local.parent.mkdir(parents=True, exist_ok=True)
     download(src, local, sha256=None if manifest else sha256, manifest=manifest,
-             what=what, mute=mute)
+             what=what, mute=mute, versions=versions)
     (local.parent / SIDECAR).write_text(json.dumps(_stat_tree(local)))
     return local

@@ -198,14 +198,30 @@ def folder_states(path: UPath) -> dict[str, list[Any]]:
 
 
 def _download_file(src_fs: Any, src: str, dest: Path, expected: str | None,
-                   cb: ProgressCallback, what: str) -> None:
+                   cb: ProgressCallback, what: str, etag: str | None = None) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         with src_fs.open(src, "rb", block_size=BLOCK_SIZE) as fin, dest.open("wb") as fout:
+            # s3fs sends every ranged GET with If-Match on the ETag it found at open: the
+            # download stays on that version; that version must be the recorded one
+            found = str((getattr(fin, "details", None) or {}).get("ETag", "")).strip('"')
+            recorded = None if etag is None else etag.strip('"')
+            if recorded is not None and found and found != recorded:
+                msg = (f"{what}: the stored object {src} is no longer the version recorded "
+                       f"(ETag {found[:12]}..., recorded {recorded[:12]}...); it was "
+                       f"overwritten outside lamin-io: save it again as a new version")
+                raise StorageModifiedError(msg)
             digest, _ = hash_stream(fin, cb, sink=fout)
     except FileNotFoundError as exc:
         msg = f"{what}: stored file {src} is missing"
         raise CorruptArtifactError(msg) from exc
+    except OSError as exc:
+        if set(error_codes(exc)) & {"412", "PreconditionFailed"}:
+            msg = (f"{what}: the stored object {src} changed while it was downloaded; the "
+                   f"partial copy was dropped: try again, or save the new content as a new "
+                   f"version")
+            raise StorageModifiedError(msg) from exc
+        raise
     if expected is not None and digest != expected:
         msg = (f"{what}: stored bytes at {src} no longer match the registry record "
                f"(sha256 {digest[:12]}... != {expected[:12]}...); the object was modified "
@@ -214,11 +230,15 @@ def _download_file(src_fs: Any, src: str, dest: Path, expected: str | None,
 
 
 def download(src: UPath, dest: Path, *, sha256: str | None, manifest: Manifest | None,
-             what: str, mute: bool = False) -> None:
+             what: str, mute: bool = False,
+             versions: str | dict[str, str] | None = None) -> None:
     """Download a file or folder to ``dest``, verifying every byte against the record.
 
     The copy is written beside ``dest`` and swapped in only when complete and verified, so
-    a failed or mismatching download leaves any previous ``dest`` untouched.
+    a failed or mismatching download leaves any previous ``dest`` untouched. ``versions``:
+    the S3 ETags recorded (a file's, or a folder's files' by relative path): each file's
+    requests are pinned to its recorded version (``If-Match``), and an object found at
+    another raises :class:`StorageModifiedError` before a byte is copied.
     """
     tmp = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex}"
     fs, root = src.fs, src.path.rstrip("/")
@@ -226,12 +246,15 @@ def download(src: UPath, dest: Path, *, sha256: str | None, manifest: Manifest |
         with ProgressCallback(f"downloading {dest.name}", mute=mute) as cb:
             if manifest is None:
                 cb.set_size(int(fs.info(root).get("size") or 0))
-                _download_file(fs, root, tmp, sha256, cb, what)
+                _download_file(fs, root, tmp, sha256, cb, what,
+                               versions if isinstance(versions, str) else None)
             else:
                 cb.set_size(manifest.size)
                 tmp.mkdir(parents=True)
+                pins = versions if isinstance(versions, dict) else {}
                 for rel, _, digest in manifest.entries:
-                    _download_file(fs, f"{root}/{rel}", tmp / rel, digest, cb, what)
+                    _download_file(fs, f"{root}/{rel}", tmp / rel, digest, cb, what,
+                                   pins.get(rel))
         if dest.is_dir():
             shutil.rmtree(dest)
         elif dest.exists():
