@@ -179,6 +179,7 @@ def test_no_credentials_in_the_api(no_credentials: str, tmp_path: Path,
 def test_no_credentials_for_the_engines(no_credentials: str) -> None:
     """pyarrow, polars and TileDB never fall back to unsigned requests on their own."""
     from lamin_io.storage import (
+        polars_credential_provider,
         polars_storage_options,
         pyarrow_filesystem,
         tiledb_config,
@@ -186,13 +187,15 @@ def test_no_credentials_for_the_engines(no_credentials: str) -> None:
     )
 
     path = to_upath(f"s3://{BUCKET}/x.parquet", {"endpoint_url": no_credentials})
-    for translate in (pyarrow_filesystem, polars_storage_options, tiledb_config):
+    for translate in (pyarrow_filesystem, polars_storage_options, polars_credential_provider,
+                      tiledb_config):
         with pytest.raises(errors.CredentialsError) as info:
             translate(path)
         assert_credentials_hint(info.value)
     anon = to_upath(f"s3://{BUCKET}/x.parquet", {"endpoint_url": no_credentials, "anon": True})
     assert type(pyarrow_filesystem(anon)).__name__ == "S3FileSystem"
     assert (polars_storage_options(anon) or {})["aws_skip_signature"] == "true"
+    assert polars_credential_provider(anon) is None
     missing_profile = to_upath(f"s3://{BUCKET}/x.parquet",
                                {"endpoint_url": no_credentials, "profile": "no-such-profile"})
     with pytest.raises(errors.CredentialsError, match="no-such-profile"):

@@ -111,19 +111,22 @@ def test_filesystem_reset_when_credentials_change(s3_endpoint, monkeypatch):
 
 
 def test_engine_credentials_follow_the_environment(s3_endpoint, monkeypatch, tmp_path):
-    """pyarrow's settings come from the AWS chain once per environment, and anew when the
-    environment or the credential files change (rotated keys, another config file)."""
-    from lamin_io.storage._engines import _aws_session, s3_access
+    """The engines' credentials come from the AWS chain once per environment, and anew
+    when the environment or the credential files change (rotated keys, another config
+    file): one polars credential provider, made once, follows every change."""
+    from lamin_io.storage._engines import _aws_session, polars_credential_provider, s3_access
 
     path = to_upath(f"s3://{BUCKET}/x", {"endpoint_url": s3_endpoint})
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "first-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "first-secret")
     _aws_session.cache_clear()
-    assert s3_access(path).key == "first-key"
-    assert s3_access(path).key == "first-key"
-    assert _aws_session.cache_info().misses == 1  # one session for both
+    provider = polars_credential_provider(path)
+    assert provider is not None
+    assert provider()[0]["aws_access_key_id"] == "first-key"
+    assert provider()[0]["aws_access_key_id"] == "first-key"
+    assert _aws_session.cache_info().misses == 1  # one session for the check and both calls
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "rotated-key")
-    assert s3_access(path).key == "rotated-key"
+    assert provider()[0]["aws_access_key_id"] == "rotated-key"
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     (tmp_path / "credentials").write_text(
@@ -133,8 +136,9 @@ def test_engine_credentials_follow_the_environment(s3_endpoint, monkeypatch, tmp
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
     monkeypatch.delenv("AWS_REGION", raising=False)
     monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
-    access = s3_access(path)
-    assert (access.key, access.secret, access.region) == ("file-key", "file-secret", "eu-west-3")
+    assert s3_access(path).region == "eu-west-3"
+    assert provider()[0] == {"aws_access_key_id": "file-key",
+                             "aws_secret_access_key": "file-secret"}
     (tmp_path / "credentials").write_text(  # edited in place (aws configure, a rotation)
         "[default]\naws_access_key_id = edited-key\naws_secret_access_key = edited-secret\n")
-    assert s3_access(path).key == "edited-key"
+    assert provider()[0]["aws_access_key_id"] == "edited-key"

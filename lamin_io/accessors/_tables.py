@@ -41,6 +41,7 @@ from lamin_io.errors import (
 from lamin_io.storage import (
     is_local,
     missing_path,
+    polars_credential_provider,
     polars_storage_options,
     pyarrow_filesystem,
     storage_errors,
@@ -401,6 +402,9 @@ def _polars_scan(sources: list[TableSource], *, use_fsspec: bool, kwargs: dict[s
             storage = polars_storage_options(first.path)
             if storage is not None:
                 options["storage_options"] = storage
+            provider = polars_credential_provider(first.path)  # the chain's, kept current
+            if provider is not None:
+                options["credential_provider"] = provider
             files = [first.path.fs.unstrip_protocol(f) for s in batch for f in s.files]
         options.update(kwargs)
         return scan(files, **options)

@@ -5,7 +5,10 @@ This layer knows files and objects only: no registry records and no formats.
 
 from lamin_io.storage._cache import cache_dir, cached_copy
 from lamin_io.storage._engines import (
+    POLARS_CREDENTIALS_TTL,
+    AwsCredentialProvider,
     S3Access,
+    polars_credential_provider,
     polars_storage_options,
     pyarrow_filesystem,
     s3_access,
@@ -36,6 +39,8 @@ from lamin_io.storage._progress import ProgressCallback
 from lamin_io.storage._transfer import download, fingerprint, folder_states, remove, upload
 
 __all__ = [
+    "POLARS_CREDENTIALS_TTL",
+    "AwsCredentialProvider",
     "Manifest",
     "PathLike",
     "ProgressCallback",
@@ -53,6 +58,7 @@ __all__ = [
     "make_local_dir",
     "manifest_hash",
     "missing_path",
+    "polars_credential_provider",
     "polars_storage_options",
     "pyarrow_filesystem",
     "refresh_if_credentials_changed",

@@ -63,13 +63,16 @@ class StorageOptions(TypedDict, total=False):
     config_kwargs: dict[str, Any]
 
 
-def credential_fingerprint() -> str:
+def credential_fingerprint(*, files_only: bool = False) -> str:
     """Return a digest of the ambient AWS credential sources (environment and config files).
 
     The digest changes whenever credentials change, without ever holding them in clear.
+    ``files_only``: a digest of the AWS config and credentials files alone (which files,
+    their sizes and times) and of the profile variables that pick a section in them.
     """
     h = hashlib.sha256()
-    for name in _CREDENTIAL_ENV:
+    names = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE") if files_only else _CREDENTIAL_ENV
+    for name in names:
         h.update(f"{name}={os.environ.get(name, '')}\0".encode())
     for env, default in (("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
                          ("AWS_CONFIG_FILE", "~/.aws/config")):
