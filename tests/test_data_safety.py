@@ -196,7 +196,7 @@ def test_no_registry_write_lock_while_storage_is_asked(tmp_path, monkeypatch) ->
     real = _artifact.fingerprint
     others_could_write: list[bool] = []
 
-    def probing(path: Any) -> Any:  # while storage answers, another writer tries its luck
+    def probing(path: Any, **kw: Any) -> Any:  # while storage answers, another writer tries
         other = sqlite3.connect(db, timeout=0, isolation_level=None)
         try:
             other.execute("BEGIN IMMEDIATE")
@@ -206,7 +206,7 @@ def test_no_registry_write_lock_while_storage_is_asked(tmp_path, monkeypatch) ->
             others_could_write.append(False)
         finally:
             other.close()
-        return real(path)
+        return real(path, **kw)
 
     monkeypatch.setattr(_artifact, "fingerprint", probing)
     art = ln.Artifact(inside, key="in_place.csv").save(mute=True)
