@@ -341,9 +341,19 @@ def _two_h5ads(tmp_path: Path) -> tuple[Path, Any, Path]:
     return first, adata, other
 
 
-def test_an_s3_h5ad_overwritten_while_open_is_never_mixed_in(s3_server, tmp_path) -> None:
+@pytest.mark.parametrize("sender", ["direct", "client"])
+def test_an_s3_h5ad_overwritten_while_open_is_never_mixed_in(s3_server, tmp_path, monkeypatch,
+                                                             sender) -> None:
+    """Both ways a ranged GET goes out pin it: signed and sent directly, or, with a proxy
+    configured, through botocore's client."""
     from conftest import upload
 
+    from lamin_io.storage import _pinned
+
+    if sender == "client":  # a proxy for other hosts: the loopback server is reached directly
+        monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    _pinned._signed_gets.cache_clear()
     first, adata, other = _two_h5ads(tmp_path)
     remote = upload(first, s3_server.endpoint)
     with ln.open(remote) as acc:
@@ -351,6 +361,8 @@ def test_an_s3_h5ad_overwritten_while_open_is_never_mixed_in(s3_server, tmp_path
         remote.fs.put_file(str(other), remote.path)  # another version under the same key
         with pytest.raises(errors.StorageModifiedError, match="open it again"):
             acc[100:].X  # noqa: B018
+    assert (_pinned.PinnedObject(remote)._direct is None) == (sender == "client")
+    _pinned._signed_gets.cache_clear()
 
 
 def test_a_versioned_bucket_keeps_serving_the_version_opened(versioned_bucket, s3_endpoint,

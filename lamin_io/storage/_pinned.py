@@ -14,6 +14,14 @@ s3fs wraps) can, and its client is thread-safe: a read runs in the calling threa
 reads must never wait on another Python thread, see :mod:`lamin_io.storage._rangefile`),
 concurrent reads from the I/O pool share its connection pool. Credentials come from
 explicit options or the standard AWS chain, whose temporary credentials botocore refreshes.
+
+The ranged ``GET`` s, many per read, skip the client's request pipeline (hooks, parameter
+checks, response parsing: about 1 ms of CPU a request, which made a 50k-cell subset on
+loopback S3 0.46 s of client CPU against pyarrow's 0.32 s): botocore signs each request
+(SigV4, with the same refreshing credentials) and urllib3, which botocore sends through
+too, sends it; any answer but the data, a ``412`` or a ``404`` is asked again through the
+client, whose errors say what went wrong. With a proxy configured in the environment every
+request goes through the client.
 """
 
 from __future__ import annotations
@@ -35,14 +43,13 @@ __all__ = ["PinnedObject"]
 
 #: Connections kept per client: the I/O pool's threads, and the callers' own reads.
 _POOL = 32
-#: Bytes of a response copied into place at a time.
-_BLOCK = 256 * 1024
 _lock = threading.Lock()
 
 
 def _forget_clients_after_fork() -> None:
     global _lock
     _client.cache_clear()  # a client's connections are not the child's
+    _signed_gets.cache_clear()
     _lock = threading.Lock()
 
 
@@ -71,6 +78,77 @@ def _client(access: S3Access, profile: str | None) -> Any:
                                      region_name=access.region, config=config, **explicit)
 
 
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                    "all_proxy")
+
+
+class _SignedGets:
+    """Ranged ``GET`` s signed by botocore and sent by urllib3 (see the module's docstring)."""
+
+    def __init__(self, access: S3Access, credentials: Any) -> None:
+        import urllib3
+        from botocore.httpsession import get_cert_path
+
+        self._credentials = credentials  # None: anonymous, unsigned
+        self._region = access.region or "us-east-1"
+        self._aws = access.endpoint_url is None
+        self._endpoint = (access.endpoint_url or
+                          f"https://s3.{self._region}.amazonaws.com").rstrip("/")
+        attempts = access.max_attempts if access.max_attempts is not None else 3
+        self._pool = urllib3.PoolManager(
+            maxsize=_POOL, block=False,
+            timeout=urllib3.Timeout(connect=access.connect_timeout or 60,
+                                    read=access.read_timeout or 60),
+            retries=urllib3.Retry(total=attempts, status_forcelist=(500, 502, 503, 504),
+                                  allowed_methods=frozenset({"GET"}), backoff_factor=0.1,
+                                  raise_on_status=False, redirect=False),
+            ca_certs=os.environ.get("AWS_CA_BUNDLE") or get_cert_path(verify=True))
+
+    def url(self, bucket: str, key: str, version_id: str | None) -> str:
+        from urllib.parse import quote
+
+        path = quote(key, safe="/~")
+        query = f"?versionId={quote(version_id, safe='')}" if version_id else ""
+        if self._aws and "." not in bucket and bucket.islower():  # virtual-hosted, as AWS wants
+            return f"https://{bucket}.s3.{self._region}.amazonaws.com/{path}{query}"
+        return f"{self._endpoint}/{bucket}/{path}{query}"
+
+    def get(self, url: str, headers: dict[str, str]) -> Any:
+        """Send a signed ``GET``; return urllib3's response, its body not read yet."""
+        from botocore.auth import S3SigV4Auth
+        from botocore.awsrequest import AWSRequest
+
+        request = AWSRequest(method="GET", url=url, headers=headers)
+        if self._credentials is not None:
+            S3SigV4Auth(self._credentials.get_frozen_credentials(), "s3",
+                        self._region).add_auth(request)
+        return self._pool.request("GET", url, headers=dict(request.headers.items()),
+                                  preload_content=False)
+
+
+@functools.lru_cache(maxsize=16)
+def _signed_gets(access: S3Access, profile: str | None) -> _SignedGets | None:
+    """Return the direct sender for ``access``; ``None`` where a proxy is configured."""
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return None
+    from botocore.credentials import Credentials
+
+    from lamin_io.storage._engines import _aws_session, _session_lock
+    from lamin_io.storage._options import credential_fingerprint
+
+    given = access.aws_credentials()
+    if access.anon:
+        credentials = None
+    elif given:
+        credentials = Credentials(given["aws_access_key_id"], given["aws_secret_access_key"],
+                                  given.get("aws_session_token"))
+    else:  # the chain's, refreshing themselves where they are temporary
+        session = _aws_session(profile, credential_fingerprint())
+        with _session_lock:
+            credentials = session.get_credentials()
+    return _SignedGets(access, credentials)
+
+
 class PinnedObject:
     """Ranged reads of one S3 object, all of the version its ``HEAD`` found.
 
@@ -94,7 +172,9 @@ class PinnedObject:
         from lamin_io.storage._engines import s3_access
 
         self._where = str(path)
-        self._client = _client(s3_access(path), dict(path.storage_options).get("profile"))
+        access, profile = s3_access(path), dict(path.storage_options).get("profile")
+        self._client = _client(access, profile)
+        self._direct = _signed_gets(access, profile)
         self._bucket, _, self._key = path.path.partition("/")
         head = self._call("head_object", {"IfMatch": _quoted(etag)} if etag else {})
         self.size = int(head["ContentLength"])
@@ -126,35 +206,68 @@ class PinnedObject:
             raise
 
     def _get(self, n: int, start: int) -> Any:
-        return self._call("get_object", {"Range": f"bytes={start}-{start + n - 1}", **self._pin})
+        """Return the body of the ``GET`` of ``n`` bytes at ``start`` (a file object)."""
+        span = f"bytes={start}-{start + n - 1}"
+        if self._direct is not None:
+            headers = {"Range": span}
+            if "IfMatch" in self._pin:
+                headers["If-Match"] = self._pin["IfMatch"]
+            response = self._direct.get(
+                self._direct.url(self._bucket, self._key, self._pin.get("VersionId")), headers)
+            if response.status in (200, 206):
+                return response
+            response.drain_conn()
+            response.release_conn()
+            # anything else is asked again through the client: its error says what failed
+        return self._call("get_object", {"Range": span, **self._pin})["Body"]
 
     def read_at(self, n: int, start: int) -> bytes:
         """Return ``n`` bytes at ``start`` (fewer only at the end of the object)."""
         if n <= 0:
             return b""
-        body = self._get(n, start)["Body"]
+        body = self._get(n, start)
         try:
-            return bytes(body.read())
-        finally:
-            body.close()
+            data = bytes(body.read())
+        except BaseException:
+            _close(body)
+            raise
+        _done(body)
+        return data
 
     def read_into(self, start: int, view: memoryview) -> int:
         """Fill ``view`` with the bytes at ``start``; return how many there were.
 
-        The response is copied in as it arrives, a block at a time: no second buffer of
-        the whole range.
+        The response is read into place as it arrives: no second buffer of the range.
         """
         if not len(view):
             return 0
-        body = self._get(len(view), start)["Body"]
+        body = self._get(len(view), start)
         done = 0
         try:
-            for block in body.iter_chunks(_BLOCK):
-                view[done:done + len(block)] = block
-                done += len(block)
-        finally:
-            body.close()
+            while done < len(view):
+                n = body.readinto(view[done:])
+                if not n:
+                    break
+                done += n
+        except BaseException:
+            _close(body)
+            raise
+        _done(body)
         return done
+
+
+def _done(body: Any) -> None:
+    """Give a fully read response's connection back to its pool (urllib3's), or close it."""
+    release = getattr(body, "release_conn", None)
+    if release is not None:
+        release()
+    else:
+        body.close()
+
+
+def _close(body: Any) -> None:
+    """Drop a response read in part: its connection holds unread bytes, so it is closed."""
+    body.close()
 
 
 def _quoted(etag: str) -> str:
