@@ -175,7 +175,7 @@ def read_dataframe(elem: Any) -> pd.DataFrame:
         msg = (f"element {elem.name!r} is not a data frame (encoding {encoding(elem)!r}): "
                f"read the file with anndata and write it again")
         raise UnsupportedLayoutError(msg)
-    return _legacy.records_frame(read_records(elem), elem.dtype, elem.name)
+    return _legacy.records_frame(read_records(elem), elem.name)
 
 
 def read_dataframe_columns(group: Any, index: pd.Index,

@@ -86,8 +86,11 @@ def decode_records(records: np.ndarray, stored_dtype: np.dtype) -> np.ndarray:
     return out
 
 
-def records_frame(records: np.ndarray, stored_dtype: np.dtype, name: str) -> pd.DataFrame:
-    """Read a data frame stored as a structured array: its first field is the index."""
+def records_frame(records: np.ndarray, name: str) -> pd.DataFrame:
+    """Make a data frame of a structured array whose first field is the index.
+
+    ``records`` are decoded already (:func:`decode_records`); ``name`` is the element's.
+    """
     import pandas as pd
 
     fields = list(records.dtype.names or ())
@@ -95,8 +98,7 @@ def records_frame(records: np.ndarray, stored_dtype: np.dtype, name: str) -> pd.
         msg = (f"element {name!r} is a structured array without fields, not a data frame: "
                f"read the file with anndata and write it again")
         raise UnsupportedLayoutError(msg)
-    frame = pd.DataFrame(decode_records(records, stored_dtype))
-    return frame.set_index(fields[0])
+    return pd.DataFrame(records).set_index(fields[0])
 
 
 # -- what AnnData fixes on reading ---------------------------------------------------------
