@@ -19,6 +19,7 @@ import numpy as np
 
 from lamin_io.accessors import _elements as el
 from lamin_io.accessors import _legacy
+from lamin_io.accessors._attrs import attr, encoding, is_group
 from lamin_io.accessors._hdf5_btree import IndexReader
 from lamin_io.accessors._index import Selection, length, resolve, split_key
 from lamin_io.accessors._rows import SLACK_BYTES, ReadHooks, read_matrix
@@ -160,7 +161,7 @@ def _reader_error(exc: Exception, what: str, layout_hint: str) -> LaminIOError |
 
 def _is_anndata_group(group: Any, path: UPath) -> bool:
     try:
-        if el.encoding(group) == "anndata":
+        if encoding(group) == "anndata":
             return True
         keys = set(group.keys())
     except (OSError, RuntimeError, KeyError, ValueError) as exc:  # attributes HDF5 cannot read
@@ -366,7 +367,7 @@ class _Store:
         Without one, anndata writes a null placeholder ``raw``.
         """
         key = f"{prefix}raw"
-        if self.has(key) and el.is_group(self.get(key)) and "X" in self.get(key):
+        if self.has(key) and is_group(self.get(key)) and "X" in self.get(key):
             return f"{key}/"
         return f"{key}." if self.has(f"{key}.X") else None
 
@@ -390,7 +391,7 @@ class _Store:
             elem = self.get(key)
             if self.rangefile is None:
                 return el.matrix(elem, expected=expected)
-            if el.is_group(elem) and "indptr" in elem:
+            if is_group(elem) and "indptr" in elem:
                 # a filtered indptr's chunks in one go (an unfiltered one of _WHOLE_BYTES or
                 # more is read by _read_whole, a smaller one by h5py through the file's blocks)
                 indptr = elem["indptr"]
@@ -431,7 +432,7 @@ class _Store:
                 # a zarr group's arrays in one round trip (not the index, if read already)
                 forget = fetch_arrays_ahead(elem, skip_index=f"names:{key}" in self._cache)
             try:
-                if el.is_group(elem) and el.encoding(elem) == "dataframe":
+                if is_group(elem) and encoding(elem) == "dataframe":
                     # reuse the index if the names were read already; read each column once
                     return el.read_dataframe_columns(elem, self.axis_names(key),
                                                      self.strings)
@@ -668,9 +669,9 @@ class _Store:
 
 
 def _length_of(elem: Any) -> int:
-    if not el.is_group(elem):
+    if not is_group(elem):
         return int(elem.shape[0])
-    index_key = el.attr(elem, "_index", "_index")
+    index_key = attr(elem, "_index", "_index")
     if index_key in elem:
         return int(elem[index_key].shape[0])
     first = next(iter(elem.keys()), None)
@@ -682,8 +683,8 @@ def _length_of(elem: Any) -> int:
 def _index_of(elem: Any, store: _Store, key: str) -> pd.Index:
     import pandas as pd
 
-    if el.is_group(elem) and el.encoding(elem) == "dataframe":
-        index_key = el.attr(elem, "_index", "_index")
+    if is_group(elem) and encoding(elem) == "dataframe":
+        index_key = attr(elem, "_index", "_index")
         values = el.read_element(elem[index_key], store.strings)
         return pd.Index(values, name=None if index_key == "_index" else index_key)
     return store.dataframe(key).index
@@ -699,7 +700,7 @@ def _stored_keys(store: _Store, key: str) -> list[str]:
     if not store.has(key):
         return []
     elem = store.get(key)
-    if el.is_group(elem):
+    if is_group(elem):
         return sorted(elem.keys())
     return list(elem.dtype.names or ())
 
@@ -880,7 +881,7 @@ class AnnDataAccessor:
     def _read_uns(self) -> Any:
         store = self._store
         group = store.get(self._key("uns"))
-        if not el.is_group(group):
+        if not is_group(group):
             return el.read_element(group)
         fixups = store.fixups(self._prefix)
         consumed: set[str] = set()
@@ -931,7 +932,7 @@ class AnnDataAccessor:
             matrices = store.annotations(self._prefix, name[:3])[1]
             return np.array(el.subset_rows(matrices[key], rows))
         mapping = store.get(self._key(name))
-        if not el.is_group(mapping):  # one structured array, a field per key (< 0.7)
+        if not is_group(mapping):  # one structured array, a field per key (< 0.7)
             return np.array(el.subset_rows(store.records(self._key(name))[key], rows))
         return self._read_element(self._key(f"{name}/{key}"), name, rows)
 
@@ -942,8 +943,8 @@ class AnnDataAccessor:
             "layers": (n_obs, n_vars), "obsm": (n_obs, None), "obsp": (n_obs, n_obs),
             "varm": (n_vars, None), "varp": (n_vars, n_vars)}[name]
         elem = store.get(key)
-        if el.is_group(elem) and not el.is_sparse(elem):
-            if el.encoding(elem) in ("dataframe", ""):
+        if is_group(elem) and not el.is_sparse(elem):
+            if encoding(elem) in ("dataframe", ""):
                 return el.subset_rows(store.dataframe(key), rows).copy()
             return el.subset_rows(el.read_element(elem), rows)  # e.g. awkward arrays
         if name == "layers":
@@ -1034,11 +1035,11 @@ class AnnDataAccessor:
         if len(col) != n:
             msg = f"column {col_name!r} has {len(col)} values, {where} has {n}"
             raise InvalidArgumentError(msg)
-        if col_name in group or col_name == el.attr(group, "_index"):
+        if col_name in group or col_name == attr(group, "_index"):
             msg = f"{where} already has a column {col_name!r}"
             raise InvalidArgumentError(msg)
         write_elem(group, col_name, col)
-        order = list(el.attr(group, "column-order") or [])
+        order = list(attr(group, "column-order") or [])
         group.attrs["column-order"] = [*order, col_name]
         store.modified = True
         store.invalidate()
@@ -1076,9 +1077,9 @@ class AnnDataAccessor:
         hidden: set[str] = set()  # uns keys AnnData consumes on reading (see _legacy)
         for name in ("obs", "var"):
             group = self._store.get(self._key(name))
-            if el.is_group(group):  # 0.7 kept categories in a __categories group
+            if is_group(group):  # 0.7 kept categories in a __categories group
                 cols = [c for c in group.keys()
-                        if c not in (el.attr(group, "_index", "_index"), "__categories")]
+                        if c not in (attr(group, "_index", "_index"), "__categories")]
             else:  # a structured array (< 0.7): its first field is the index
                 cols = list(group.dtype.names or ())[1:]
             uns_key, multicol = fixups.multicol.get(name, ("", []))
@@ -1135,7 +1136,7 @@ class RawAccessor:
         """Raw ``varm`` (read whole)."""
         key = f"{self._key}varm"
         keys = _stored_keys(self._store, key)
-        if keys and not el.is_group(self._store.get(key)):  # a structured array (< 0.7)
+        if keys and not is_group(self._store.get(key)):  # a structured array (< 0.7)
             return {k: np.array(self._store.records(key)[k]) for k in keys}
         return {k: el.read_element(self._store.get(f"{key}/{k}")) for k in keys}
 
