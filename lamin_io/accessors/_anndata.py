@@ -422,6 +422,19 @@ class _Store:
         return self.cached(f"annotations:{key}", lambda: _legacy.apply_fixups(
             self.dataframe(key), axis, self.fixups(prefix)))
 
+    def consumed_uns(self, prefix: str) -> set[str]:
+        """Return the ``uns`` keys AnnData's old-layout fixes consume on reading.
+
+        Those :func:`lamin_io.accessors._legacy.apply_fixups` used for ``obs`` and ``var``
+        (categories that fit a column's codes, multicolumn keys): ``.uns`` leaves them out,
+        and so does the accessor's ``repr``. Reads ``obs`` and ``var`` only for a layout
+        that has such keys (before anndata 0.7).
+        """
+        fixups = self.fixups(prefix)
+        if not (fixups.categories or fixups.multicol):
+            return set()
+        return self.annotations(prefix, "obs")[2] | self.annotations(prefix, "var")[2]
+
     def dataframe(self, key: str) -> pd.DataFrame:
         def load() -> pd.DataFrame:
             elem = self.get(key)
@@ -884,10 +897,7 @@ class AnnDataAccessor:
         if not is_group(group):
             return el.read_element(group)
         fixups = store.fixups(self._prefix)
-        consumed: set[str] = set()
-        if fixups.categories or fixups.multicol:
-            for axis in ("obs", "var"):
-                consumed |= store.annotations(self._prefix, axis)[2]
+        consumed = store.consumed_uns(self._prefix)
         out: dict[str, Any] = {}
         for k in group:
             if k in consumed:
@@ -1074,7 +1084,6 @@ class AnnDataAccessor:
         lines = [f"AnnDataAccessor {kind}{self._store.path}",
                  f"    n_obs x n_vars = {n_obs} x {n_vars}"]
         fixups = self._store.fixups(self._prefix)
-        hidden: set[str] = set()  # uns keys AnnData consumes on reading (see _legacy)
         for name in ("obs", "var"):
             group = self._store.get(self._key(name))
             if is_group(group):  # 0.7 kept categories in a __categories group
@@ -1082,10 +1091,8 @@ class AnnDataAccessor:
                         if c not in (attr(group, "_index", "_index"), "__categories")]
             else:  # a structured array (< 0.7): its first field is the index
                 cols = list(group.dtype.names or ())[1:]
-            uns_key, multicol = fixups.multicol.get(name, ("", []))
+            _, multicol = fixups.multicol.get(name, ("", []))
             cols = [c for c in cols if not any(c.startswith(k) for k in multicol)]
-            hidden |= {uns_key} | {k for k in fixups.categories
-                                   if k.replace("_categories", "") in cols}
             if cols:
                 lines.append(f"    {name}: {', '.join(repr(c) for c in sorted(cols))}")
         for name in ("layers", "obsm", "varm", "obsp", "varp"):
@@ -1093,6 +1100,7 @@ class AnnDataAccessor:
             if keys:
                 lines.append(f"    {name}: {', '.join(repr(k) for k in keys)}")
         if self._store.has(self._key("uns")):
+            hidden = self._store.consumed_uns(self._prefix)  # as .uns leaves them out
             uns_keys = [k for k in self._store.get(self._key("uns")) if k not in hidden]
             if uns_keys:
                 lines.append(f"    uns: {', '.join(repr(k) for k in uns_keys)}")
