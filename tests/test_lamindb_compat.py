@@ -199,6 +199,34 @@ def test_table_keywords_follow_the_engine(conn: Any, tmp_path: Path) -> None:
         artifact.load(storage_options={})  # lamin-io gives the storage's own
 
 
+def test_table_load_keywords_follow_file_or_folder(conn: Any, tmp_path: Path) -> None:
+    """load() of a single table file takes the pandas reader's keywords only, of a folder
+    pyarrow.dataset's only: the other's passed the check and failed as a raw TypeError."""
+    from lamin_io.accessors._tables import load_table
+    from lamin_io.storage import to_upath
+
+    single = write_bytes(tmp_path / "t.csv", b"a,b\n1,x\n2,y\n3,z\n")
+    folder = tmp_path / "parts.csv"
+    folder.mkdir()
+    write_bytes(folder / "p0.csv", b"a,b\n1,x\n")
+    write_bytes(folder / "p1.csv", b"a,b\n2,y\n")
+    saved = [ln.Artifact(p, key=p.name).save() for p in (single, folder)]
+    for file_art, folder_art in (saved, (ln.Artifact(single), ln.Artifact(folder))):
+        with pytest.raises(errors.UnsupportedFormatError,
+                           match=r"load\(\) of csv \(\.csv\) does not take partitioning="):
+            file_art.load(partitioning="hive")  # pyarrow.dataset's
+        with pytest.raises(errors.UnsupportedFormatError,
+                           match=r"load\(\) of csv \(\.csv, a folder\) does not take nrows="):
+            folder_art.load(nrows=1)  # pandas.read_csv's
+        assert len(file_art.load(nrows=2)) == 2
+        assert len(folder_art.load(exclude_invalid_files=True)) == 2
+    # the loader itself refuses them too, whoever calls it
+    with pytest.raises(errors.UnsupportedFormatError, match="does not take partitioning="):
+        load_table(to_upath(single), partitioning="hive")
+    with pytest.raises(errors.UnsupportedFormatError, match="does not take nrows="):
+        load_table(to_upath(folder), nrows=1)
+
+
 def test_soma_keywords(conn: Any, tmp_path: Path) -> None:
     pytest.importorskip("tiledbsoma")
     truth = small_adata()

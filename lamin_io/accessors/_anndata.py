@@ -20,6 +20,7 @@ import numpy as np
 from lamin_io.accessors import _elements as el
 from lamin_io.accessors import _legacy
 from lamin_io.accessors._attrs import attr, encoding, is_group
+from lamin_io.accessors._formats import parameters
 from lamin_io.accessors._hdf5_btree import IndexReader
 from lamin_io.accessors._index import Selection, length, resolve, split_key
 from lamin_io.accessors._rows import SLACK_BYTES, ReadHooks, read_matrix
@@ -43,8 +44,8 @@ if TYPE_CHECKING:
     import pandas as pd
     from upath import UPath
 
-__all__ = ["AnnDataAccessor", "count_observations", "is_anndata", "load_anndata",
-           "open_anndata"]
+__all__ = ["AnnDataAccessor", "anndata_keywords", "count_observations", "is_anndata",
+           "load_anndata", "open_anndata"]
 
 logger = logging.getLogger(__name__)
 
@@ -280,6 +281,19 @@ def count_observations(path: UPath) -> int | None:
         return None
     with acc:
         return acc.n_obs
+
+
+def anndata_keywords(what: str, suffix: str, kwargs: Mapping[str, Any], *,
+                     folder: bool | None = None) -> frozenset[str] | None:
+    """Return what ``load()`` of an AnnData hands to anndata: ``read_zarr``'s or ``read_h5ad``'s.
+
+    The format table's :attr:`Format.keywords` hook of format ``anndata`` (its opener names
+    its own keywords; the suffix alone tells the reader).
+    """
+    if what != "load":
+        return frozenset()
+    return parameters("anndata:read_zarr" if suffix.lower() == ".zarr"
+                      else "anndata:read_h5ad")
 
 
 # -- the shared store ----------------------------------------------------------------------

@@ -199,6 +199,14 @@ class ArtifactReads:
                 return Path(source.path)
             return cached_download(source, name=source.name, what=self._what(), mute=mute)
 
+    def _is_folder(self) -> bool:
+        """Whether the content is a folder (the record says; an unsaved source is asked)."""
+        if self._row is not None:
+            return self.n_files is not None
+        source = self._source
+        with storage_errors(str(source), dict(source.storage_options).get("endpoint_url")):
+            return bool(source.is_dir())
+
     def _source_size(self) -> int:
         source = self._source
         with storage_errors(str(source), dict(source.storage_options).get("endpoint_url")):
@@ -247,7 +255,8 @@ class ArtifactReads:
 
         fmt = format_for(self.suffix)
         loader = fmt.resolve("load")
-        fmt.check_keywords("load", self.suffix, kwargs)
+        fmt.check_keywords("load", self.suffix, kwargs,
+                           folder=self._is_folder() if kwargs else None)
         if self._row is None:
             _warn_if_large(self._what(), self._source_size())
         else:
