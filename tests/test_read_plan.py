@@ -175,7 +175,8 @@ class _Dense:
 def test_dense_blocks_ahead_are_in_flight_together(ahead: int,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """``start_block`` batches: whole chunk rows, ``ahead`` started before one is waited
-    for, and a failure waits for every started batch before it leaves the request."""
+    for, and a failure settles every other started batch (waits for its fetches, never
+    decodes it) before it leaves the request."""
     values = np.arange(90 * 40, dtype=np.float32).reshape(90, 40)
     arr = _Dense(values, (7, 16))
     monkeypatch.setattr(_rows, "GATHER_BYTES", 7 * 16 * 4 * 3)  # one row of 3 chunks a batch
@@ -191,13 +192,17 @@ def test_dense_blocks_ahead_are_in_flight_together(ahead: int,
         assert len(set((rows // 7).tolist())) == 1  # one row of chunks
         log.append(("start", batch))
 
-        def wait() -> None:
-            log.append(("wait", batch))
-            if batch == fail_at:
-                raise RuntimeError("boom")
-            out[...] = a.values[np.ix_(rows, cols if cols is not None else np.arange(40))]
+        class Started:
+            def __call__(self) -> None:
+                log.append(("wait", batch))
+                if batch == fail_at:
+                    raise RuntimeError("boom")
+                out[...] = a.values[np.ix_(rows, cols if cols is not None else np.arange(40))]
 
-        return wait
+            def settle(self) -> None:
+                log.append(("settle", batch))
+
+        return Started()
 
     hooks = _rows.ReadHooks(gathers=lambda a: True, start_block=start_block,  # type: ignore[arg-type]
                             ahead=ahead)
@@ -209,7 +214,13 @@ def test_dense_blocks_ahead_are_in_flight_together(ahead: int,
     for b in range(n - ahead):
         assert log.index(("start", b + ahead)) < log.index(("wait", b))
     log.clear()
+    assert not [kind for kind, _ in log if kind == "settle"]
+    log.clear()
     started, fail_at = 0, 1
     with pytest.raises(RuntimeError, match="boom"):
         _rows.read_matrix(arr, rows, cols, hooks)
-    assert {b for kind, b in log if kind == "start"} == {b for kind, b in log if kind == "wait"}
+    waited = [b for kind, b in log if kind == "wait"]
+    assert waited == [0, 1]  # none decoded after the failure
+    settled = [b for kind, b in log if kind == "settle"]
+    assert settled == list(range(2, min(n, 2 + ahead)))  # those started, once each
+    assert {b for kind, b in log if kind == "start"} == {*waited, *settled}

@@ -65,11 +65,21 @@ class StartRuns(Protocol):
                  advised: bool = False) -> Callable[[], list[np.ndarray | None]]: ...
 
 
+class StartedBlock(Protocol):
+    """A block read ``start_block`` started."""
+
+    def __call__(self) -> None:
+        """Wait for the block's fetches and decode them into its output."""
+
+    def settle(self) -> None:
+        """Only wait for the fetches started (ignoring their errors): no decoding."""
+
+
 class StartBlock(Protocol):
     """The ``start_block`` hook of :class:`ReadHooks`."""
 
     def __call__(self, arr: Any, rows: np.ndarray, cols: np.ndarray | None,
-                 out: np.ndarray) -> Callable[[], None]: ...
+                 out: np.ndarray) -> StartedBlock: ...
 
 
 @dataclass(frozen=True)
@@ -105,8 +115,9 @@ class ReadHooks:
     start_runs: StartRuns | None = None
     #: Given a 2-D array that ``gathers`` accepts, sorted unique rows and columns
     #: (``None``: all) and the output for them, start reading them into it and return the
-    #: function that waits for the read (later batches are started while one is
-    #: processed, ``ahead``).
+    #: read started (:class:`StartedBlock`): called, it waits and decodes; a request that
+    #: fails only settles it (later batches are started while one is processed,
+    #: ``ahead``).
     start_block: StartBlock | None = None
     #: Told, before the first batch starts, the runs of the first batches (up to
     #: :data:`ADVICE_BYTES`; only for requests of two batches or more), so a local file
@@ -582,11 +593,11 @@ def _gather_dense(arr: Any, positions: np.ndarray, inverse: np.ndarray | None,
     cuts = (np.flatnonzero(np.diff(rank // per_batch)) + 1).tolist()
     batches = list(zip([0, *cuts], [*cuts, len(positions)], strict=True))
 
-    def begin(b: int) -> Callable[[], None]:
+    def begin(b: int) -> StartedBlock:
         a, e = batches[b]
         return start(arr, positions[a:e], col_pos, out[a:e])
 
-    upcoming: deque[Callable[[], None]] = deque()  # started, not waited for
+    upcoming: deque[StartedBlock] = deque()  # started, not waited for
     ahead = max(1, ahead)
     try:
         upcoming.extend(begin(b) for b in range(min(ahead, len(batches))))
@@ -596,11 +607,10 @@ def _gather_dense(arr: Any, positions: np.ndarray, inverse: np.ndarray | None,
                 upcoming.append(begin(b + ahead))
             wait()
     except BaseException:
-        for started in upcoming:  # no read may outlive the request (the file may close)
-            try:
-                started()
-            except Exception:  # noqa: BLE001, S110
-                pass
+        # no read may outlive the request (the file may close); nobody will use the
+        # batches, so they are not decoded
+        for started in upcoming:
+            started.settle()
         raise
     if col_inverse is not None:
         out = out[:, col_inverse]

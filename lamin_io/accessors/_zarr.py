@@ -25,6 +25,7 @@ from lamin_io.storage import is_local
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+    from concurrent.futures import Future
 
     from upath import UPath
     from zarr.abc.store import ByteRequest, Store
@@ -353,15 +354,15 @@ class _BlockPlan:
 
 
 def start_block(arr: Any, rows: np.ndarray, cols: np.ndarray | None, out: np.ndarray
-                ) -> Callable[[], None]:
+                ) -> _Gather:
     """Start reading ``arr[rows][:, cols]`` of a 2-D zarr array into ``out``.
 
     ``rows`` and ``cols`` are sorted, unique positions (``cols=None``: every column);
     ``out`` has their shape. Every chunk holding a selected row and column is read once
     (remote ones requested at once, right away) and decoded once, in the threads that
     copy its selected values out (a local store's chunk files are read there too), so
-    memory follows the selection plus a chunk per thread. Returns the function that
-    waits for the read. Only for arrays :func:`gathers` accepts (others raise
+    memory follows the selection plus a chunk per thread. Returns the read started
+    (see :class:`_Gather`). Only for arrays :func:`gathers` accepts (others raise
     ``ValueError``).
     """
     decode = chunk_decoder(arr) if arr.ndim == 2 else None
@@ -379,7 +380,7 @@ def start_block(arr: Any, rows: np.ndarray, cols: np.ndarray | None, out: np.nda
         col_chunks, col_parts = _axis_parts(np.asarray(cols, dtype=np.int64), size_cols)
     row_chunks, row_parts = _axis_parts(np.asarray(rows, dtype=np.int64), size_rows)
     if not row_chunks or not col_chunks:
-        return lambda: None
+        return _start_gather([])
     return _start_gather([_BlockPlan(arr, decode, row_chunks, row_parts, col_chunks,
                                      col_parts, out)])
 
@@ -422,20 +423,58 @@ def _decode_into(plan: _Plan, raws: list[Any] | str, which: range) -> None:
         copy(i, buffer)
 
 
-def _start_gather(plans: list[_Plan]) -> Callable[[], None]:
-    """Start fetching the chunks of every plan; return what decodes them, on every core.
+class _Gather:
+    """Chunks of some plans on their way (see :func:`_start_gather`).
+
+    Called, it waits for the fetches and decodes the chunks into the plans' outputs, on
+    every core; :meth:`settle` only waits for the fetches (a request that failed).
+    """
+
+    def __init__(self, plans: list[_Plan], sources: list[Any], remote: list[int],
+                 fetched: Future[list[list[Any]]] | None) -> None:
+        self._plans, self._sources, self._remote = plans, sources, remote
+        self._fetched = fetched
+
+    def __call__(self) -> None:
+        import os
+
+        from lamin_io.storage._localread import executor, results
+
+        plans, sources = self._plans, self._sources
+        if self._fetched is not None:
+            for i, raws in zip(self._remote, self._fetched.result(), strict=True):
+                sources[i] = raws
+        jobs = [(plan, source, range(a, b))
+                for plan, source in zip(plans, sources, strict=True)
+                for a, b in _split(len(plan.coords()), os.cpu_count() or 1)]
+        if len(jobs) <= 1:
+            for job in jobs:
+                _decode_into(*job)
+            return
+        results([executor().submit(_decode_into, *job) for job in jobs])
+
+    def settle(self) -> None:
+        """Wait for the remote fetches started, ignoring their errors; decode nothing."""
+        if self._fetched is not None:
+            try:
+                self._fetched.result()
+            except Exception:  # noqa: BLE001, S110 (the request fails for another error)
+                pass
+
+
+def _start_gather(plans: list[_Plan]) -> _Gather:
+    """Start fetching the chunks of every plan; return what decodes them (:class:`_Gather`).
 
     Remote chunks are all requested at once (one round trip to zarr's event loop, from a
     pool thread) and are on their way when this returns; chunks of a local store are read
-    by the threads that decode them, once the returned function is called.
+    by the threads that decode them, once the returned object is called.
     """
     import asyncio
-    import os
 
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
-    from lamin_io.storage._localread import executor, results
+    from lamin_io.storage._localread import executor
 
     prototype = default_buffer_prototype()
     sources: list[Any] = [_local_folder(plan.arr) for plan in plans]
@@ -456,21 +495,7 @@ def _start_gather(plans: list[_Plan]) -> Callable[[], None]:
         return [got[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     fetched = executor().submit(sync, fetch()) if remote else None
-
-    def decode() -> None:
-        if fetched is not None:
-            for i, raws in zip(remote, fetched.result(), strict=True):
-                sources[i] = raws
-        jobs = [(plan, source, range(a, b))
-                for plan, source in zip(plans, sources, strict=True)
-                for a, b in _split(len(plan.coords()), os.cpu_count() or 1)]
-        if len(jobs) <= 1:
-            for job in jobs:
-                _decode_into(*job)
-            return
-        results([executor().submit(_decode_into, *job) for job in jobs])
-
-    return decode
+    return _Gather(plans, sources, remote, fetched)
 
 
 def _split(n: int, parts: int) -> list[tuple[int, int]]:
