@@ -62,18 +62,29 @@ def _h5ad_member(fileobj: Any, path: UPath) -> tuple[Any, Any]:
     """
     import tarfile
 
+    damaged = (tarfile.TarError, OSError, EOFError)
     try:
-        tar = tarfile.open(fileobj=fileobj, mode="r:gz")
+        tar = tarfile.open(fileobj=fileobj, mode="r:gz")  # closes what it opened on failure
+    except damaged as exc:
+        raise _damaged_archive(path, exc) from exc
+    try:
         for member in tar:
             name = member.name.rsplit("/", 1)[-1]
             if member.isfile() and name.endswith(".h5ad") and not name.startswith("._"):
                 return tar, tar.extractfile(member)
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        msg = f"{path} is not a readable .tar.gz archive (truncated or damaged?): {exc}"
-        raise CorruptArtifactError(msg) from exc
+    except BaseException as exc:
+        tar.close()  # and the GzipFile it reads through (not ``fileobj``: the caller's)
+        if isinstance(exc, damaged):
+            raise _damaged_archive(path, exc) from exc
+        raise
     tar.close()
     msg = f"{path} holds no .h5ad file: a .h5ad.tar.gz archive must hold one"
     raise UnsupportedFormatError(msg)
+
+
+def _damaged_archive(path: UPath, exc: BaseException) -> CorruptArtifactError:
+    msg = f"{path} is not a readable .tar.gz archive (truncated or damaged?): {exc}"
+    return CorruptArtifactError(msg)
 
 
 def _open_hdf5(path: UPath, mode: str, *, prime: bool = True) -> tuple[Any, list[Any], Any]:
