@@ -234,3 +234,11 @@ def test_s3_next_batch_is_fetched_while_one_decodes(stores: dict[str, Path], tru
     np.testing.assert_array_equal(got.toarray(), truth.X.toarray())
     assert reached
     assert in_flight > 2 * 3  # more than one batch's 3 data and 3 indices chunks
+
+
+def test_write_in_format_restores_the_setting(tmp_path: Path) -> None:
+    """The helper left anndata's zarr_write_format at 2 whatever it was before."""
+    with ad.settings.override(zarr_write_format=3):
+        write_in_format(_adata(), tmp_path / "v2.zarr", 2)
+        assert ad.settings.zarr_write_format == 3
+    assert zarr.open_group(tmp_path / "v2.zarr", mode="r").metadata.zarr_format == 2
