@@ -343,7 +343,7 @@ def test_advice_ends_when_a_batch_fails(h5ad: tuple[Path, ad.AnnData],
         calls += 1
         if calls == 3:
             raise Boom
-        return lambda: [None] * len(items)
+        return _rows.Pending(lambda: [None] * len(items))
 
     import h5py
 
@@ -379,7 +379,7 @@ def test_advice_covers_every_batch_up_to_its_bound(
     def start_runs(items: list[tuple[object, np.ndarray, np.ndarray]], *,
                    advised: bool = False) -> object:
         started.append((int(items[0][2][-1]), advised))
-        return lambda: [None] * len(items)
+        return _rows.Pending(lambda: [None] * len(items))
 
     with h5py.File(path) as f:
         g = f["X"]
@@ -417,7 +417,7 @@ def test_batches_are_not_read_as_advised_when_nothing_was(
     def start_runs(items: list[tuple[object, np.ndarray, np.ndarray]], *,
                    advised: bool = False) -> object:
         flags.append(advised)
-        return lambda: [None] * len(items)
+        return _rows.Pending(lambda: [None] * len(items))
 
     with h5py.File(path) as f:
         g = f["X"]

@@ -23,7 +23,7 @@ from lamin_io.accessors._attrs import attr, encoding, is_group
 from lamin_io.accessors._formats import parameters
 from lamin_io.accessors._hdf5_btree import IndexReader
 from lamin_io.accessors._index import Selection, length, resolve, split_key
-from lamin_io.accessors._rows import SLACK_BYTES, ReadHooks, read_matrix
+from lamin_io.accessors._rows import SLACK_BYTES, Pending, ReadHooks, read_matrix
 from lamin_io.accessors._zarr import open_zarr_group, zarr_root_attrs
 from lamin_io.errors import (
     AccessorClosedError,
@@ -527,14 +527,14 @@ class _Store:
         return bool(ds.file == self.group.file)
 
     def _start_runs(self, items: list[tuple[Any, np.ndarray, np.ndarray]], *,
-                    advised: bool = False) -> Callable[[], list[np.ndarray | None]]:
+                    advised: bool = False) -> Pending[list[np.ndarray | None]]:
         """Start reading runs of unfiltered 1-D HDF5 arrays straight from their byte ranges.
 
         The ranges are located now (HDF5 calls stay in this thread); the ranges of every
         array in ``items`` are then read in one go, in the background (``advised``: the
-        kernel was told them already, see :meth:`_advise`). The returned function waits
-        for them; an array HDF5 must read itself (filtered, strings, unallocated chunks)
-        gets ``None``.
+        kernel was told them already, see :meth:`_advise`). The reads started, called,
+        wait for them; an array HDF5 must read itself (filtered, strings, unallocated
+        chunks) gets ``None``.
         """
         from lamin_io.accessors._hdf5_ranges import byte_ranges, load_tables
 
@@ -554,7 +554,7 @@ class _Store:
             plans.append((count, arr.dtype))
             ranges.extend(these)
         if not ranges:
-            return lambda: [None] * len(items)
+            return Pending(lambda: [None] * len(items))
         fetched = self._start_fetch(ranges, advised=advised)
 
         def finish() -> list[np.ndarray | None]:
@@ -571,7 +571,7 @@ class _Store:
                 offset += count * dtype.itemsize
             return out
 
-        return finish
+        return Pending(finish, fetched)
 
     def _read_whole(self, arr: Any) -> np.ndarray | None:
         """Read a whole 1-D array with our own concurrent reads (``None``: h5py must).

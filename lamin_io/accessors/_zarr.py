@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 from zarr.storage import WrapperStore
 
+from lamin_io.accessors._rows import Pending
 from lamin_io.errors import CorruptArtifactError
 from lamin_io.storage import is_local
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
-    from concurrent.futures import Future
 
     from upath import UPath
     from zarr.abc.store import ByteRequest, Store
@@ -354,16 +354,16 @@ class _BlockPlan:
 
 
 def start_block(arr: Any, rows: np.ndarray, cols: np.ndarray | None, out: np.ndarray
-                ) -> _Gather:
+                ) -> Pending[None]:
     """Start reading ``arr[rows][:, cols]`` of a 2-D zarr array into ``out``.
 
     ``rows`` and ``cols`` are sorted, unique positions (``cols=None``: every column);
     ``out`` has their shape. Every chunk holding a selected row and column is read once
     (remote ones requested at once, right away) and decoded once, in the threads that
     copy its selected values out (a local store's chunk files are read there too), so
-    memory follows the selection plus a chunk per thread. Returns the read started
-    (see :class:`_Gather`). Only for arrays :func:`gathers` accepts (others raise
-    ``ValueError``).
+    memory follows the selection plus a chunk per thread. Returns the read started (a
+    :class:`~lamin_io.accessors._rows.Pending`). Only for arrays :func:`gathers` accepts
+    (others raise ``ValueError``).
     """
     decode = chunk_decoder(arr) if arr.ndim == 2 else None
     if decode is None:
@@ -423,58 +423,21 @@ def _decode_into(plan: _Plan, raws: list[Any] | str, which: range) -> None:
         copy(i, buffer)
 
 
-class _Gather:
-    """Chunks of some plans on their way (see :func:`_start_gather`).
-
-    Called, it waits for the fetches and decodes the chunks into the plans' outputs, on
-    every core; :meth:`settle` only waits for the fetches (a request that failed).
-    """
-
-    def __init__(self, plans: list[_Plan], sources: list[Any], remote: list[int],
-                 fetched: Future[list[list[Any]]] | None) -> None:
-        self._plans, self._sources, self._remote = plans, sources, remote
-        self._fetched = fetched
-
-    def __call__(self) -> None:
-        import os
-
-        from lamin_io.storage._localread import executor, results
-
-        plans, sources = self._plans, self._sources
-        if self._fetched is not None:
-            for i, raws in zip(self._remote, self._fetched.result(), strict=True):
-                sources[i] = raws
-        jobs = [(plan, source, range(a, b))
-                for plan, source in zip(plans, sources, strict=True)
-                for a, b in _split(len(plan.coords()), os.cpu_count() or 1)]
-        if len(jobs) <= 1:
-            for job in jobs:
-                _decode_into(*job)
-            return
-        results([executor().submit(_decode_into, *job) for job in jobs])
-
-    def settle(self) -> None:
-        """Wait for the remote fetches started, ignoring their errors; decode nothing."""
-        if self._fetched is not None:
-            try:
-                self._fetched.result()
-            except Exception:  # noqa: BLE001, S110 (the request fails for another error)
-                pass
-
-
-def _start_gather(plans: list[_Plan]) -> _Gather:
-    """Start fetching the chunks of every plan; return what decodes them (:class:`_Gather`).
+def _start_gather(plans: list[_Plan]) -> Pending[None]:
+    """Start fetching the chunks of every plan; return what decodes them, on every core.
 
     Remote chunks are all requested at once (one round trip to zarr's event loop, from a
     pool thread) and are on their way when this returns; chunks of a local store are read
-    by the threads that decode them, once the returned object is called.
+    by the threads that decode them, once the returned object is called. Settling it
+    waits for the remote fetch only.
     """
     import asyncio
+    import os
 
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
-    from lamin_io.storage._localread import executor
+    from lamin_io.storage._localread import executor, results
 
     prototype = default_buffer_prototype()
     sources: list[Any] = [_local_folder(plan.arr) for plan in plans]
@@ -495,7 +458,21 @@ def _start_gather(plans: list[_Plan]) -> _Gather:
         return [got[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     fetched = executor().submit(sync, fetch()) if remote else None
-    return _Gather(plans, sources, remote, fetched)
+
+    def decode() -> None:
+        if fetched is not None:
+            for i, raws in zip(remote, fetched.result(), strict=True):
+                sources[i] = raws
+        jobs = [(plan, source, range(a, b))
+                for plan, source in zip(plans, sources, strict=True)
+                for a, b in _split(len(plan.coords()), os.cpu_count() or 1)]
+        if len(jobs) <= 1:
+            for job in jobs:
+                _decode_into(*job)
+            return
+        results([executor().submit(_decode_into, *job) for job in jobs])
+
+    return Pending(decode, fetched.result if fetched is not None else None)
 
 
 def _split(n: int, parts: int) -> list[tuple[int, int]]:
@@ -505,8 +482,8 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
 
 
 def start_runs(items: list[tuple[Any, np.ndarray, np.ndarray]], *, advised: bool = False
-               ) -> Callable[[], list[np.ndarray | None]]:
-    """Start reading runs of several zarr arrays; return the function that waits for them.
+               ) -> Pending[list[np.ndarray | None]]:
+    """Start reading runs of several zarr arrays; return the reads started (``Pending``).
 
     ``items`` are ``(array, starts, stops)`` (``advised`` is for local files read by
     byte range, which zarr stores are not); each array's runs come back concatenated
@@ -517,6 +494,8 @@ def start_runs(items: list[tuple[Any, np.ndarray, np.ndarray]], *, advised: bool
     the runs, not the chunks (measured on a 50k-cell matrix, 5% of cells: 190 -> 60 ms).
     The others go through zarr when waited for, every run of every array requested at
     once, so the chunks of, say, a sparse matrix's data and indices decode together.
+    Settling waits for the remote chunk fetches only: it neither decodes nor reads the
+    others.
     """
     plans: dict[int, _Plan] = {}
     for i, (arr, starts, stops) in enumerate(items):
@@ -539,7 +518,7 @@ def start_runs(items: list[tuple[Any, np.ndarray, np.ndarray]], *, advised: bool
                 out[i] = values
         return out
 
-    return finish
+    return Pending(finish, gather.settle if gather is not None else None)
 
 
 def _read_through_zarr(items: list[tuple[Any, np.ndarray, np.ndarray]]) -> list[np.ndarray]:
