@@ -196,6 +196,31 @@ def test_h5ad_tar_gz_opens_and_loads(tmp_path: Path) -> None:
         ln.open(tmp_path / "cut.h5ad.tar.gz")
 
 
+def test_damaged_tar_gz_closes_what_it_opened(tmp_path: Path) -> None:
+    """An archive that breaks while its members are listed closes its TarFile and the
+    GzipFile it reads through (they stayed open), and leaves the caller's file open."""
+    import gc
+    import io
+    import tarfile
+
+    from lamin_io.accessors._anndata import _h5ad_member
+    from lamin_io.storage import to_upath
+
+    (tmp_path / "notes.bin").write_bytes(np.random.default_rng(0).bytes(1 << 20))
+    whole = tmp_path / "whole.h5ad.tar.gz"
+    with tarfile.open(whole, "w:gz") as tar:
+        tar.add(tmp_path / "notes.bin", arcname="notes.bin")  # before the .h5ad
+        tar.add(tmp_path / "notes.bin", arcname="a.h5ad")
+    raw = io.BytesIO(whole.read_bytes()[: whole.stat().st_size // 4])
+    with pytest.raises(errors.CorruptArtifactError, match="not a readable .tar.gz") as info:
+        _h5ad_member(raw, to_upath(whole))  # the first header reads; the listing breaks
+    assert info.value.__cause__ is not None  # kept alive: its traceback holds the archive
+    left_open = [f for f in gc.get_objects()
+                 if isinstance(f, gzip.GzipFile) and f.fileobj is raw]
+    assert left_open == []
+    assert not raw.closed
+
+
 def test_n_observations_recorded_for_anndata(conn, tmp_path: Path) -> None:
     """lamindb records n_observations of .h5ad, .h5ad.gz and .h5ad.tar.gz (one suffix)."""
     n_obs = make_adata("csr").n_obs

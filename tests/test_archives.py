@@ -307,6 +307,27 @@ def test_pre07_elements_one_by_one(corpus: Any) -> None:
         assert "obsp: 'distances', 'connectivities'" in shown
 
 
+def test_repr_shows_the_uns_keys_uns_holds(tmp_path: Path) -> None:
+    """A pre-0.7 ``<column>_categories`` key whose categories do not fit the column's codes
+    stays in ``uns`` (anndata keeps it): the repr lists it too (it hid every such key)."""
+    path = tmp_path / "misfit.h5ad"
+    names = np.array([f"cell{i}".encode() for i in range(6)])
+    with h5py.File(path, "w") as f:
+        f["X"] = np.zeros((6, 2), dtype=np.float32)
+        f["obs"] = _records({"index": names, "louvain": np.arange(6).astype("i1") % 3,
+                             "batch": np.arange(6).astype("i1") % 2})
+        f["var"] = _records({"index": np.array([b"g0", b"g1"])})
+        f["uns/louvain_categories"] = np.array([b"a", b"b"])  # codes reach 2: not these
+        f["uns/batch_categories"] = np.array([b"x", b"y"])  # codes 0 and 1: these
+    truth = read_truth(path)
+    assert list(truth.uns) == ["louvain_categories"]
+    with ln.open(path) as acc:
+        assert list(acc.uns) == list(truth.uns)
+        shown = repr(acc).splitlines()
+        assert isinstance(acc.obs["batch"].dtype, pd.CategoricalDtype)
+    assert "    uns: 'louvain_categories'" in shown
+
+
 def test_07_categories(corpus: Any) -> None:
     for suffix in (".h5ad", ".zarr"):
         path, truth = corpus("v0.7.0", suffix)

@@ -74,6 +74,58 @@ def test_unsaved_table_and_s3_source(conn: Any, tmp_path: Path, s3_endpoint: str
     assert snapshot(conn) == before
 
 
+def test_unsaved_s3_source_is_read_once(conn: Any, tmp_path: Path, s3_server: Any,
+                                        s3_endpoint: str) -> None:
+    """cache() of an unsaved S3 file or folder downloads it once, hashing on the way (it was
+    read twice: hashed, then downloaded), into the place a saved one's copy would take."""
+    from conftest import BUCKET
+
+    from lamin_io.storage import cache_dir, hash_path
+
+    folder = tmp_path / "parts.parquet"
+    folder.mkdir()
+    pd.DataFrame({"a": range(50)}).to_parquet(folder / "p0.parquet")
+    pd.DataFrame({"a": range(50, 90)}).to_parquet(folder / "p1.parquet")
+    single = write_bytes(tmp_path / "t.csv", b"a,b\n" + b"1,x\n" * 5000)
+    for local in (single, folder):
+        remote = upload(local, s3_endpoint)
+        key = f"/{BUCKET}/{remote.path.split('/', 1)[1]}"
+        size = sum(p.stat().st_size for p in [local, *local.rglob("*")] if p.is_file())
+        artifact = ln.Artifact(str(remote), storage_options={"endpoint_url": s3_endpoint})
+        s3_server.reset()
+        cached = artifact.cache(mute=True)
+        read = sum(n for _, path, _, n in s3_server.stats.gets() if path.startswith(key))
+        assert read == size
+        assert cached == cache_dir() / hash_path(remote, mute=True)[0] / local.name
+        pd.testing.assert_frame_equal(artifact.load(mute=True), ln.Artifact(local).load())
+
+
+class _Recording(ln.Artifact):
+    """An artifact that lists what its lineage hook (``_read_as_input``) was told."""
+
+    inputs: list[bool | None]
+
+    def _read_as_input(self, *, is_run_input: bool | None) -> None:
+        self.inputs.append(is_run_input)
+        super()._read_as_input(is_run_input=is_run_input)
+
+
+def test_each_read_is_one_run_input(conn: Any, tmp_path: Path) -> None:
+    """load() told the hook twice (once through cache()); a write-mode open() never passed
+    on its is_run_input."""
+    path = tmp_path / "x.zarr"
+    small_adata().write_zarr(path)
+    artifact = _Recording(path, key="x.zarr")
+    artifact.inputs = []
+    artifact.save()
+    artifact.load(is_run_input=True)
+    artifact.cache(is_run_input=False)
+    artifact.open().close()
+    with artifact.open("r+", is_run_input=True):
+        pass
+    assert artifact.inputs == [True, False, None, True]
+
+
 def test_unsaved_artifact_whose_file_went_away(conn: Any, tmp_path: Path) -> None:
     path = write_bytes(tmp_path / "t.csv", b"a\n1\n")
     artifact = ln.Artifact(path)
@@ -145,6 +197,34 @@ def test_table_keywords_follow_the_engine(conn: Any, tmp_path: Path) -> None:
     assert len(artifact.load(nrows=2)) == 2  # pandas.read_csv's keyword
     with pytest.raises(errors.UnsupportedFormatError, match="load.. of csv .* storage_options"):
         artifact.load(storage_options={})  # lamin-io gives the storage's own
+
+
+def test_table_load_keywords_follow_file_or_folder(conn: Any, tmp_path: Path) -> None:
+    """load() of a single table file takes the pandas reader's keywords only, of a folder
+    pyarrow.dataset's only: the other's passed the check and failed as a raw TypeError."""
+    from lamin_io.accessors._tables import load_table
+    from lamin_io.storage import to_upath
+
+    single = write_bytes(tmp_path / "t.csv", b"a,b\n1,x\n2,y\n3,z\n")
+    folder = tmp_path / "parts.csv"
+    folder.mkdir()
+    write_bytes(folder / "p0.csv", b"a,b\n1,x\n")
+    write_bytes(folder / "p1.csv", b"a,b\n2,y\n")
+    saved = [ln.Artifact(p, key=p.name).save() for p in (single, folder)]
+    for file_art, folder_art in (saved, (ln.Artifact(single), ln.Artifact(folder))):
+        with pytest.raises(errors.UnsupportedFormatError,
+                           match=r"load\(\) of csv \(\.csv\) does not take partitioning="):
+            file_art.load(partitioning="hive")  # pyarrow.dataset's
+        with pytest.raises(errors.UnsupportedFormatError,
+                           match=r"load\(\) of csv \(\.csv, a folder\) does not take nrows="):
+            folder_art.load(nrows=1)  # pandas.read_csv's
+        assert len(file_art.load(nrows=2)) == 2
+        assert len(folder_art.load(exclude_invalid_files=True)) == 2
+    # the loader itself refuses them too, whoever calls it
+    with pytest.raises(errors.UnsupportedFormatError, match="does not take partitioning="):
+        load_table(to_upath(single), partitioning="hive")
+    with pytest.raises(errors.UnsupportedFormatError, match="does not take nrows="):
+        load_table(to_upath(folder), nrows=1)
 
 
 def test_soma_keywords(conn: Any, tmp_path: Path) -> None:

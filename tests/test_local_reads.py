@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -59,14 +60,20 @@ class KernelCache:
         monkeypatch.setattr(os, "preadv", preadv)
 
 
-def record_advice(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
-    """Record every ``(offset, length)`` lamin-io advises (``WILLNEED``); still advise it."""
+def record_advice(monkeypatch: pytest.MonkeyPatch, *,
+                  reached: tuple[threading.Event, int] | None = None) -> list[tuple[int, int]]:
+    """Record every ``(offset, length)`` lamin-io advises (``WILLNEED``); still advise it.
+
+    ``reached``: an event set once that many ranges were advised.
+    """
     advised: list[tuple[int, int]] = []
     real = os.posix_fadvise
 
     def recording(fd: int, offset: int, length: int, advice: int) -> None:
         if advice == os.POSIX_FADV_WILLNEED:
             advised.append((offset, length))
+            if reached is not None and len(advised) >= reached[1]:
+                reached[0].set()
         real(fd, offset, length, advice)
 
     monkeypatch.setattr(os, "posix_fadvise", recording)
@@ -102,19 +109,20 @@ def test_cached_is_true_only_when_every_probe_is_cached(
 def test_advice_asks_for_the_given_ranges_only(data_file: tuple[int, bytes],
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     fd, payload = data_file
-    advised = record_advice(monkeypatch)
     starts = np.arange(0, 4 << 20, 64 * PAGE, dtype=np.int64)  # every 64th page
     stops = starts + 100
     stops[3] = starts[3]  # an empty range: never advised (a length of 0 means "to the end")
     expected = [(s, e - s) for s, e in zip(starts.tolist(), stops.tolist(), strict=True)
                 if e > s]
+    reached = threading.Event()
+    advised = record_advice(monkeypatch, reached=(reached, len(expected)))
     end = start_advice(fd, starts, stops)
     # the advice runs in a pool thread; ending it at once may stop it before it began (as
-    # a request that is read by then wants), so wait until it has run its course here
-    deadline = time.monotonic() + 120
-    while len(advised) < len(expected) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    # a request that is read by then wants), so wait until it has advised as many ranges
+    # as expected (the timeout only bounds a regression that advises fewer)
+    all_advised = reached.wait(timeout=120)
     end()
+    assert all_advised, f"{len(advised)} of {len(expected)} ranges advised"
     assert advised == expected  # each range once, in order, nothing else
     # and the reads that follow copy the right bytes
     ranges = list(zip(starts.tolist(), stops.tolist(), strict=True))
@@ -162,8 +170,6 @@ def test_advised_ranges_are_read_without_a_first_pass(
 
 def test_advice_stops_at_the_check_after_it_is_ended(monkeypatch: pytest.MonkeyPatch) -> None:
     """The advising loop looks at its stop flag every ``_ADVICE_STEP`` ranges."""
-    import threading
-
     monkeypatch.setattr(_localread, "_ADVICE_STEP", 4)
     stop = threading.Event()
     advised: list[int] = []
@@ -181,8 +187,6 @@ def test_advice_stops_at_the_check_after_it_is_ended(monkeypatch: pytest.MonkeyP
 
 def test_empty_ranges_are_never_advised(monkeypatch: pytest.MonkeyPatch) -> None:
     """A length of 0 would advise the whole rest of the file."""
-    import threading
-
     advised: list[tuple[int, int]] = []
     monkeypatch.setattr(os, "posix_fadvise",
                         lambda fd, start, length, advice: advised.append((start, length)))
@@ -196,8 +200,6 @@ def test_empty_ranges_are_never_advised(monkeypatch: pytest.MonkeyPatch) -> None
 def test_ending_advice_waits_for_the_range_being_advised(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """After ``end()`` no advice of the request runs (its file may then be closed)."""
-    import threading
-
     entered = threading.Event()
     calls: list[str] = []
 
@@ -341,7 +343,7 @@ def test_advice_ends_when_a_batch_fails(h5ad: tuple[Path, ad.AnnData],
         calls += 1
         if calls == 3:
             raise Boom
-        return lambda: [None] * len(items)
+        return _rows.Pending(lambda: [None] * len(items))
 
     import h5py
 
@@ -377,7 +379,7 @@ def test_advice_covers_every_batch_up_to_its_bound(
     def start_runs(items: list[tuple[object, np.ndarray, np.ndarray]], *,
                    advised: bool = False) -> object:
         started.append((int(items[0][2][-1]), advised))
-        return lambda: [None] * len(items)
+        return _rows.Pending(lambda: [None] * len(items))
 
     with h5py.File(path) as f:
         g = f["X"]
@@ -415,7 +417,7 @@ def test_batches_are_not_read_as_advised_when_nothing_was(
     def start_runs(items: list[tuple[object, np.ndarray, np.ndarray]], *,
                    advised: bool = False) -> object:
         flags.append(advised)
-        return lambda: [None] * len(items)
+        return _rows.Pending(lambda: [None] * len(items))
 
     with h5py.File(path) as f:
         g = f["X"]

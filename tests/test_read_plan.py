@@ -90,7 +90,8 @@ def test_many_small_batches_in_flight_give_the_same_answer(
 @pytest.mark.parametrize("ahead", [1, 2, 3])
 def test_batches_ahead_are_in_flight_together(h5ad: tuple[Path, ad.AnnData], ahead: int,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """``ahead`` batches are on their way while one is waited for; a failure settles all."""
+    """``ahead`` batches are on their way while one is waited for; a failure settles the
+    others started (waits for their I/O, never finishes them)."""
     import h5py
 
     path, adata = h5ad
@@ -113,7 +114,7 @@ def test_batches_ahead_are_in_flight_together(h5ad: tuple[Path, ad.AnnData], ahe
                 raise RuntimeError("boom")
             return [None] * len(items)
 
-        return wait
+        return _rows.Pending(wait, lambda: log.append(("settle", batch)))
 
     rows = np.arange(0, adata.n_obs, 2)
     with h5py.File(path) as f:
@@ -137,10 +138,14 @@ def test_batches_ahead_are_in_flight_together(h5ad: tuple[Path, ad.AnnData], ahe
             started, fail_at, fail_start = 0, failing_wait, failing_start
             with pytest.raises(RuntimeError, match="boom"):
                 _rows.read_sparse(parts, rows, None, hooks)
-            # every started batch was waited for before the error left the request
-            assert {b for kind, b in log if kind == "start"} == {b for kind, b in log
-                                                                 if kind == "wait"}
-            assert len(log) > 1
+            # every started batch was finished or settled before the error left the
+            # request; none was finished after the failure
+            waited = [b for kind, b in log if kind == "wait"]
+            settled = [b for kind, b in log if kind == "settle"]
+            assert {b for kind, b in log if kind == "start"} == {*waited, *settled}
+            assert settled
+            if failing_wait >= 0:
+                assert max(waited) == failing_wait
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -175,7 +180,8 @@ class _Dense:
 def test_dense_blocks_ahead_are_in_flight_together(ahead: int,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """``start_block`` batches: whole chunk rows, ``ahead`` started before one is waited
-    for, and a failure waits for every started batch before it leaves the request."""
+    for, and a failure settles every other started batch (waits for its fetches, never
+    decodes it) before it leaves the request."""
     values = np.arange(90 * 40, dtype=np.float32).reshape(90, 40)
     arr = _Dense(values, (7, 16))
     monkeypatch.setattr(_rows, "GATHER_BYTES", 7 * 16 * 4 * 3)  # one row of 3 chunks a batch
@@ -197,7 +203,7 @@ def test_dense_blocks_ahead_are_in_flight_together(ahead: int,
                 raise RuntimeError("boom")
             out[...] = a.values[np.ix_(rows, cols if cols is not None else np.arange(40))]
 
-        return wait
+        return _rows.Pending(wait, lambda: log.append(("settle", batch)))
 
     hooks = _rows.ReadHooks(gathers=lambda a: True, start_block=start_block,  # type: ignore[arg-type]
                             ahead=ahead)
@@ -209,7 +215,13 @@ def test_dense_blocks_ahead_are_in_flight_together(ahead: int,
     for b in range(n - ahead):
         assert log.index(("start", b + ahead)) < log.index(("wait", b))
     log.clear()
+    assert not [kind for kind, _ in log if kind == "settle"]
+    log.clear()
     started, fail_at = 0, 1
     with pytest.raises(RuntimeError, match="boom"):
         _rows.read_matrix(arr, rows, cols, hooks)
-    assert {b for kind, b in log if kind == "start"} == {b for kind, b in log if kind == "wait"}
+    waited = [b for kind, b in log if kind == "wait"]
+    assert waited == [0, 1]  # none decoded after the failure
+    settled = [b for kind, b in log if kind == "settle"]
+    assert settled == list(range(2, min(n, 2 + ahead)))  # those started, once each
+    assert {b for kind, b in log if kind == "start"} == {*waited, *settled}

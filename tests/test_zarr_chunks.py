@@ -234,3 +234,41 @@ def test_s3_next_batch_is_fetched_while_one_decodes(stores: dict[str, Path], tru
     np.testing.assert_array_equal(got.toarray(), truth.X.toarray())
     assert reached
     assert in_flight > 2 * 3  # more than one batch's 3 data and 3 indices chunks
+
+
+def test_write_in_format_restores_the_setting(tmp_path: Path) -> None:
+    """The helper left anndata's zarr_write_format at 2 whatever it was before."""
+    with ad.settings.override(zarr_write_format=3):
+        write_in_format(_adata(), tmp_path / "v2.zarr", 2)
+        assert ad.settings.zarr_write_format == 3
+    assert zarr.open_group(tmp_path / "v2.zarr", mode="r").metadata.zarr_format == 2
+
+
+def test_settling_started_runs_reads_and_decodes_nothing(
+        stores: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request that failed settles the batches it started, which reads nothing more: a
+    local store's chunks (read by the decode threads) and arrays left to zarr (sharded
+    ones, counted here through zarr's LoggingStore) were read by settling."""
+    from zarr.storage import LocalStore, LoggingStore
+
+    def runs(data: Any) -> list[tuple[Any, np.ndarray, np.ndarray]]:
+        return [(data, np.array([0, 3 * CHUNK]), np.array([10, 3 * CHUNK + 5]))]
+
+    def expected(data: Any) -> np.ndarray:
+        return np.concatenate([data[:10], data[3 * CHUNK:3 * CHUNK + 5]])
+
+    read = record_chunk_files(monkeypatch)
+    local = zarr.open_group(stores["v2-blosc"], mode="r")["X/data"]
+    _zarr.start_runs(runs(local)).settle()
+    assert read == []
+    np.testing.assert_array_equal(_zarr.start_runs(runs(local))()[0], expected(local))
+    assert read  # called, it reads them
+
+    store = LoggingStore(LocalStore(stores["v3-sharded"], read_only=True))
+    sharded = zarr.open_group(store, mode="r")["X/data"]
+    assert not _zarr.gathers(sharded)
+    before = store.counter["get"]
+    _zarr.start_runs(runs(sharded)).settle()
+    assert store.counter["get"] == before
+    np.testing.assert_array_equal(_zarr.start_runs(runs(sharded))()[0], expected(sharded))
+    assert store.counter["get"] > before

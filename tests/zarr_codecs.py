@@ -18,14 +18,13 @@ if TYPE_CHECKING:
 
 
 def write_in_format(adata: ad.AnnData, path: Path, fmt: int) -> zarr.Group:
-    """Write ``adata`` as a zarr store of format ``fmt``; return its group, writable."""
-    with warnings.catch_warnings():
+    """Write ``adata`` as a zarr store of format ``fmt``; return its group, writable.
+
+    anndata's ``zarr_write_format`` setting is back to what it was afterwards.
+    """
+    with warnings.catch_warnings(), ad.settings.override(zarr_write_format=fmt):
         warnings.simplefilter("ignore")
-        ad.settings.zarr_write_format = fmt
-        try:
-            adata.write_zarr(path)
-        finally:
-            ad.settings.zarr_write_format = 2
+        adata.write_zarr(path)
     return zarr.open_group(path, mode="r+", use_consolidated=False)
 
 

@@ -19,9 +19,11 @@ import numpy as np
 
 from lamin_io.accessors import _elements as el
 from lamin_io.accessors import _legacy
+from lamin_io.accessors._attrs import attr, encoding, is_group
+from lamin_io.accessors._formats import parameters
 from lamin_io.accessors._hdf5_btree import IndexReader
 from lamin_io.accessors._index import Selection, length, resolve, split_key
-from lamin_io.accessors._rows import SLACK_BYTES, ReadHooks, read_matrix
+from lamin_io.accessors._rows import SLACK_BYTES, Pending, ReadHooks, read_matrix
 from lamin_io.accessors._zarr import open_zarr_group, zarr_root_attrs
 from lamin_io.errors import (
     AccessorClosedError,
@@ -43,8 +45,8 @@ if TYPE_CHECKING:
     import pandas as pd
     from upath import UPath
 
-__all__ = ["AnnDataAccessor", "count_observations", "is_anndata", "load_anndata",
-           "open_anndata"]
+__all__ = ["AnnDataAccessor", "anndata_keywords", "count_observations", "is_anndata",
+           "load_anndata", "open_anndata"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,18 +63,29 @@ def _h5ad_member(fileobj: Any, path: UPath) -> tuple[Any, Any]:
     """
     import tarfile
 
+    damaged = (tarfile.TarError, OSError, EOFError)
     try:
-        tar = tarfile.open(fileobj=fileobj, mode="r:gz")
+        tar = tarfile.open(fileobj=fileobj, mode="r:gz")  # closes what it opened on failure
+    except damaged as exc:
+        raise _damaged_archive(path, exc) from exc
+    try:
         for member in tar:
             name = member.name.rsplit("/", 1)[-1]
             if member.isfile() and name.endswith(".h5ad") and not name.startswith("._"):
                 return tar, tar.extractfile(member)
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        msg = f"{path} is not a readable .tar.gz archive (truncated or damaged?): {exc}"
-        raise CorruptArtifactError(msg) from exc
+    except BaseException as exc:
+        tar.close()  # and the GzipFile it reads through (not ``fileobj``: the caller's)
+        if isinstance(exc, damaged):
+            raise _damaged_archive(path, exc) from exc
+        raise
     tar.close()
     msg = f"{path} holds no .h5ad file: a .h5ad.tar.gz archive must hold one"
     raise UnsupportedFormatError(msg)
+
+
+def _damaged_archive(path: UPath, exc: BaseException) -> CorruptArtifactError:
+    msg = f"{path} is not a readable .tar.gz archive (truncated or damaged?): {exc}"
+    return CorruptArtifactError(msg)
 
 
 def _open_hdf5(path: UPath, mode: str, *, prime: bool = True,
@@ -172,7 +185,7 @@ def _reader_error(exc: Exception, what: str, layout_hint: str) -> LaminIOError |
 
 def _is_anndata_group(group: Any, path: UPath) -> bool:
     try:
-        if el.encoding(group) == "anndata":
+        if encoding(group) == "anndata":
             return True
         keys = set(group.keys())
     except (OSError, RuntimeError, KeyError, ValueError) as exc:  # attributes HDF5 cannot read
@@ -301,6 +314,19 @@ def count_observations(path: UPath) -> int | None:
         return acc.n_obs
 
 
+def anndata_keywords(what: str, suffix: str, kwargs: Mapping[str, Any], *,
+                     folder: bool | None = None) -> frozenset[str] | None:
+    """Return what ``load()`` of an AnnData hands to anndata: ``read_zarr``'s or ``read_h5ad``'s.
+
+    The format table's :attr:`Format.keywords` hook of format ``anndata`` (its opener names
+    its own keywords; the suffix alone tells the reader).
+    """
+    if what != "load":
+        return frozenset()
+    return parameters("anndata:read_zarr" if suffix.lower() == ".zarr"
+                      else "anndata:read_h5ad")
+
+
 # -- the shared store ----------------------------------------------------------------------
 
 _FEW_STRINGS = 1024  # h5py reads fewer strings faster than our two rounds of reads
@@ -400,7 +426,7 @@ class _Store:
         Without one, anndata writes a null placeholder ``raw``.
         """
         key = f"{prefix}raw"
-        if self.has(key) and el.is_group(self.get(key)) and "X" in self.get(key):
+        if self.has(key) and is_group(self.get(key)) and "X" in self.get(key):
             return f"{key}/"
         return f"{key}." if self.has(f"{key}.X") else None
 
@@ -424,7 +450,7 @@ class _Store:
             elem = self.get(key)
             if self.rangefile is None:
                 return el.matrix(elem, expected=expected)
-            if el.is_group(elem) and "indptr" in elem:
+            if is_group(elem) and "indptr" in elem:
                 # a filtered indptr's chunks in one go (an unfiltered one of _WHOLE_BYTES or
                 # more is read by _read_whole, a smaller one by h5py through the file's blocks)
                 indptr = elem["indptr"]
@@ -455,6 +481,19 @@ class _Store:
         return self.cached(f"annotations:{key}", lambda: _legacy.apply_fixups(
             self.dataframe(key), axis, self.fixups(prefix)))
 
+    def consumed_uns(self, prefix: str) -> set[str]:
+        """Return the ``uns`` keys AnnData's old-layout fixes consume on reading.
+
+        Those :func:`lamin_io.accessors._legacy.apply_fixups` used for ``obs`` and ``var``
+        (categories that fit a column's codes, multicolumn keys): ``.uns`` leaves them out,
+        and so does the accessor's ``repr``. Reads ``obs`` and ``var`` only for a layout
+        that has such keys (before anndata 0.7).
+        """
+        fixups = self.fixups(prefix)
+        if not (fixups.categories or fixups.multicol):
+            return set()
+        return self.annotations(prefix, "obs")[2] | self.annotations(prefix, "var")[2]
+
     def dataframe(self, key: str) -> pd.DataFrame:
         def load() -> pd.DataFrame:
             elem = self.get(key)
@@ -465,7 +504,7 @@ class _Store:
                 # a zarr group's arrays in one round trip (not the index, if read already)
                 forget = fetch_arrays_ahead(elem, skip_index=f"names:{key}" in self._cache)
             try:
-                if el.is_group(elem) and el.encoding(elem) == "dataframe":
+                if is_group(elem) and encoding(elem) == "dataframe":
                     # reuse the index if the names were read already; read each column once
                     return el.read_dataframe_columns(elem, self.axis_names(key),
                                                      self.strings)
@@ -522,14 +561,14 @@ class _Store:
         return bool(ds.file == self.group.file)
 
     def _start_runs(self, items: list[tuple[Any, np.ndarray, np.ndarray]], *,
-                    advised: bool = False) -> Callable[[], list[np.ndarray | None]]:
+                    advised: bool = False) -> Pending[list[np.ndarray | None]]:
         """Start reading runs of unfiltered 1-D HDF5 arrays straight from their byte ranges.
 
         The ranges are located now (HDF5 calls stay in this thread); the ranges of every
         array in ``items`` are then read in one go, in the background (``advised``: the
-        kernel was told them already, see :meth:`_advise`). The returned function waits
-        for them; an array HDF5 must read itself (filtered, strings, unallocated chunks)
-        gets ``None``.
+        kernel was told them already, see :meth:`_advise`). The reads started, called,
+        wait for them; an array HDF5 must read itself (filtered, strings, unallocated
+        chunks) gets ``None``.
         """
         from lamin_io.accessors._hdf5_ranges import byte_ranges, load_tables
 
@@ -549,7 +588,7 @@ class _Store:
             plans.append((count, arr.dtype))
             ranges.extend(these)
         if not ranges:
-            return lambda: [None] * len(items)
+            return Pending(lambda: [None] * len(items))
         fetched = self._start_fetch(ranges, advised=advised)
 
         def finish() -> list[np.ndarray | None]:
@@ -566,7 +605,7 @@ class _Store:
                 offset += count * dtype.itemsize
             return out
 
-        return finish
+        return Pending(finish, fetched)
 
     def _read_whole(self, arr: Any) -> np.ndarray | None:
         """Read a whole 1-D array with our own concurrent reads (``None``: h5py must).
@@ -702,9 +741,9 @@ class _Store:
 
 
 def _length_of(elem: Any) -> int:
-    if not el.is_group(elem):
+    if not is_group(elem):
         return int(elem.shape[0])
-    index_key = el.attr(elem, "_index", "_index")
+    index_key = attr(elem, "_index", "_index")
     if index_key in elem:
         return int(elem[index_key].shape[0])
     first = next(iter(elem.keys()), None)
@@ -716,8 +755,8 @@ def _length_of(elem: Any) -> int:
 def _index_of(elem: Any, store: _Store, key: str) -> pd.Index:
     import pandas as pd
 
-    if el.is_group(elem) and el.encoding(elem) == "dataframe":
-        index_key = el.attr(elem, "_index", "_index")
+    if is_group(elem) and encoding(elem) == "dataframe":
+        index_key = attr(elem, "_index", "_index")
         values = el.read_element(elem[index_key], store.strings)
         return pd.Index(values, name=None if index_key == "_index" else index_key)
     return store.dataframe(key).index
@@ -733,7 +772,7 @@ def _stored_keys(store: _Store, key: str) -> list[str]:
     if not store.has(key):
         return []
     elem = store.get(key)
-    if el.is_group(elem):
+    if is_group(elem):
         return sorted(elem.keys())
     return list(elem.dtype.names or ())
 
@@ -914,13 +953,10 @@ class AnnDataAccessor:
     def _read_uns(self) -> Any:
         store = self._store
         group = store.get(self._key("uns"))
-        if not el.is_group(group):
+        if not is_group(group):
             return el.read_element(group)
         fixups = store.fixups(self._prefix)
-        consumed: set[str] = set()
-        if fixups.categories or fixups.multicol:
-            for axis in ("obs", "var"):
-                consumed |= store.annotations(self._prefix, axis)[2]
+        consumed = store.consumed_uns(self._prefix)
         out: dict[str, Any] = {}
         for k in group:
             if k in consumed:
@@ -965,7 +1001,7 @@ class AnnDataAccessor:
             matrices = store.annotations(self._prefix, name[:3])[1]
             return np.array(el.subset_rows(matrices[key], rows))
         mapping = store.get(self._key(name))
-        if not el.is_group(mapping):  # one structured array, a field per key (< 0.7)
+        if not is_group(mapping):  # one structured array, a field per key (< 0.7)
             return np.array(el.subset_rows(store.records(self._key(name))[key], rows))
         return self._read_element(self._key(f"{name}/{key}"), name, rows)
 
@@ -976,8 +1012,8 @@ class AnnDataAccessor:
             "layers": (n_obs, n_vars), "obsm": (n_obs, None), "obsp": (n_obs, n_obs),
             "varm": (n_vars, None), "varp": (n_vars, n_vars)}[name]
         elem = store.get(key)
-        if el.is_group(elem) and not el.is_sparse(elem):
-            if el.encoding(elem) in ("dataframe", ""):
+        if is_group(elem) and not el.is_sparse(elem):
+            if encoding(elem) in ("dataframe", ""):
                 return el.subset_rows(store.dataframe(key), rows).copy()
             return el.subset_rows(el.read_element(elem), rows)  # e.g. awkward arrays
         if name == "layers":
@@ -1068,11 +1104,11 @@ class AnnDataAccessor:
         if len(col) != n:
             msg = f"column {col_name!r} has {len(col)} values, {where} has {n}"
             raise InvalidArgumentError(msg)
-        if col_name in group or col_name == el.attr(group, "_index"):
+        if col_name in group or col_name == attr(group, "_index"):
             msg = f"{where} already has a column {col_name!r}"
             raise InvalidArgumentError(msg)
         write_elem(group, col_name, col)
-        order = list(el.attr(group, "column-order") or [])
+        order = list(attr(group, "column-order") or [])
         group.attrs["column-order"] = [*order, col_name]
         store.modified = True
         store.invalidate()
@@ -1107,18 +1143,15 @@ class AnnDataAccessor:
         lines = [f"AnnDataAccessor {kind}{self._store.path}",
                  f"    n_obs x n_vars = {n_obs} x {n_vars}"]
         fixups = self._store.fixups(self._prefix)
-        hidden: set[str] = set()  # uns keys AnnData consumes on reading (see _legacy)
         for name in ("obs", "var"):
             group = self._store.get(self._key(name))
-            if el.is_group(group):  # 0.7 kept categories in a __categories group
+            if is_group(group):  # 0.7 kept categories in a __categories group
                 cols = [c for c in group.keys()
-                        if c not in (el.attr(group, "_index", "_index"), "__categories")]
+                        if c not in (attr(group, "_index", "_index"), "__categories")]
             else:  # a structured array (< 0.7): its first field is the index
                 cols = list(group.dtype.names or ())[1:]
-            uns_key, multicol = fixups.multicol.get(name, ("", []))
+            _, multicol = fixups.multicol.get(name, ("", []))
             cols = [c for c in cols if not any(c.startswith(k) for k in multicol)]
-            hidden |= {uns_key} | {k for k in fixups.categories
-                                   if k.replace("_categories", "") in cols}
             if cols:
                 lines.append(f"    {name}: {', '.join(repr(c) for c in sorted(cols))}")
         for name in ("layers", "obsm", "varm", "obsp", "varp"):
@@ -1126,6 +1159,7 @@ class AnnDataAccessor:
             if keys:
                 lines.append(f"    {name}: {', '.join(repr(k) for k in keys)}")
         if self._store.has(self._key("uns")):
+            hidden = self._store.consumed_uns(self._prefix)  # as .uns leaves them out
             uns_keys = [k for k in self._store.get(self._key("uns")) if k not in hidden]
             if uns_keys:
                 lines.append(f"    uns: {', '.join(repr(k) for k in uns_keys)}")
@@ -1169,7 +1203,7 @@ class RawAccessor:
         """Raw ``varm`` (read whole)."""
         key = f"{self._key}varm"
         keys = _stored_keys(self._store, key)
-        if keys and not el.is_group(self._store.get(key)):  # a structured array (< 0.7)
+        if keys and not is_group(self._store.get(key)):  # a structured array (< 0.7)
             return {k: np.array(self._store.records(key)[k]) for k in keys}
         return {k: el.read_element(self._store.get(f"{key}/{k}")) for k in keys}
 

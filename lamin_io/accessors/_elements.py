@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lamin_io.accessors import _legacy
+from lamin_io.accessors._attrs import SPARSE_ENCODINGS, attr, encoding, is_group, is_marked_sparse
 from lamin_io.accessors._rows import SparseParts
 from lamin_io.errors import CorruptArtifactError, UnsupportedLayoutError
 
@@ -25,31 +26,8 @@ if TYPE_CHECKING:
     #: Reads a string array faster than h5py, or returns ``None`` where it cannot.
     StringReader = Callable[[Any], np.ndarray | None]
 
-__all__ = ["attr", "encoding", "is_group", "is_sparse", "matrix", "read_dataframe",
-           "read_dataframe_columns", "read_element", "read_records", "subset_rows",
-           "trim_colors"]
-
-SPARSE_ENCODINGS = {"csr_matrix": "csr", "csc_matrix": "csc"}
-
-
-def attr(elem: Any, name: str, default: Any = None) -> Any:
-    """Return an attribute as a plain Python value (bytes decoded)."""
-    value = elem.attrs.get(name, default)
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray) and value.dtype.kind in "SO":
-        return [v.decode() if isinstance(v, bytes) else v for v in value.tolist()]
-    return value
-
-
-def encoding(elem: Any) -> str:
-    """Return the ``encoding-type`` of an element, ``""`` when it has none (old layouts)."""
-    return str(attr(elem, "encoding-type", "") or "")
-
-
-def is_group(elem: Any) -> bool:
-    """Whether ``elem`` is a group (h5py or zarr), as opposed to an array."""
-    return hasattr(elem, "keys") and not hasattr(elem, "dtype")
+__all__ = ["is_sparse", "matrix", "read_dataframe", "read_dataframe_columns", "read_element",
+           "read_records", "subset_rows", "trim_colors"]
 
 
 def is_sparse(elem: Any) -> bool:
@@ -58,9 +36,7 @@ def is_sparse(elem: Any) -> bool:
     A bare group (``data``, ``indices``, ``indptr`` and no attributes) counts only where a
     matrix is expected (``X``, layers, ``obsm``, ...): in ``uns`` it is a mapping.
     """
-    return is_group(elem) and (encoding(elem) in SPARSE_ENCODINGS
-                               or attr(elem, "h5sparse_format") is not None
-                               or _legacy.is_bare_sparse(elem))
+    return is_marked_sparse(elem) or _legacy.is_bare_sparse(elem)
 
 
 def matrix(elem: Any, read_whole: Callable[[Any], np.ndarray | None] | None = None, *,
@@ -175,7 +151,7 @@ def read_dataframe(elem: Any) -> pd.DataFrame:
         msg = (f"element {elem.name!r} is not a data frame (encoding {encoding(elem)!r}): "
                f"read the file with anndata and write it again")
         raise UnsupportedLayoutError(msg)
-    return _legacy.records_frame(read_records(elem), elem.dtype, elem.name)
+    return _legacy.records_frame(read_records(elem), elem.name)
 
 
 def read_dataframe_columns(group: Any, index: pd.Index,

@@ -109,9 +109,10 @@ class Format:
         ``"module:function"`` taking ``(path)`` and returning the number of observations
         (cells, rows) stored, or ``None``; recorded on an artifact when it is saved.
     keywords
-        ``"module:function"`` taking ``(what, suffix, kwargs)``, where ``what`` is
-        ``"load"`` or ``"open"``, and returning the keyword arguments that call hands on to
-        a library (``anndata.read_h5ad``, a polars scan), or ``None`` for any. Needed only
+        ``"module:function"`` taking ``(what, suffix, kwargs, *, folder)``, where ``what``
+        is ``"load"`` or ``"open"`` and ``folder`` whether the path is a folder (``None``:
+        not known yet), and returning the keyword arguments that call hands on to a
+        library (``anndata.read_h5ad``, a polars scan), or ``None`` for any. Needed only
         where the loader or opener takes ``**kwargs``; its own named arguments count
         anyway (see :meth:`check_keywords`).
     pinned
@@ -148,8 +149,8 @@ class Format:
         fn: Callable[..., Any] = getattr(mod, func)
         return fn
 
-    def takes(self, what: str, suffix: str,
-              kwargs: Mapping[str, Any] | None = None) -> frozenset[str] | None:
+    def takes(self, what: str, suffix: str, kwargs: Mapping[str, Any] | None = None, *,
+              folder: bool | None = None) -> frozenset[str] | None:
         """Return the keyword arguments ``load()`` or ``open()`` of this format takes.
 
         Those its loader or opener names (beside the path, ``mode`` and ``on_close``), and,
@@ -164,6 +165,9 @@ class Format:
             The path's suffix (``".zarr"`` and ``".h5ad"`` load through different readers).
         kwargs
             The keywords of the call, for hooks whose answer depends on one (``engine=``).
+        folder
+            Whether the path is a folder (``None``: not known), for formats that read a
+            file and a folder through different readers (tables).
         """
         found = _signature(self.resolve(what), _GIVEN[what])
         if found is None:
@@ -173,14 +177,16 @@ class Format:
             return own
         if self.keywords is None:
             return None
-        passed = self.resolve("keywords")(what, suffix, dict(kwargs or {}))
+        passed = self.resolve("keywords")(what, suffix, dict(kwargs or {}), folder=folder)
         return None if passed is None else own | frozenset(passed)
 
-    def check_keywords(self, what: str, suffix: str, kwargs: Mapping[str, Any]) -> None:
+    def check_keywords(self, what: str, suffix: str, kwargs: Mapping[str, Any], *,
+                       folder: bool | None = None) -> None:
         """Refuse keyword arguments that ``load()``/``open()`` of this format does not take.
 
         Checked before anything is read or downloaded, so a wrong keyword never surfaces
-        as a ``TypeError`` from a reader deep inside.
+        as a ``TypeError`` from a reader deep inside. ``folder``: whether the path is a
+        folder, where known (see :meth:`takes`).
 
         Raises
         ------
@@ -190,7 +196,7 @@ class Format:
         """
         if not kwargs:
             return
-        taken = self.takes(what, suffix, kwargs)
+        taken = self.takes(what, suffix, kwargs, folder=folder)
         if taken is None:
             return
         unknown = sorted(set(kwargs) - taken)
@@ -200,8 +206,8 @@ class Format:
         accepted = ", ".join(f"{k}=" for k in sorted(taken)) or "no keyword arguments"
         if what == "open":
             accepted += " (besides mode=)"
-        msg = (f"{what}() of {self.name} ({suffix or 'no suffix'}) does not take {shown}; "
-               f"it takes {accepted}")
+        where = f"{suffix or 'no suffix'}{', a folder' if folder else ''}"
+        msg = f"{what}() of {self.name} ({where}) does not take {shown}; it takes {accepted}"
         for key in unknown:
             others = _formats_taking(what, key)
             if others:
@@ -297,18 +303,6 @@ def _formats_taking(what: str, key: str) -> list[str]:
     return out
 
 
-def anndata_keywords(what: str, suffix: str, kwargs: Mapping[str, Any]) -> frozenset[str] | None:
-    """Return what ``load()`` of an AnnData hands to anndata: ``read_zarr``'s or ``read_h5ad``'s.
-
-    The format table's :attr:`Format.keywords` hook of format ``anndata`` (its opener names
-    its own keywords).
-    """
-    if what != "load":
-        return frozenset()
-    return parameters("anndata:read_zarr" if suffix.lower() == ".zarr"
-                      else "anndata:read_h5ad")
-
-
 _A = "lamin_io.accessors._anndata"
 _B = "lamin_io.accessors._backed"
 _S = "lamin_io.accessors._spatialdata"
@@ -320,7 +314,7 @@ for _fmt in (
     Format("anndata", (".h5ad", ".h5ad.gz", ".h5ad.tar.gz", ".h5", ".hdf5", ".zarr"),
            load=f"{_A}:load_anndata", open=f"{_A}:open_anndata", can_open=f"{_A}:is_anndata",
            modes=("r", "r+"), n_observations=f"{_A}:count_observations",
-           keywords=f"{__name__}:anndata_keywords", pinned=True),
+           keywords=f"{_A}:anndata_keywords", pinned=True),
     Format("tiledbsoma", (".tiledbsoma",), load=f"{_SO}:load_soma", open=f"{_SO}:open_soma",
            extra="soma", modes=("r", "w"), n_observations=f"{_SO}:count_observations",
            keywords=f"{_SO}:soma_keywords"),

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lamin_io.accessors._attrs import attr, encoding, is_group, is_marked_sparse
 from lamin_io.errors import UnsupportedLayoutError
 
 if TYPE_CHECKING:
@@ -46,14 +47,6 @@ MULTICOL_KEYS = {
 }
 _SPARSE_PARTS = frozenset({"data", "indices", "indptr"})
 _CATEGORIES = "_categories"
-
-
-def _is_group(elem: Any) -> bool:
-    return hasattr(elem, "keys") and not hasattr(elem, "dtype")
-
-
-def _has_encoding(elem: Any) -> bool:
-    return bool(elem.attrs.get("encoding-type", ""))
 
 
 # -- structured arrays ---------------------------------------------------------------------
@@ -86,8 +79,11 @@ def decode_records(records: np.ndarray, stored_dtype: np.dtype) -> np.ndarray:
     return out
 
 
-def records_frame(records: np.ndarray, stored_dtype: np.dtype, name: str) -> pd.DataFrame:
-    """Read a data frame stored as a structured array: its first field is the index."""
+def records_frame(records: np.ndarray, name: str) -> pd.DataFrame:
+    """Make a data frame of a structured array whose first field is the index.
+
+    ``records`` are decoded already (:func:`decode_records`); ``name`` is the element's.
+    """
     import pandas as pd
 
     fields = list(records.dtype.names or ())
@@ -95,8 +91,7 @@ def records_frame(records: np.ndarray, stored_dtype: np.dtype, name: str) -> pd.
         msg = (f"element {name!r} is a structured array without fields, not a data frame: "
                f"read the file with anndata and write it again")
         raise UnsupportedLayoutError(msg)
-    frame = pd.DataFrame(decode_records(records, stored_dtype))
-    return frame.set_index(fields[0])
+    return pd.DataFrame(records).set_index(fields[0])
 
 
 # -- what AnnData fixes on reading ---------------------------------------------------------
@@ -117,28 +112,27 @@ class Fixups:
 
 def is_graph(elem: Any) -> bool:
     """Whether an ``uns["neighbors"]`` entry holds a matrix (AnnData moves it to obsp)."""
-    if _is_group(elem):
-        return (elem.attrs.get("encoding-type", "") in ("csr_matrix", "csc_matrix")
-                or "h5sparse_format" in elem.attrs)
+    if is_group(elem):
+        return is_marked_sparse(elem)
     return elem.dtype.names is None and len(elem.shape) == 2
 
 
 def find_fixups(root: Any, prefix: str, read: Callable[[Any], Any]) -> Fixups:
     """Find what AnnData fixes in the AnnData at ``root[prefix]`` (``read``: ``read_elem``)."""
-    pre07 = not _is_group(root[f"{prefix}obs"])
+    pre07 = not is_group(root[f"{prefix}obs"])
     uns = root[f"{prefix}uns"] if f"{prefix}uns" in root else None
-    if uns is None or not _is_group(uns):
+    if uns is None or not is_group(uns):
         return Fixups(pre07=pre07)
     keys = list(uns.keys())
     categories = {k: read(uns[k]) for k in keys
-                  if pre07 and k.endswith(_CATEGORIES) and not _is_group(uns[k])}
+                  if pre07 and k.endswith(_CATEGORIES) and not is_group(uns[k])}
     multicol: dict[str, tuple[str, list[str]]] = {}
     for axis, names in MULTICOL_KEYS.items():
         found = next((k for k in names if k in keys), None)
         if found is not None:
             multicol[axis] = (found, [str(v) for v in list(read(uns[found]))])
     graphs: tuple[str, ...] = ()
-    if "neighbors" in keys and _is_group(uns["neighbors"]):
+    if "neighbors" in keys and is_group(uns["neighbors"]):
         neighbors = uns["neighbors"]
         graphs = tuple(k for k in GRAPH_KEYS if k in neighbors and is_graph(neighbors[k]))
     return Fixups(pre07=pre07, categories=categories, multicol=multicol, graphs=graphs)
@@ -182,9 +176,9 @@ def apply_fixups(frame: pd.DataFrame, axis: str, fixups: Fixups
 
 def is_bare_sparse(elem: Any) -> bool:
     """Tell a group holding exactly ``data``, ``indices``, ``indptr`` and no marks at all."""
-    return (_is_group(elem) and not _has_encoding(elem)
-            and "h5sparse_format" not in elem.attrs and set(elem.keys()) == _SPARSE_PARTS
-            and all(not _is_group(elem[k]) and len(elem[k].shape) == 1 for k in _SPARSE_PARTS))
+    return (is_group(elem) and not encoding(elem)
+            and attr(elem, "h5sparse_format") is None and set(elem.keys()) == _SPARSE_PARTS
+            and all(not is_group(elem[k]) and len(elem[k].shape) == 1 for k in _SPARSE_PARTS))
 
 
 def bare_sparse_layout(name: str, n_indptr: int, expected: tuple[int | None, int | None] | None

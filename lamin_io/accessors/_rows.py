@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -38,8 +38,10 @@ if TYPE_CHECKING:
 
     import scipy.sparse as sp
 
-__all__ = ["BATCH_BYTES", "GATHER_BYTES", "MAX_GAP_BYTES", "ReadHooks", "SparseParts",
-           "coalesce", "expand", "read_dense", "read_matrix", "read_sparse"]
+__all__ = ["BATCH_BYTES", "GATHER_BYTES", "MAX_GAP_BYTES", "Pending", "ReadHooks",
+           "SparseParts", "coalesce", "expand", "read_dense", "read_matrix", "read_sparse"]
+
+T = TypeVar("T")
 
 #: Two reads separated by more bytes than this stay two reads.
 MAX_GAP_BYTES = 1 << 20
@@ -58,18 +60,42 @@ ADVICE_BYTES = 256 << 20
 GATHER_BYTES = 16 << 20
 
 
+class Pending(Generic[T]):
+    """Reads a hook started (``start_runs``, ``start_block``).
+
+    Called, it waits for them and finishes the work (decoding, copying out) and returns
+    the result; :meth:`settle` only waits for the I/O started (``wait_io``), for a request
+    that failed: nothing is decoded and no new read starts.
+    """
+
+    def __init__(self, finish: Callable[[], T],
+                 wait_io: Callable[[], object] | None = None) -> None:
+        self._finish, self._wait_io = finish, wait_io
+
+    def __call__(self) -> T:
+        return self._finish()
+
+    def settle(self) -> None:
+        """Wait for the I/O started, ignoring its errors (the request fails for another)."""
+        if self._wait_io is not None:
+            try:
+                self._wait_io()
+            except Exception:  # noqa: BLE001, S110
+                pass
+
+
 class StartRuns(Protocol):
     """The ``start_runs`` hook of :class:`ReadHooks`."""
 
     def __call__(self, items: list[tuple[Any, np.ndarray, np.ndarray]], *,
-                 advised: bool = False) -> Callable[[], list[np.ndarray | None]]: ...
+                 advised: bool = False) -> Pending[list[np.ndarray | None]]: ...
 
 
 class StartBlock(Protocol):
     """The ``start_block`` hook of :class:`ReadHooks`."""
 
     def __call__(self, arr: Any, rows: np.ndarray, cols: np.ndarray | None,
-                 out: np.ndarray) -> Callable[[], None]: ...
+                 out: np.ndarray) -> Pending[None]: ...
 
 
 @dataclass(frozen=True)
@@ -98,15 +124,17 @@ class ReadHooks:
     gathers: Callable[[Any], bool] | None = None
     #: Given ``[(1-D on-disk array, starts, stops), ...]`` and whether those runs were
     #: advised (``advise``), start reading the runs ``[starts[i], stops[i])`` of each
-    #: array, all in one go (planning in the calling thread), and return a function that
-    #: waits for them: for each array its runs concatenated, or ``None`` to leave it to
-    #: the array library. Later batches are then fetched while this one is processed
+    #: array, all in one go (planning in the calling thread), and return the reads
+    #: started (:class:`Pending`): called, it waits for them and returns for each array
+    #: its runs concatenated, or ``None`` to leave it to the array library; a request that
+    #: fails only settles it. Later batches are then fetched while this one is processed
     #: (``ahead``).
     start_runs: StartRuns | None = None
     #: Given a 2-D array that ``gathers`` accepts, sorted unique rows and columns
     #: (``None``: all) and the output for them, start reading them into it and return the
-    #: function that waits for the read (later batches are started while one is
-    #: processed, ``ahead``).
+    #: read started (:class:`Pending`): called, it waits and decodes; a request that
+    #: fails only settles it (later batches are started while one is processed,
+    #: ``ahead``).
     start_block: StartBlock | None = None
     #: Told, before the first batch starts, the runs of the first batches (up to
     #: :data:`ADVICE_BYTES`; only for requests of two batches or more), so a local file
@@ -237,10 +265,7 @@ class _Batch:
         """Wait for the reads started, ignoring their errors (another one is on its way)."""
         wait, self._wait = self._wait, None
         if wait is not None:
-            try:
-                wait()
-            except Exception:  # noqa: BLE001, S110
-                pass
+            wait.settle()
 
 
 def _read_runs_of(arr: Any, run_starts: np.ndarray, run_stops: np.ndarray) -> np.ndarray:
@@ -582,11 +607,11 @@ def _gather_dense(arr: Any, positions: np.ndarray, inverse: np.ndarray | None,
     cuts = (np.flatnonzero(np.diff(rank // per_batch)) + 1).tolist()
     batches = list(zip([0, *cuts], [*cuts, len(positions)], strict=True))
 
-    def begin(b: int) -> Callable[[], None]:
+    def begin(b: int) -> Pending[None]:
         a, e = batches[b]
         return start(arr, positions[a:e], col_pos, out[a:e])
 
-    upcoming: deque[Callable[[], None]] = deque()  # started, not waited for
+    upcoming: deque[Pending[None]] = deque()  # started, not waited for
     ahead = max(1, ahead)
     try:
         upcoming.extend(begin(b) for b in range(min(ahead, len(batches))))
@@ -596,11 +621,10 @@ def _gather_dense(arr: Any, positions: np.ndarray, inverse: np.ndarray | None,
                 upcoming.append(begin(b + ahead))
             wait()
     except BaseException:
-        for started in upcoming:  # no read may outlive the request (the file may close)
-            try:
-                started()
-            except Exception:  # noqa: BLE001, S110
-                pass
+        # no read may outlive the request (the file may close); nobody will use the
+        # batches, so they are not decoded
+        for started in upcoming:
+            started.settle()
         raise
     if col_inverse is not None:
         out = out[:, col_inverse]

@@ -91,7 +91,8 @@ def _soma_errors(path: UPath) -> Iterator[None]:
         raise UnsupportedFormatError(msg) from exc
 
 
-def soma_keywords(what: str, suffix: str, kwargs: Mapping[str, Any]) -> frozenset[str] | None:
+def soma_keywords(what: str, suffix: str, kwargs: Mapping[str, Any], *,
+                  folder: bool | None = None) -> frozenset[str] | None:
     """Return what ``open()``/``load()`` hand to tiledbsoma (the format table's hook).
 
     ``open()``: ``tiledbsoma.open``'s keywords but the mode and context lamin-io gives;

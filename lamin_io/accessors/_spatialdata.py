@@ -6,7 +6,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from lamin_io.accessors._anndata import AnnDataAccessor, _Store
-from lamin_io.accessors._elements import attr
+from lamin_io.accessors._attrs import attr
 from lamin_io.accessors._zarr import open_zarr_group, zarr_root_attrs
 from lamin_io.errors import CorruptArtifactError, NameNotFoundError, WriteNotSupportedError
 

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     import pyarrow.dataset as ds
     from upath import UPath
 
+    from lamin_io.accessors._formats import Format
     from lamin_io.storage import PathLike
 
 __all__ = [
@@ -497,14 +498,16 @@ def _check_engine(engine: str, sources: list[TableSource], *, use_fsspec: bool) 
 # -- the format table's entry points -----------------------------------------------------------
 
 
-def table_keywords(what: str, suffix: str, kwargs: Mapping[str, Any]) -> frozenset[str] | None:
+def table_keywords(what: str, suffix: str, kwargs: Mapping[str, Any], *,
+                   folder: bool | None = None) -> frozenset[str] | None:
     """Return the keywords ``load()``/``open()`` of a table hands on (the format table's hook).
 
     ``open()``: those of the engine's reader (``pyarrow.dataset.dataset``, the format's polars
-    scan). ``load()``: those of the format's pandas reader (a file) and of
-    ``pyarrow.dataset.dataset`` (a folder). ``None`` (any) where the reader takes
-    ``**kwargs`` or cannot be told before the files are listed: an unknown engine (reported by
-    the opener), polars on a folder without a suffix.
+    scan). ``load()``: those of the format's pandas reader for a file, of
+    ``pyarrow.dataset.dataset`` for a folder; both where ``folder`` is not known yet
+    (:func:`load_table` then checks again against the one it uses). ``None`` (any) where the
+    reader takes ``**kwargs`` or cannot be told before the files are listed: an unknown
+    engine (reported by the opener), polars on a folder without a suffix.
     """
     fmt = _table_format(suffix) if suffix else None
     if what == "open":
@@ -517,11 +520,20 @@ def table_keywords(what: str, suffix: str, kwargs: Mapping[str, Any]) -> frozens
                 return None
             return parameters(engine.reader.format(reader=reader))
         return parameters(engine.reader)
-    folder = parameters(ENGINES["pyarrow"].reader)
-    if fmt is None:
-        return folder
+    in_folder = parameters(ENGINES["pyarrow"].reader)
+    if folder or fmt is None:
+        return in_folder
     file = parameters(f"pandas:{fmt.pandas}", skip=("storage_options",))
-    return None if file is None or folder is None else file | folder
+    if folder is not None:
+        return file
+    return None if file is None or in_folder is None else file | in_folder
+
+
+def _entry(fmt: TableFormat) -> Format:
+    """Return the format table's entry of a table format (for its keyword checks)."""
+    from lamin_io.accessors._formats import formats
+
+    return next(f for f in formats() if f.name == fmt.name)
 
 
 def open_many(paths: Iterable[PathLike], *, engine: str = "pyarrow", use_fsspec: bool = False,
@@ -582,9 +594,7 @@ def open_many(paths: Iterable[PathLike], *, engine: str = "pyarrow", use_fsspec:
     sources = [resolve_table(p) for p in upaths]
     _check_engine(engine, sources, use_fsspec=use_fsspec)
     if kwargs:  # the format table says what the engine's reader takes
-        from lamin_io.accessors._formats import formats
-
-        fmt = next(f for f in formats() if f.name == sources[0].format.name)
+        fmt = _entry(sources[0].format)
         fmt.check_keywords("open", fmt.suffixes[0], {"engine": engine, **kwargs})
     first = sources[0].path
     with storage_errors(str(first), dict(first.storage_options).get("endpoint_url")):
@@ -625,11 +635,15 @@ def load_table(path: UPath, **kwargs: Any) -> pd.DataFrame:
     A file goes through pandas' own reader (``read_parquet``, ``read_csv``,
     ``read_feather``, ``read_json(lines=True)``, ``read_orc``; keywords go to it). A folder
     goes through the pyarrow dataset (keywords go to ``pyarrow.dataset.dataset``), so hive
-    partitions come back as columns.
+    partitions come back as columns. A keyword the reader used does not take is an
+    :class:`UnsupportedFormatError`, raised before anything is read.
     """
     import pandas as pd
 
     source = resolve_table(path)
+    if kwargs:
+        entry = _entry(source.format)
+        entry.check_keywords("load", entry.suffixes[0], kwargs, folder=source.folder)
     if source.folder:
         return open_many([path], engine="pyarrow", **kwargs).to_table().to_pandas()
     fmt = source.format

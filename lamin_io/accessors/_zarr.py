@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 from zarr.storage import WrapperStore
 
+from lamin_io.accessors._rows import Pending
 from lamin_io.errors import CorruptArtifactError, StorageModifiedError
 from lamin_io.storage import error_codes, is_local
 
@@ -409,16 +410,16 @@ class _BlockPlan:
 
 
 def start_block(arr: Any, rows: np.ndarray, cols: np.ndarray | None, out: np.ndarray
-                ) -> Callable[[], None]:
+                ) -> Pending[None]:
     """Start reading ``arr[rows][:, cols]`` of a 2-D zarr array into ``out``.
 
     ``rows`` and ``cols`` are sorted, unique positions (``cols=None``: every column);
     ``out`` has their shape. Every chunk holding a selected row and column is read once
     (remote ones requested at once, right away) and decoded once, in the threads that
     copy its selected values out (a local store's chunk files are read there too), so
-    memory follows the selection plus a chunk per thread. Returns the function that
-    waits for the read. Only for arrays :func:`gathers` accepts (others raise
-    ``ValueError``).
+    memory follows the selection plus a chunk per thread. Returns the read started (a
+    :class:`~lamin_io.accessors._rows.Pending`). Only for arrays :func:`gathers` accepts
+    (others raise ``ValueError``).
     """
     decode = chunk_decoder(arr) if arr.ndim == 2 else None
     if decode is None:
@@ -435,7 +436,7 @@ def start_block(arr: Any, rows: np.ndarray, cols: np.ndarray | None, out: np.nda
         col_chunks, col_parts = _axis_parts(np.asarray(cols, dtype=np.int64), size_cols)
     row_chunks, row_parts = _axis_parts(np.asarray(rows, dtype=np.int64), size_rows)
     if not row_chunks or not col_chunks:
-        return lambda: None
+        return _start_gather([])
     return _start_gather([_BlockPlan(arr, decode, row_chunks, row_parts, col_chunks,
                                      col_parts, out)])
 
@@ -478,12 +479,13 @@ def _decode_into(plan: _Plan, raws: list[Any] | str, which: range) -> None:
         copy(i, buffer)
 
 
-def _start_gather(plans: list[_Plan]) -> Callable[[], None]:
+def _start_gather(plans: list[_Plan]) -> Pending[None]:
     """Start fetching the chunks of every plan; return what decodes them, on every core.
 
     Remote chunks are all requested at once (one round trip to zarr's event loop, from a
     pool thread) and are on their way when this returns; chunks of a local store are read
-    by the threads that decode them, once the returned function is called.
+    by the threads that decode them, once the returned object is called. Settling it
+    waits for the remote fetch only.
     """
     import asyncio
     import os
@@ -526,7 +528,7 @@ def _start_gather(plans: list[_Plan]) -> Callable[[], None]:
             return
         results([executor().submit(_decode_into, *job) for job in jobs])
 
-    return decode
+    return Pending(decode, fetched.result if fetched is not None else None)
 
 
 def _split(n: int, parts: int) -> list[tuple[int, int]]:
@@ -536,8 +538,8 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
 
 
 def start_runs(items: list[tuple[Any, np.ndarray, np.ndarray]], *, advised: bool = False
-               ) -> Callable[[], list[np.ndarray | None]]:
-    """Start reading runs of several zarr arrays; return the function that waits for them.
+               ) -> Pending[list[np.ndarray | None]]:
+    """Start reading runs of several zarr arrays; return the reads started (``Pending``).
 
     ``items`` are ``(array, starts, stops)`` (``advised`` is for local files read by
     byte range, which zarr stores are not); each array's runs come back concatenated
@@ -548,6 +550,8 @@ def start_runs(items: list[tuple[Any, np.ndarray, np.ndarray]], *, advised: bool
     the runs, not the chunks (measured on a 50k-cell matrix, 5% of cells: 190 -> 60 ms).
     The others go through zarr when waited for, every run of every array requested at
     once, so the chunks of, say, a sparse matrix's data and indices decode together.
+    Settling waits for the remote chunk fetches only: it neither decodes nor reads the
+    others.
     """
     plans: dict[int, _Plan] = {}
     for i, (arr, starts, stops) in enumerate(items):
@@ -570,7 +574,7 @@ def start_runs(items: list[tuple[Any, np.ndarray, np.ndarray]], *, advised: bool
                 out[i] = values
         return out
 
-    return finish
+    return Pending(finish, gather.settle if gather is not None else None)
 
 
 def _read_through_zarr(items: list[tuple[Any, np.ndarray, np.ndarray]]) -> list[np.ndarray]:

@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Row
     from upath import UPath
 
+    from lamin_io.accessors import Format
     from lamin_io.storage import PathLike
 
 __all__ = ["Artifact", "ArtifactSet", "existing_path", "format_size"]
@@ -342,16 +343,15 @@ class Artifact(Record, ArtifactReads):
         row = self._row
         return f"artifact {row.key or row.uid!r} (uid {row.uid})"
 
-    def _open_writable_copy(self, mode: str, **kwargs: Any) -> Any:
+    def _open_writable_copy(self, fmt: Format, mode: str, **kwargs: Any) -> Any:
+        """Open a private copy with ``fmt``'s opener (mode and keywords checked already)."""
         import shutil
         import tempfile
         import weakref
 
-        from lamin_io.accessors import open as open_path
-
         staging = Path(tempfile.mkdtemp(prefix="lamin-io-edit-"))
         copy = staging / PurePosixPath(self.key or f"{self.uid}{self.suffix}").name
-        shutil.copytree(self.cache(), copy)
+        shutil.copytree(self._local_copy(mute=False), copy)
         previous = self
 
         def save_new_version() -> Artifact:
@@ -365,7 +365,8 @@ class Artifact(Record, ArtifactReads):
         # takes its copy with it: the callback lives exactly as long as the accessor
         weakref.finalize(save_new_version, shutil.rmtree, staging, ignore_errors=True)
         try:
-            return open_path(copy, mode, on_close=save_new_version, **kwargs)
+            return fmt.resolve("open")(to_upath(copy), mode=mode, on_close=save_new_version,
+                                       **kwargs)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -26,6 +26,7 @@ from lamin_io.registry._keys import check_storage_key
 from lamin_io.storage import (
     Manifest,
     cached_copy,
+    cached_download,
     fingerprint,
     folder_states,
     hash_path,
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Row
     from upath import UPath
 
+    from lamin_io.accessors import Format
     from lamin_io.registry._connection import Connection
 
 __all__ = ["LOAD_WARN_BYTES", "ArtifactReads", "format_size", "manifest_of", "stored_path"]
@@ -82,7 +84,7 @@ class ArtifactReads:
     if TYPE_CHECKING:  # provided by Artifact and Record
         def _saved(self) -> Row[Any]: ...
         def _what(self) -> str: ...
-        def _open_writable_copy(self, mode: str, **kwargs: Any) -> Any: ...
+        def _open_writable_copy(self, fmt: Format, mode: str, **kwargs: Any) -> Any: ...
         @property
         def suffix(self) -> str: ...
         @property
@@ -189,23 +191,28 @@ class ArtifactReads:
         is_run_input
             Accepted as lamindb does; lineage is not recorded yet (see :meth:`_read_as_input`).
         """
+        local = self._local_copy(mute=mute)
+        self._read_as_input(is_run_input=is_run_input)
+        return local
+
+    def _local_copy(self, *, mute: bool) -> Path:
+        """Return a local path to the content (:meth:`cache` without lineage)."""
         if self._row is None:
             return self._cache_unsaved(mute=mute)
         path = self.verify()
         if is_local(path):
-            local = Path(path.path)
-        else:
-            row = self._saved()
-            name = PurePosixPath(row.key).name if row.key else f"{row.uid}{row.suffix}"
-            with storage_errors(str(path),
-                                current().settings_for(row.storage_id).endpoint_url):
-                local = cached_copy(path, sha256=row.hash, name=name, manifest=self.manifest,
-                                    what=self._what(), mute=mute, versions=self._versions())
-        self._read_as_input(is_run_input=is_run_input)
-        return local
+            return Path(path.path)
+        row = self._saved()
+        name = PurePosixPath(row.key).name if row.key else f"{row.uid}{row.suffix}"
+        with storage_errors(str(path), current().settings_for(row.storage_id).endpoint_url):
+            return cached_copy(path, sha256=row.hash, name=name, manifest=self.manifest,
+                               what=self._what(), mute=mute, versions=self._versions())
 
     def _cache_unsaved(self, *, mute: bool) -> Path:
-        """Return the unsaved source: itself if local, else a verified copy in the cache."""
+        """Return the unsaved source: itself if local, else a copy in the cache.
+
+        A remote source is read once: hashed while it downloads, and kept under that hash.
+        """
         source = self._source
         endpoint = dict(source.storage_options).get("endpoint_url")
         with storage_errors(str(source), endpoint):
@@ -213,9 +220,15 @@ class ArtifactReads:
                 raise missing_path(source)
             if is_local(source):
                 return Path(source.path)
-            digest, _, manifest = hash_path(source, mute=mute)
-            return cached_copy(source, sha256=digest, name=source.name, manifest=manifest,
-                               what=self._what(), mute=mute)
+            return cached_download(source, name=source.name, what=self._what(), mute=mute)
+
+    def _is_folder(self) -> bool:
+        """Whether the content is a folder (the record says; an unsaved source is asked)."""
+        if self._row is not None:
+            return self.n_files is not None
+        source = self._source
+        with storage_errors(str(source), dict(source.storage_options).get("endpoint_url")):
+            return bool(source.is_dir())
 
     def _source_size(self) -> int:
         source = self._source
@@ -265,13 +278,14 @@ class ArtifactReads:
 
         fmt = format_for(self.suffix)
         loader = fmt.resolve("load")
-        fmt.check_keywords("load", self.suffix, kwargs)
+        fmt.check_keywords("load", self.suffix, kwargs,
+                           folder=self._is_folder() if kwargs else None)
         if self._row is None:
             _warn_if_large(self._what(), self._source_size())
         else:
             _warn_if_large(self._what(), self.size)
         try:
-            loaded = loader(to_upath(self.cache(mute=mute)), **kwargs)
+            loaded = loader(to_upath(self._local_copy(mute=mute)), **kwargs)
         except CorruptArtifactError as exc:
             exc.add_note(f"while loading {self._what()}")
             raise
@@ -319,7 +333,9 @@ class ArtifactReads:
                    f"mode {shown}")
             raise WriteNotSupportedError(msg)
         fmt.check_keywords("open", self.suffix, kwargs)
-        return self._open_writable_copy(mode, **kwargs)
+        opened = self._open_writable_copy(fmt, mode, **kwargs)
+        self._read_as_input(is_run_input=is_run_input)
+        return opened
 
 
 def manifest_of(row: Row[Any]) -> Manifest | None:

@@ -3,7 +3,7 @@
 This layer knows files and objects only: no registry records and no formats.
 """
 
-from lamin_io.storage._cache import cache_dir, cached_copy
+from lamin_io.storage._cache import cache_dir, cached_copy, cached_download
 from lamin_io.storage._engines import (
     POLARS_CREDENTIALS_TTL,
     AwsCredentialProvider,
@@ -49,6 +49,7 @@ __all__ = [
     "StorageSettings",
     "cache_dir",
     "cached_copy",
+    "cached_download",
     "download",
     "error_codes",
     "fingerprint",

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lamin_io.storage._transfer import download
+from lamin_io.storage._transfer import download, download_hashed
 
 if TYPE_CHECKING:
     from upath import UPath
 
     from lamin_io.storage._hashing import Manifest
 
-__all__ = ["cache_dir", "cached_copy"]
+__all__ = ["cache_dir", "cached_copy", "cached_download"]
 
 SIDECAR = ".stat.json"
 
@@ -71,5 +73,34 @@ def cached_copy(src: UPath, *, sha256: str, name: str, manifest: Manifest | None
     local.parent.mkdir(parents=True, exist_ok=True)
     download(src, local, sha256=None if manifest else sha256, manifest=manifest,
              what=what, mute=mute, versions=versions)
-    (local.parent / SIDECAR).write_text(json.dumps(_stat_tree(local)))
+    _remember(local)
     return local
+
+
+def cached_download(src: UPath, *, name: str, what: str, mute: bool = False) -> Path:
+    """Download ``src``, whose hash no record holds, into the cache; return the copy.
+
+    Hashed while it downloads (one read of ``src``), then kept under that hash, where
+    :func:`cached_copy` finds it once the same content is registered. Where a valid copy
+    of that content is cached already, it is kept and the new download dropped.
+    """
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=root))
+    try:
+        digest, _ = download_hashed(src, staging / name, what=what, mute=mute)
+        local = root / digest / name
+        if not _is_valid(local):
+            local.parent.mkdir(parents=True, exist_ok=True)
+            if local.is_dir():
+                shutil.rmtree(local)
+            os.replace(staging / name, local)
+            _remember(local)
+        return local
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remember(local: Path) -> None:
+    """Record the state of a verified copy in its sidecar (see :func:`_is_valid`)."""
+    (local.parent / SIDECAR).write_text(json.dumps(_stat_tree(local)))

@@ -15,7 +15,7 @@ from lamin_io.storage._progress import ProgressCallback
 if TYPE_CHECKING:
     from upath import UPath
 
-__all__ = ["BLOCK_SIZE", "Manifest", "hash_path", "hash_stream", "manifest_hash"]
+__all__ = ["BLOCK_SIZE", "Manifest", "folder_files", "hash_path", "hash_stream", "manifest_hash"]
 
 BLOCK_SIZE = 8 * 2**20
 
@@ -64,19 +64,30 @@ def manifest_hash(manifest: Manifest) -> str:
     return h.hexdigest()
 
 
+def folder_files(path: UPath) -> list[tuple[str, int]] | None:
+    """Return the sorted ``(relative path, size)`` of every file below a folder.
+
+    ``None`` when ``path`` is a file. These are the files a folder's manifest lists.
+    """
+    if not path.is_dir():
+        return None
+    root = path.path.rstrip("/")
+    infos = path.fs.find(root, detail=True, withdirs=False)
+    return sorted((name[len(root) + 1 :], int(info["size"])) for name, info in infos.items())
+
+
 def hash_path(path: UPath, *, mute: bool = False) -> tuple[str, int, Manifest | None]:
     """Return ``(sha256, size, manifest)`` of a file (manifest ``None``) or a folder."""
     fs = path.fs
     root = path.path.rstrip("/")
-    if not path.is_dir():
+    files = folder_files(path)
+    if files is None:
         size = int(fs.info(root)["size"])
         with ProgressCallback(f"hashing {path.name}", mute=mute) as cb:
             cb.set_size(size)
             with fs.open(root, "rb", block_size=BLOCK_SIZE) as f:
                 digest, n = hash_stream(f, cb)
         return digest, n, None
-    infos = fs.find(root, detail=True, withdirs=False)
-    files = sorted((name[len(root) + 1 :], int(info["size"])) for name, info in infos.items())
     entries = []
     with ProgressCallback(f"hashing {path.name}", mute=mute) as cb:
         cb.set_size(sum(s for _, s in files))

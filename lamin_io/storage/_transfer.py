@@ -7,7 +7,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from lamin_io.errors import (
     CorruptArtifactError,
@@ -17,14 +17,24 @@ from lamin_io.errors import (
     StorageObjectMissingError,
 )
 from lamin_io.storage._filesystem import error_codes
-from lamin_io.storage._hashing import BLOCK_SIZE, Manifest, hash_stream
+from lamin_io.storage._hashing import (
+    BLOCK_SIZE,
+    Manifest,
+    folder_files,
+    hash_stream,
+    manifest_hash,
+)
 from lamin_io.storage._paths import is_local
 from lamin_io.storage._progress import ProgressCallback
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from upath import UPath
 
-__all__ = ["download", "fingerprint", "folder_states", "remove", "upload"]
+__all__ = ["download", "download_hashed", "fingerprint", "folder_states", "remove", "upload"]
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -198,12 +208,17 @@ def folder_states(path: UPath) -> dict[str, list[Any]]:
 
 
 def _download_file(src_fs: Any, src: str, dest: Path, expected: str | None,
-                   cb: ProgressCallback, what: str, etag: str | None = None) -> None:
+                   cb: ProgressCallback, what: str, etag: str | None = None
+                   ) -> tuple[str, int]:
+    """Copy one file, hashing it on the way; return its ``(sha256, size)``.
+
+    ``etag``: the S3 version recorded for it. s3fs sends every ranged GET with
+    ``If-Match`` on the ETag it found at open, so the download stays on that version; that
+    version must be the recorded one.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         with src_fs.open(src, "rb", block_size=BLOCK_SIZE) as fin, dest.open("wb") as fout:
-            # s3fs sends every ranged GET with If-Match on the ETag it found at open: the
-            # download stays on that version; that version must be the recorded one
             found = str((getattr(fin, "details", None) or {}).get("ETag", "")).strip('"')
             recorded = None if etag is None else etag.strip('"')
             if recorded is not None and found and found != recorded:
@@ -211,7 +226,7 @@ def _download_file(src_fs: Any, src: str, dest: Path, expected: str | None,
                        f"(ETag {found[:12]}..., recorded {recorded[:12]}...); it was "
                        f"overwritten outside lamin-io: save it again as a new version")
                 raise StorageModifiedError(msg)
-            digest, _ = hash_stream(fin, cb, sink=fout)
+            digest, n = hash_stream(fin, cb, sink=fout)
     except FileNotFoundError as exc:
         msg = f"{what}: stored file {src} is missing"
         raise CorruptArtifactError(msg) from exc
@@ -227,6 +242,28 @@ def _download_file(src_fs: Any, src: str, dest: Path, expected: str | None,
                f"(sha256 {digest[:12]}... != {expected[:12]}...); the object was modified "
                f"behind the registry's back: save it again as a new version")
         raise StorageModifiedError(msg)
+    return digest, n
+
+
+def _swap_in(dest: Path, write: Callable[[Path], T]) -> T:
+    """Have ``write`` fill a path beside ``dest``, then put it in ``dest``'s place.
+
+    A ``write`` that fails leaves any previous ``dest`` untouched.
+    """
+    tmp = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex}"
+    try:
+        out = write(tmp)
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        elif dest.exists():
+            dest.unlink()
+        os.replace(tmp, dest)
+        return out
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
 
 
 def download(src: UPath, dest: Path, *, sha256: str | None, manifest: Manifest | None,
@@ -240,31 +277,49 @@ def download(src: UPath, dest: Path, *, sha256: str | None, manifest: Manifest |
     requests are pinned to its recorded version (``If-Match``), and an object found at
     another raises :class:`StorageModifiedError` before a byte is copied.
     """
-    tmp = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex}"
     fs, root = src.fs, src.path.rstrip("/")
-    try:
+
+    def write(tmp: Path) -> None:
         with ProgressCallback(f"downloading {dest.name}", mute=mute) as cb:
             if manifest is None:
                 cb.set_size(int(fs.info(root).get("size") or 0))
                 _download_file(fs, root, tmp, sha256, cb, what,
                                versions if isinstance(versions, str) else None)
-            else:
-                cb.set_size(manifest.size)
-                tmp.mkdir(parents=True)
-                pins = versions if isinstance(versions, dict) else {}
-                for rel, _, digest in manifest.entries:
-                    _download_file(fs, f"{root}/{rel}", tmp / rel, digest, cb, what,
-                                   pins.get(rel))
-        if dest.is_dir():
-            shutil.rmtree(dest)
-        elif dest.exists():
-            dest.unlink()
-        os.replace(tmp, dest)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+                return
+            cb.set_size(manifest.size)
+            tmp.mkdir(parents=True)
+            pins = versions if isinstance(versions, dict) else {}
+            for rel, _, digest in manifest.entries:
+                _download_file(fs, f"{root}/{rel}", tmp / rel, digest, cb, what,
+                               pins.get(rel))
+
+    _swap_in(dest, write)
+
+
+def download_hashed(src: UPath, dest: Path, *, what: str, mute: bool = False
+                    ) -> tuple[str, Manifest | None]:
+    """Download a file or folder no record describes yet, hashing every byte on the way.
+
+    Returns ``(sha256, manifest)`` of what was downloaded: what :func:`hash_path` gives
+    for ``src`` (manifest ``None`` for a file), from one read of it. ``dest`` is replaced
+    only once the download is complete.
+    """
+    fs, root = src.fs, src.path.rstrip("/")
+    files = folder_files(src)
+
+    def write(tmp: Path) -> tuple[str, Manifest | None]:
+        with ProgressCallback(f"downloading {dest.name}", mute=mute) as cb:
+            if files is None:
+                cb.set_size(int(fs.info(root).get("size") or 0))
+                return _download_file(fs, root, tmp, None, cb, what)[0], None
+            cb.set_size(sum(size for _, size in files))
+            tmp.mkdir(parents=True)
+            entries = [(rel, *_download_file(fs, f"{root}/{rel}", tmp / rel, None, cb, what))
+                       for rel, _ in files]
+        manifest = Manifest(tuple((rel, n, digest) for rel, digest, n in entries))
+        return manifest_hash(manifest), manifest
+
+    return _swap_in(dest, write)
 
 
 def remove(path: UPath) -> None:
