@@ -66,10 +66,13 @@ def forget_clients() -> None:
     from fsspec import get_filesystem_class
 
     from lamin_io.storage._engines import _aws_session, _s3_filesystem
+    from lamin_io.storage._pinned import _client, _signed_gets
 
     get_filesystem_class("s3").clear_instance_cache()
     _aws_session.cache_clear()
     _s3_filesystem.cache_clear()
+    _client.cache_clear()
+    _signed_gets.cache_clear()
 
 
 class RotatingCredentials:

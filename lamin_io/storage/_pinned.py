@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from lamin_io.errors import StorageModifiedError, StorageObjectMissingError
 from lamin_io.storage._filesystem import error_codes
+from lamin_io.storage._options import credential_fingerprint
 
 if TYPE_CHECKING:
     from upath import UPath
@@ -57,13 +58,16 @@ os.register_at_fork(after_in_child=_forget_clients_after_fork)
 
 
 @functools.lru_cache(maxsize=16)
-def _client(access: S3Access, profile: str | None) -> Any:
-    """Return botocore's S3 client for ``access``, one per process and settings."""
+def _client(access: S3Access, profile: str | None, sources: str) -> Any:
+    """Return botocore's S3 client for ``access``, one per process and settings.
+
+    ``sources`` (:func:`credential_fingerprint`) is part of the cache key only: changed AWS
+    variables or credential files make a new client, which reads them again.
+    """
     from botocore import UNSIGNED
     from botocore.config import Config
 
     from lamin_io.storage._engines import _aws_session
-    from lamin_io.storage._options import credential_fingerprint
 
     retries = {"max_attempts": access.max_attempts, "mode": "standard"} \
         if access.max_attempts is not None else {"mode": "standard"}
@@ -71,7 +75,7 @@ def _client(access: S3Access, profile: str | None) -> Any:
                     read_timeout=access.read_timeout or 60, retries=retries,
                     s3={"addressing_style": "path"} if access.endpoint_url else {},
                     signature_version=UNSIGNED if access.anon else None)
-    session = _aws_session(profile, credential_fingerprint())
+    session = _aws_session(profile, sources)
     explicit = {} if access.anon else access.aws_credentials()
     with _lock:  # (sessions are not safe to use from several threads at once)
         return session.create_client("s3", endpoint_url=access.endpoint_url,
@@ -127,14 +131,16 @@ class _SignedGets:
 
 
 @functools.lru_cache(maxsize=16)
-def _signed_gets(access: S3Access, profile: str | None) -> _SignedGets | None:
-    """Return the direct sender for ``access``; ``None`` where a proxy is configured."""
+def _signed_gets(access: S3Access, profile: str | None, sources: str) -> _SignedGets | None:
+    """Return the direct sender for ``access``; ``None`` where a proxy is configured.
+
+    ``sources``: as for :func:`_client`.
+    """
     if any(os.environ.get(name) for name in _PROXY_VARIABLES):
         return None
     from botocore.credentials import Credentials
 
     from lamin_io.storage._engines import _aws_session, _session_lock
-    from lamin_io.storage._options import credential_fingerprint
 
     given = access.aws_credentials()
     if access.anon:
@@ -143,7 +149,7 @@ def _signed_gets(access: S3Access, profile: str | None) -> _SignedGets | None:
         credentials = Credentials(given["aws_access_key_id"], given["aws_secret_access_key"],
                                   given.get("aws_session_token"))
     else:  # the chain's, refreshing themselves where they are temporary
-        session = _aws_session(profile, credential_fingerprint())
+        session = _aws_session(profile, sources)
         with _session_lock:
             credentials = session.get_credentials()
     return _SignedGets(access, credentials)
@@ -173,8 +179,9 @@ class PinnedObject:
 
         self._where = str(path)
         access, profile = s3_access(path), dict(path.storage_options).get("profile")
-        self._client = _client(access, profile)
-        self._direct = _signed_gets(access, profile)
+        sources = credential_fingerprint()
+        self._client = _client(access, profile, sources)
+        self._direct = _signed_gets(access, profile, sources)
         self._bucket, _, self._key = path.path.partition("/")
         head = self._call("head_object", {"IfMatch": _quoted(etag)} if etag else {})
         self.size = int(head["ContentLength"])
