@@ -203,7 +203,7 @@ def test_damaged_tar_gz_closes_what_it_opened(tmp_path: Path) -> None:
     import io
     import tarfile
 
-    from lamin_io.accessors._anndata import _h5ad_member
+    from lamin_io.accessors.readpath.source import h5ad_member
     from lamin_io.storage import to_upath
 
     (tmp_path / "notes.bin").write_bytes(np.random.default_rng(0).bytes(1 << 20))
@@ -213,7 +213,7 @@ def test_damaged_tar_gz_closes_what_it_opened(tmp_path: Path) -> None:
         tar.add(tmp_path / "notes.bin", arcname="a.h5ad")
     raw = io.BytesIO(whole.read_bytes()[: whole.stat().st_size // 4])
     with pytest.raises(errors.CorruptArtifactError, match="not a readable .tar.gz") as info:
-        _h5ad_member(raw, to_upath(whole))  # the first header reads; the listing breaks
+        h5ad_member(raw, to_upath(whole))  # the first header reads; the listing breaks
     assert info.value.__cause__ is not None  # kept alive: its traceback holds the archive
     left_open = [f for f in gc.get_objects()
                  if isinstance(f, gzip.GzipFile) and f.fileobj is raw]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from byte_reader import Reader
 
-from lamin_io.accessors._hdf5_btree import IndexReader, chunk_table, chunk_tables
-from lamin_io.accessors._hdf5_ranges import direct_ranges, load_tables
+from lamin_io.accessors.readpath.hdf5_index import IndexReader, chunk_table, chunk_tables
+from lamin_io.accessors.readpath.hdf5_ranges import direct_ranges, load_tables
 
 if TYPE_CHECKING:
     from pathlib import Path

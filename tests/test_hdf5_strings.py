@@ -12,7 +12,7 @@ import pytest
 from byte_reader import Reader
 
 import lamin_io as ln
-from lamin_io.accessors._hdf5_strings import read_vlen_strings
+from lamin_io.accessors.readpath.hdf5_strings import read_vlen_strings
 from lamin_io.errors import CorruptArtifactError
 
 if TYPE_CHECKING:

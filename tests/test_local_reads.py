@@ -20,7 +20,8 @@ import pytest
 from conftest import grouped_h5ad
 
 import lamin_io as ln
-from lamin_io.accessors import _rows
+from lamin_io.accessors.readpath import Backend, Budget, SparseParts
+from lamin_io.accessors.readpath.sparse import read_sparse
 from lamin_io.storage import _localread
 from lamin_io.storage._localread import cached, start_advice, start_pread_ranges
 
@@ -30,10 +31,36 @@ if TYPE_CHECKING:
 
     import anndata as ad
 
+    from lamin_io.accessors.readpath import Pending
+    from lamin_io.accessors.readpath.backend import Runs
+
 pytestmark = pytest.mark.skipif(not getattr(os, "RWF_NOWAIT", 0),
                                 reason="needs preadv2 with RWF_NOWAIT (Linux)")
 
 PAGE = 4096
+SMALL = Budget(batch_bytes=8192)  # many batches of the test files
+
+
+class Recording(Backend):
+    """Reads through h5py, telling the test what it was asked (runs, advice)."""
+
+    def __init__(self, advise: Callable[[list[Runs]], Callable[[], None] | None],
+                 started: Callable[[list[Runs], bool], None] = lambda items, advised: None
+                 ) -> None:
+        self._advise, self._started = advise, started
+
+    def advise(self, items: list[Runs]) -> Callable[[], None] | None:
+        return self._advise(items)
+
+    def start_runs(self, items: list[Runs], *, advised: bool = False
+                   ) -> Pending[list[np.ndarray]]:
+        self._started(items, advised)
+        return super().start_runs(items)
+
+
+def _parts(f: object, shape: tuple[int, int]) -> SparseParts:
+    g = f["X"]  # type: ignore[index]
+    return SparseParts(g["data"], g["indices"], g["indptr"][:], shape, "csr")
 
 
 class KernelCache:
@@ -230,10 +257,10 @@ def h5ad(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ad.AnnData]:
 def test_uncached_file_in_many_batches_is_advised_and_reads_right(
         h5ad: tuple[Path, ad.AnnData], monkeypatch: pytest.MonkeyPatch) -> None:
     path, adata = h5ad
-    monkeypatch.setattr(_rows, "BATCH_BYTES", 8192)
     rows = np.flatnonzero(np.asarray(adata.obs["g"] == "c"))[::-1]
     genes = ["g3", "g250", "g0"]
     with ln.open(path) as acc:
+        acc._store.budget = SMALL  # noqa: SLF001
         acc.var_names  # noqa: B018 (metadata first: only the matrix read is counted)
         kernel = KernelCache(monkeypatch, lambda offset: False)  # a cold file
         advised = record_advice(monkeypatch)
@@ -273,9 +300,9 @@ def test_advice_queues_the_request_batch_by_batch(
     import h5py
 
     path, adata = h5ad
-    monkeypatch.setattr(_rows, "BATCH_BYTES", 8192)
     rows = np.arange(0, adata.n_obs, 3)
     with ln.open(path) as acc:
+        acc._store.budget = SMALL  # noqa: SLF001
         acc.var_names  # noqa: B018
         KernelCache(monkeypatch, lambda offset: False)  # the file is cold
         advised = record_advice(monkeypatch)
@@ -319,14 +346,14 @@ def test_without_fadvise_uncached_ranges_are_read_by_several_threads(
     assert sum(tasks) == len(ranges)
 
 
-def test_advice_ends_when_a_batch_fails(h5ad: tuple[Path, ad.AnnData],
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_advice_ends_when_a_batch_fails(h5ad: tuple[Path, ad.AnnData]) -> None:
     """A request that fails mid-way ends its advice before raising."""
+    import h5py
+
     path, adata = h5ad
-    monkeypatch.setattr(_rows, "BATCH_BYTES", 8192)
     ended: list[bool] = []
 
-    def advise(items: list[tuple[object, np.ndarray, np.ndarray]]) -> object:
+    def advise(items: list[Runs]) -> Callable[[], None]:
         (_, data_starts, _), (_, index_starts, _) = items  # data and indices, same runs
         np.testing.assert_array_equal(data_starts, index_starts)
         assert data_starts[0] == 0  # the first batch's runs too
@@ -337,58 +364,45 @@ def test_advice_ends_when_a_batch_fails(h5ad: tuple[Path, ad.AnnData],
 
     calls = 0
 
-    def start_runs(items: list[tuple[object, np.ndarray, np.ndarray]], *,
-                   advised: bool = False) -> object:
+    def started(items: list[Runs], advised: bool) -> None:
         nonlocal calls
         calls += 1
         if calls == 3:
             raise Boom
-        return _rows.Pending(lambda: [None] * len(items))
 
-    import h5py
-
+    backend = Recording(advise, started)
     with h5py.File(path) as f:
-        g = f["X"]
-        parts = _rows.SparseParts(g["data"], g["indices"], g["indptr"][:], adata.shape, "csr")
-        hooks = _rows.ReadHooks(advise=advise, start_runs=start_runs)  # type: ignore[arg-type]
+        parts = _parts(f, adata.shape)
         with pytest.raises(Boom):
-            _rows.read_sparse(parts, np.arange(adata.n_obs), None, hooks)
+            read_sparse(backend, parts, np.arange(adata.n_obs), None, None, SMALL)
         assert ended == [True]
         # without failure: the same answer as the file, advice ended once more
         calls = -10**9
-        got = _rows.read_sparse(parts, np.arange(0, adata.n_obs, 3), None, hooks)
+        got = read_sparse(backend, parts, np.arange(0, adata.n_obs, 3), None, None, SMALL)
     np.testing.assert_array_equal(got.toarray(), adata.X[::3].toarray())
     assert ended == [True, True]
 
 
-def test_advice_covers_every_batch_up_to_its_bound(
-        h5ad: tuple[Path, ad.AnnData], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_advice_covers_every_batch_up_to_its_bound(h5ad: tuple[Path, ad.AnnData]) -> None:
     """The advice starts at the first run; batches within it are read as advised."""
     import h5py
 
     path, adata = h5ad
-    monkeypatch.setattr(_rows, "BATCH_BYTES", 8192)
     item = 8  # float32 values and int32 indices
     advised: list[tuple[np.ndarray, np.ndarray]] = []  # the advised runs
     started: list[tuple[int, bool]] = []  # (a batch's last run stop, advised)
 
-    def advise(items: list[tuple[object, np.ndarray, np.ndarray]]) -> object:
+    def advise(items: list[Runs]) -> Callable[[], None]:
         advised.append(items[0][1:])
         return lambda: None
 
-    def start_runs(items: list[tuple[object, np.ndarray, np.ndarray]], *,
-                   advised: bool = False) -> object:
-        started.append((int(items[0][2][-1]), advised))
-        return _rows.Pending(lambda: [None] * len(items))
-
+    backend = Recording(advise, lambda items, a: started.append((int(items[0][2][-1]), a)))
     with h5py.File(path) as f:
-        g = f["X"]
-        parts = _rows.SparseParts(g["data"], g["indices"], g["indptr"][:], adata.shape, "csr")
+        parts = _parts(f, adata.shape)
         rows = np.arange(0, adata.n_obs, 2)
         for limit in (1 << 30, 40 * 8192):
-            monkeypatch.setattr(_rows, "ADVICE_BYTES", limit)
-            hooks = _rows.ReadHooks(advise=advise, start_runs=start_runs)  # type: ignore[arg-type]
-            got = _rows.read_sparse(parts, rows, None, hooks)
+            budget = Budget(batch_bytes=8192, advice_bytes=limit)
+            got = read_sparse(backend, parts, rows, None, None, budget)
             np.testing.assert_array_equal(got.toarray(), adata.X[rows].toarray())
     (starts, stops), (_, bounded) = advised
     assert starts[0] == 0  # from the first run
@@ -413,19 +427,10 @@ def test_batches_are_not_read_as_advised_when_nothing_was(
 
     path, adata = h5ad
     flags: list[bool] = []
-
-    def start_runs(items: list[tuple[object, np.ndarray, np.ndarray]], *,
-                   advised: bool = False) -> object:
-        flags.append(advised)
-        return _rows.Pending(lambda: [None] * len(items))
-
+    backend = Recording(lambda items: None, lambda items, advised: flags.append(advised))
     with h5py.File(path) as f:
-        g = f["X"]
-        parts = _rows.SparseParts(g["data"], g["indices"], g["indptr"][:], adata.shape, "csr")
-        hooks = _rows.ReadHooks(advise=lambda items: None, start_runs=start_runs)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(_rows, "BATCH_BYTES", 8192)
-            got = _rows.read_sparse(parts, np.arange(0, adata.n_obs, 2), None, hooks)
+        got = read_sparse(backend, _parts(f, adata.shape), np.arange(0, adata.n_obs, 2), None,
+                          None, SMALL)
     np.testing.assert_array_equal(got.toarray(), adata.X[::2].toarray())
     assert len(flags) > 2
     assert not any(flags)

@@ -290,7 +290,7 @@ def test_zarr_dataframe_arrays_are_fetched_together_once(atlas, s3_server) -> No
 def test_fetching_ahead_leaves_arrays_and_local_groups_alone(atlas, s3_server) -> None:
     """Only a remote zarr group is fetched ahead; an array (an old, structured obs) or a
     local group gets a no-op, and nothing is requested."""
-    from lamin_io.accessors._zarr import fetch_arrays_ahead, open_zarr_group
+    from lamin_io.accessors.readpath.zarr_store import fetch_arrays_ahead, open_zarr_group
 
     folder, _ = atlas
     remote = upload(folder / "atlas.zarr", s3_server.endpoint)

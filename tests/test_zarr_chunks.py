@@ -1,7 +1,7 @@
 """zarr sparse matrices read chunk by chunk: every codec we decode ourselves, exactly once.
 
 The accessor decodes the chunks of a sparse matrix's ``data`` and ``indices`` itself when
-their codecs allow (see ``lamin_io.accessors._zarr.chunk_decoder``) and hands anything else
+their codecs allow (see ``lamin_io.accessors.readpath.zarr.chunk_decoder``) and hands anything else
 to zarr. These tests write the same matrix with many codecs and small chunks, cut reads
 into many small batches, and compare every result with AnnData in memory.
 """
@@ -23,7 +23,8 @@ from zarr_codecs import record_chunk_files, rewrite_array, write_each, write_in_
 
 import lamin_io as ln
 from lamin_io import errors
-from lamin_io.accessors import _rows, _zarr
+from lamin_io.accessors.readpath import Budget, Source
+from lamin_io.accessors.readpath.zarr import ZarrBackend
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -79,7 +80,7 @@ def stores(truth: ad.AnnData, tmp_path_factory: pytest.TempPathFactory) -> dict[
 @pytest.fixture
 def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     """Batches of a few chunks, so reads are cut into many windows."""
-    monkeypatch.setattr(_rows, "GATHER_BYTES", 3 * CHUNK * 8)
+    monkeypatch.setattr(Source, "budget", Budget(gather_bytes=3 * CHUNK * 8))
 
 
 SELECTIONS = {
@@ -98,7 +99,7 @@ def test_every_codec_and_selection_matches_anndata(stores: dict[str, Path], trut
                                                    small_batches: None) -> None:
     rows, cols = SELECTIONS[selection](truth)
     with ln.open(stores[codec]) as acc:
-        assert _zarr.gathers(acc.storage["X/data"]) is CODECS[codec][4]
+        assert ZarrBackend().gathers(acc.storage["X/data"]) is CODECS[codec][4]
         got = acc[rows, cols].X
     expected = truth[rows, cols].X
     assert sp.issparse(got)
@@ -172,7 +173,7 @@ def test_runs_in_any_order_decode_each_chunk_once(stores: dict[str, Path],
     with ln.open(stores["v2-blosc"]) as acc:
         arr = acc.storage["X/data"]
         starts, stops = np.array([5000, 10, 2990]), np.array([5100, 30, 3010])
-        (got,) = _zarr.start_runs([(arr, starts, stops)])()
+        (got,) = ZarrBackend().start_runs([(arr, starts, stops)])()
     expected = np.concatenate([truth.X.data[s:e] for s, e in zip(starts, stops, strict=True)])
     np.testing.assert_array_equal(got, expected)
 
@@ -259,16 +260,16 @@ def test_settling_started_runs_reads_and_decodes_nothing(
 
     read = record_chunk_files(monkeypatch)
     local = zarr.open_group(stores["v2-blosc"], mode="r")["X/data"]
-    _zarr.start_runs(runs(local)).settle()
+    ZarrBackend().start_runs(runs(local)).settle()
     assert read == []
-    np.testing.assert_array_equal(_zarr.start_runs(runs(local))()[0], expected(local))
+    np.testing.assert_array_equal(ZarrBackend().start_runs(runs(local))()[0], expected(local))
     assert read  # called, it reads them
 
     store = LoggingStore(LocalStore(stores["v3-sharded"], read_only=True))
     sharded = zarr.open_group(store, mode="r")["X/data"]
-    assert not _zarr.gathers(sharded)
+    assert not ZarrBackend().gathers(sharded)
     before = store.counter["get"]
-    _zarr.start_runs(runs(sharded)).settle()
+    ZarrBackend().start_runs(runs(sharded)).settle()
     assert store.counter["get"] == before
-    np.testing.assert_array_equal(_zarr.start_runs(runs(sharded))()[0], expected(sharded))
+    np.testing.assert_array_equal(ZarrBackend().start_runs(runs(sharded))()[0], expected(sharded))
     assert store.counter["get"] > before

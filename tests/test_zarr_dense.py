@@ -1,7 +1,7 @@
 """zarr dense matrices read chunk by chunk: each chunk holding selected values, once.
 
 The accessor decodes the chunks of a 2-D dense array itself when their codecs allow (see
-``lamin_io.accessors._zarr.chunk_decoder``), reads only those holding a selected row and
+``lamin_io.accessors.readpath.zarr.chunk_decoder``), reads only those holding a selected row and
 column, each once, and hands other layouts to zarr. These tests write the same matrix with
 many codecs and small chunks that do not divide its shape, cut reads into many batches, and
 compare every result with AnnData in memory; which chunks were read is checked on the
@@ -24,7 +24,8 @@ from zarr_codecs import record_chunk_files, rewrite_array, write_each, write_in_
 
 import lamin_io as ln
 from lamin_io import errors
-from lamin_io.accessors import _rows, _zarr
+from lamin_io.accessors.readpath import Budget, Source
+from lamin_io.accessors.readpath.zarr import ZarrBackend
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -80,8 +81,8 @@ def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     Chunks we decode: a row of chunks a batch, several in flight; chunks zarr decodes:
     blocks of 5 rows are asked for, which must not split a chunk's rows between reads.
     """
-    monkeypatch.setattr(_rows, "GATHER_BYTES", 2 * CHUNKS[0] * CHUNKS[1] * 4)
-    monkeypatch.setattr(_rows, "BATCH_BYTES", 5 * N_VARS * 4)
+    monkeypatch.setattr(Source, "budget", Budget(gather_bytes=2 * CHUNKS[0] * CHUNKS[1] * 4,
+                                                 batch_bytes=5 * N_VARS * 4))
 
 
 def _genes(*numbers: int) -> list[str]:
@@ -106,7 +107,7 @@ def test_every_codec_and_selection_matches_anndata(stores: dict[str, Path], trut
                                                    small_batches: None) -> None:
     rows, cols = SELECTIONS[selection](truth)
     with ln.open(stores[codec]) as acc:
-        assert _zarr.gathers(acc.storage["X"]) is CODECS[codec][5]
+        assert ZarrBackend().gathers(acc.storage["X"]) is CODECS[codec][5]
         got = acc[rows, cols].X
     expected = truth[rows, cols].X
     assert isinstance(got, np.ndarray)
@@ -186,4 +187,4 @@ def test_start_block_refuses_arrays_zarr_must_read(stores: dict[str, Path]) -> N
         arr = acc.storage["X"]
         out = np.empty((2, 2), dtype=arr.dtype)
         with pytest.raises(ValueError, match="through zarr"):
-            _zarr.start_block(arr, np.array([0, 1]), np.array([0, 1]), out)
+            ZarrBackend().start_block(arr, np.array([0, 1]), np.array([0, 1]), out)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import anndata as ad
 import zarr
 
-from lamin_io.accessors import _zarr
+from lamin_io.accessors.readpath import zarr as zarr_backend
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -41,13 +41,13 @@ def write_each(truth: ad.AnnData, folder: Path, codecs: dict[str, Any],
 def record_chunk_files(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Return the list the paths of chunk files lamin-io reads itself are appended to."""
     read: list[str] = []
-    real = _zarr._read_file
+    real = zarr_backend._read_file  # noqa: SLF001
 
     def counting(path: str) -> Any:
         read.append(path)
         return real(path)
 
-    monkeypatch.setattr(_zarr, "_read_file", counting)
+    monkeypatch.setattr(zarr_backend, "_read_file", counting)
     return read
 
 

@@ -2,16 +2,15 @@
 
 :class:`AnnDataAccessor` mirrors AnnData's surface without reading anything until an
 element is asked for. Subsets (``a[mask, genes]``) are cheap selections; their elements are
-read through :func:`lamin_io.accessors._rows.read_matrix`, which reads only the rows that
-hold the selection.
+read through the batched read path (:mod:`lamin_io.accessors.readpath`, whose
+:class:`~lamin_io.accessors.readpath.Source` the accessor's store extends), which reads only
+the rows that hold the selection.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import logging
-import os
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -21,19 +20,15 @@ from lamin_io.accessors import _elements as el
 from lamin_io.accessors import _legacy
 from lamin_io.accessors._attrs import attr, encoding, is_group
 from lamin_io.accessors._formats import parameters
-from lamin_io.accessors._hdf5_btree import IndexReader
 from lamin_io.accessors._index import Selection, length, resolve, split_key
-from lamin_io.accessors._rows import SLACK_BYTES, Pending, ReadHooks, read_matrix
-from lamin_io.accessors._zarr import open_zarr_group, zarr_root_attrs
+from lamin_io.accessors.readpath.source import Source, h5ad_member, open_hdf5, reader_error
+from lamin_io.accessors.readpath.zarr_store import open_zarr_group, zarr_root_attrs
 from lamin_io.errors import (
-    AccessorClosedError,
     CorruptArtifactError,
     InvalidArgumentError,
     LaminIOError,
     NameNotFoundError,
-    StorageModifiedError,
     UnsupportedFormatError,
-    UnsupportedLayoutError,
     WriteNotSupportedError,
 )
 from lamin_io.storage import is_local, missing_path, storage_errors, suffix_of
@@ -55,134 +50,6 @@ _ELEMENTS = ("X", "obs", "var", "layers", "obsm", "varm", "obsp", "varp", "uns",
 
 # -- opening -------------------------------------------------------------------------------
 
-def _h5ad_member(fileobj: Any, path: UPath) -> tuple[Any, Any]:
-    """Return ``(tar archive, its first .h5ad file)`` of a ``.h5ad.tar.gz`` (lamindb's suffix).
-
-    The archive is read as a stream: what lies before the member is decompressed once,
-    and going back in the member decompresses again from the start (as for ``.h5ad.gz``).
-    """
-    import tarfile
-
-    damaged = (tarfile.TarError, OSError, EOFError)
-    try:
-        tar = tarfile.open(fileobj=fileobj, mode="r:gz")  # closes what it opened on failure
-    except damaged as exc:
-        raise _damaged_archive(path, exc) from exc
-    try:
-        for member in tar:
-            name = member.name.rsplit("/", 1)[-1]
-            if member.isfile() and name.endswith(".h5ad") and not name.startswith("._"):
-                return tar, tar.extractfile(member)
-    except BaseException as exc:
-        tar.close()  # and the GzipFile it reads through (not ``fileobj``: the caller's)
-        if isinstance(exc, damaged):
-            raise _damaged_archive(path, exc) from exc
-        raise
-    tar.close()
-    msg = f"{path} holds no .h5ad file: a .h5ad.tar.gz archive must hold one"
-    raise UnsupportedFormatError(msg)
-
-
-def _damaged_archive(path: UPath, exc: BaseException) -> CorruptArtifactError:
-    msg = f"{path} is not a readable .tar.gz archive (truncated or damaged?): {exc}"
-    return CorruptArtifactError(msg)
-
-
-def _open_hdf5(path: UPath, mode: str, *, prime: bool = True,
-               etag: str | None = None) -> tuple[Any, list[Any], Any]:
-    """Return ``(h5py.File, handles to close, RangeFile or None)``.
-
-    ``prime``: a remote file reads its first blocks and its tail up front
-    (:meth:`RangeFile.prime`); a format probe, which reads the root group alone, skips it.
-    ``etag``: the S3 version every read of a remote file must see (see :class:`RangeFile`).
-    """
-    import h5py
-
-    from lamin_io.storage._rangefile import RangeFile
-
-    suffix = suffix_of(path.name).lower()
-    tarred = suffix.endswith(".tar.gz")
-    gz = suffix.endswith(".gz")
-    # No raw-chunk cache: HDF5 then reads unfiltered chunks in part (exactly the rows asked
-    # for) instead of pulling whole chunks; filtered chunks are still decoded once per
-    # request, because the read path merges ranges that share such a chunk.
-    options = {"rdcc_nbytes": 0}
-    if is_local(path) and not gz:
-        try:
-            return h5py.File(path.path, mode, **options), [], path.path
-        except OSError as exc:
-            msg = f"{path} is not a readable HDF5 file (truncated or damaged?): {exc}"
-            raise CorruptArtifactError(msg) from exc
-    raw: Any = path.fs.open(path.path, "rb") if is_local(path) else RangeFile(path, etag=etag)
-    handles = [raw]
-    fileobj = raw
-    if tarred:
-        try:
-            tar, fileobj = _h5ad_member(raw, path)
-        except LaminIOError:
-            raw.close()
-            raise
-        handles[:0] = [fileobj, tar]
-    elif gz:
-        fileobj = gzip.GzipFile(fileobj=raw, mode="rb")
-        handles.insert(0, fileobj)
-    try:
-        if prime and isinstance(raw, RangeFile) and not gz:
-            raw.prime()  # the metadata HDF5 reads first, in one round of requests
-        return h5py.File(fileobj, mode, **options), handles, None if gz else raw
-    except OSError as exc:
-        for h in handles:
-            h.close()
-        msg = f"{path} is not a readable HDF5 file (truncated or damaged?): {exc}"
-        raise CorruptArtifactError(msg) from exc
-
-
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-
-
-def _our_bug(exc: BaseException) -> bool:
-    """Whether ``exc`` (not an I/O error) was raised by lamin-io's own code.
-
-    Its innermost frame is in this package: a bug of ours, which must surface as itself,
-    never as "the store is damaged" or "a layout lamin-io cannot read". I/O errors are the
-    store's, wherever they surface.
-    """
-    if isinstance(exc, OSError):
-        return False
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE)
-
-
-def _file_state(path: str | None) -> tuple[int, int, int] | None:
-    """Return a local file's ``(size, mtime_ns, inode)``; ``None`` if it is gone."""
-    try:
-        st = os.stat(str(path))
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns, st.st_ino
-
-
-def _reader_error(exc: Exception, what: str, layout_hint: str) -> LaminIOError | None:
-    """Return the typed error for a reading library's failure on ``what``.
-
-    ``None`` for a bug of ours (:func:`_our_bug`), which the caller re-raises as itself.
-    Errors of I/O and decoding say the store is damaged (:class:`CorruptArtifactError`);
-    any other (an encoding anndata does not know) that the layout cannot be read
-    (:class:`UnsupportedLayoutError`, with ``layout_hint`` on what to do).
-    """
-    if _our_bug(exc):
-        return None
-    if isinstance(exc, OSError | RuntimeError | ValueError | KeyError | EOFError):
-        msg = (f"{what} cannot be read ({type(exc).__name__}: {exc}); the store is damaged "
-               f"or incomplete: restore it from its source")
-        return CorruptArtifactError(msg)
-    msg = (f"{what} is stored in a layout lamin-io cannot read ({type(exc).__name__}: "
-           f"{exc}); {layout_hint}")
-    return UnsupportedLayoutError(msg)
-
-
 def _is_anndata_group(group: Any, path: UPath) -> bool:
     try:
         if encoding(group) == "anndata":
@@ -203,7 +70,7 @@ def is_anndata(path: UPath) -> bool:
             if attrs is not None and attrs.get("encoding-type") == "anndata":
                 return True
             return _is_anndata_group(open_zarr_group(path, "r"), path)
-        file, handles, _ = _open_hdf5(path, "r", prime=False)
+        file, handles, _ = open_hdf5(path, "r", prime=False)
     except CorruptArtifactError:
         return suffix_of(path.name).lower().startswith(".h5ad")  # let the opener report it
     try:
@@ -234,18 +101,7 @@ def open_anndata(path: UPath, *, mode: str = "r", on_close: Callable[[], Any] | 
                    f"read-only (mode='r'); to add columns, store the AnnData as .zarr and "
                    f"open that with mode='r+'")
         raise WriteNotSupportedError(msg)
-    remote = not is_local(path)
-    endpoint = dict(path.storage_options).get("endpoint_url") if remote else None
-    if is_zarr:
-        group = open_zarr_group(path, "r+" if mode == "r+" else "r",
-                                versions=versions if isinstance(versions, Mapping) else None)
-        store = _Store(group, handles=[], path=str(path), mode=mode, on_close=on_close,
-                       remote=remote, endpoint=endpoint)
-    else:
-        file, handles, source = _open_hdf5(path, "r", etag=versions
-                                           if isinstance(versions, str) else None)
-        store = _Store(file, handles=[file, *handles], path=str(path), mode="r",
-                       source=source, remote=remote, endpoint=endpoint)
+    store = _Store(path, mode=mode, versions=versions, on_close=on_close)
     try:
         holds_anndata = _is_anndata_group(store.group, path)
     except CorruptArtifactError:
@@ -272,7 +128,7 @@ def load_anndata(path: UPath, **kwargs: Any) -> ad.AnnData:
     except Exception as exc:
         if isinstance(exc, FileNotFoundError) and not path.exists():
             raise missing_path(path) from exc
-        typed = _reader_error(exc, f"{path} as AnnData",
+        typed = reader_error(exc, f"{path} as AnnData",
                               "anndata cannot read it: update anndata, or write the file "
                               "again with a current one")
         if typed is None:
@@ -289,7 +145,7 @@ def _read_anndata(path: UPath, **kwargs: Any) -> ad.AnnData:
         return ad.read_zarr(store, **kwargs)
     if suffix.endswith(".tar.gz"):
         with path.open("rb") as raw:
-            tar, member = _h5ad_member(raw, path)
+            tar, member = h5ad_member(raw, path)
             with tar, member:
                 return ad.read_h5ad(member, **kwargs)
     if suffix.endswith(".gz"):
@@ -327,98 +183,23 @@ def anndata_keywords(what: str, suffix: str, kwargs: Mapping[str, Any], *,
                       else "anndata:read_h5ad")
 
 
+
 # -- the shared store ----------------------------------------------------------------------
 
-_FEW_STRINGS = 1024  # h5py reads fewer strings faster than our two rounds of reads
-#: Ranges of a request probed for being cached before read-ahead advice (see ``_advise``).
-_ADVICE_PROBES = 4
-#: Batches a remote read has in flight while one is processed. Requests then wait on
-#: network round trips two at a time: with 20 ms a request (loopback S3 behind a delaying
-#: proxy), X of the benchmark's 5% subset took 1.95 / 1.60 / 1.56 s for 50k cells and
-#: 5.4 / 4.4-5.0 / 4.0 s for 200k with 1 / 2 / 3 batches ahead; without the delay all
-#: three were alike. Each batch ahead holds about ``_rows.BATCH_BYTES`` (measured peak
-#: for 200k cells: 53 MB with one, 58 MB with three).
-_REMOTE_AHEAD = 2
-#: Remote 1-D arrays read whole (a sparse matrix's indptr) at least this large are read with
-#: our own concurrent range requests, not by h5py (see ``_Store._read_whole``).
-_WHOLE_BYTES = 256 * 1024
+class _Store(Source):
+    """An open store shared by an accessor and every subset made from it.
 
+    The read path's :class:`~lamin_io.accessors.readpath.Source` with what AnnData means
+    on top: obs and var as AnnData reads them (old layouts fixed), axis names, and the
+    callback of a zarr store written to (``on_close``).
+    """
 
-class _Store:
-    """An open file or group shared by an accessor and every subset made from it."""
-
-    def __init__(self, group: Any, *, handles: list[Any], path: str, mode: str,
-                 on_close: Callable[[], Any] | None = None, source: Any = None,
-                 remote: bool = False, endpoint: str | None = None) -> None:
-        self.group = group
-        self.handles = handles
-        self.path = path
-        self.mode = mode
+    def __init__(self, path: UPath, *, mode: str = "r",
+                 versions: str | Mapping[str, str] | None = None,
+                 on_close: Callable[[], Any] | None = None) -> None:
+        super().__init__(path, mode=mode, versions=versions)
         self.on_close = on_close
-        self.remote = remote
-        self.endpoint = endpoint
-        # where HDF5 bytes can be read directly: a local file path or a RangeFile
-        self.rangefile = source if source is not None and not isinstance(source, str) else None
-        self.local_file = source if isinstance(source, str) else None
-        # a local file's size, modification time and inode as opened: every read checks
-        # them again after it (a file replaced or rewritten meanwhile is never mixed in)
-        self._state = _file_state(self.local_file) if self.local_file is not None else None
-        self._fd: int | None = None
-        self._size: int | None = None  # of the file, once asked
-        self.closed = False
         self.modified = False
-        self._cache: dict[str, Any] = {}
-
-    def check(self) -> None:
-        if self.closed:
-            msg = f"the accessor of {self.path} is closed"
-            raise AccessorClosedError(msg)
-
-    @contextlib.contextmanager
-    def reading(self, key: str) -> Iterator[None]:
-        """Give a failure to read element ``key`` a typed error naming the store and key.
-
-        Unreachable storage becomes :class:`StorageUnreachableError`; bytes or metadata the
-        libraries cannot decode (damaged chunks, invalid JSON, truncated datasets) become
-        :class:`CorruptArtifactError`; any other failure (an encoding anndata does not know,
-        a layout no reader expects) :class:`UnsupportedLayoutError`. Our own errors, typed
-        or not (a bug: see :func:`_our_bug`), pass through unchanged.
-        """
-        self.check()
-        try:
-            with storage_errors(self.path, self.endpoint):
-                yield
-        except LaminIOError:
-            raise
-        except Exception as exc:
-            self._check_unchanged()  # a file changed under the read explains its failure
-            typed = _reader_error(exc, f"{self.path}: element {key!r}",
-                                  "read the file with anndata (anndata.read_h5ad or "
-                                  "read_zarr) and write it again")
-            if typed is None:
-                raise
-            raise typed from exc
-        self._check_unchanged()
-
-    def _check_unchanged(self) -> None:
-        """Raise :class:`StorageModifiedError` if the local file changed since it was opened."""
-        if self._state is None or _file_state(self.local_file) == self._state:
-            return
-        msg = (f"{self.path} changed while it was open (its size, modification time or inode "
-               f"moved): what was read may mix two versions and is dropped; open it again to "
-               f"read the new content")
-        raise StorageModifiedError(msg)
-
-    def has(self, key: str) -> bool:
-        with self.reading(key):
-            return key in self.group
-
-    def get(self, key: str) -> Any:
-        with self.reading(key):
-            if key not in self.group:
-                msg = f"{self.path} has no element {key!r}"
-                raise NameNotFoundError(msg)
-            return self.group[key]
 
     def raw_prefix(self, prefix: str) -> str | None:
         """Where a ``raw`` part is stored: ``raw/`` (a group), ``raw.`` (before 0.7), or None.
@@ -430,34 +211,9 @@ class _Store:
             return f"{key}/"
         return f"{key}." if self.has(f"{key}.X") else None
 
-    def cached(self, key: str, make: Callable[[], Any]) -> Any:
-        self.check()
-        if key not in self._cache:
-            with self.reading(key.split(":", 1)[-1]):
-                self._cache[key] = make()
-        return self._cache[key]
-
-    def invalidate(self) -> None:
-        self._cache.clear()
-
-    def matrix(self, key: str, expected: tuple[int | None, int | None] | None = None) -> Any:
-        """Return the on-disk matrix at ``key``: dense array or ``SparseParts`` (cached).
-
-        ``expected``: its ``(rows, columns)`` as its axes say, for a sparse group stored
-        without its shape (see :func:`lamin_io.accessors._elements.matrix`).
-        """
-        def load() -> Any:
-            elem = self.get(key)
-            if self.rangefile is None:
-                return el.matrix(elem, expected=expected)
-            if is_group(elem) and "indptr" in elem:
-                # a filtered indptr's chunks in one go (an unfiltered one of _WHOLE_BYTES or
-                # more is read by _read_whole, a smaller one by h5py through the file's blocks)
-                indptr = elem["indptr"]
-                self._prefetch([(indptr, np.array([0]), np.array([indptr.shape[0]]))])
-            return el.matrix(elem, self._read_whole, expected=expected)
-
-        return self.cached(f"matrix:{key}", load)
+    def strings(self, ds: Any) -> np.ndarray | None:
+        """Read a string array faster than its library would (see the backend), or None."""
+        return self.backend.strings(ds)
 
     def records(self, key: str) -> np.ndarray:
         """Read a structured array whole (an ``obsm`` of anndata < 0.7), strings decoded."""
@@ -499,7 +255,7 @@ class _Store:
             elem = self.get(key)
             forget = lambda: None  # noqa: E731
             if self.remote:
-                from lamin_io.accessors._zarr import fetch_arrays_ahead
+                from lamin_io.accessors.readpath.zarr_store import fetch_arrays_ahead
 
                 # a zarr group's arrays in one round trip (not the index, if read already)
                 forget = fetch_arrays_ahead(elem, skip_index=f"names:{key}" in self._cache)
@@ -520,222 +276,16 @@ class _Store:
     def axis_length(self, key: str) -> int:
         return self.cached(f"len:{key}", lambda: _length_of(self.get(key)))
 
-    def read(self, key: str, rows: Selection | None, cols: Selection | None,
-             expected: tuple[int | None, int | None] | None = None) -> Any:
-        """Read ``key[rows, cols]`` through the batched read path.
-
-        ``expected``: its shape as its axes say, see :meth:`matrix`.
-        """
-        matrix = self.matrix(key, expected)
-        if self.rangefile is not None:
-            # the file's tail served the metadata read so far (obs, var, this indptr); the
-            # batches of a matrix read need none of it, so it does not stay beside them
-            self.rangefile.release_tail()
-        with self.reading(key):
-            return read_matrix(matrix, rows, cols, self.hooks())
-
-    def hooks(self) -> ReadHooks:
-        """Read hooks: direct byte reads and prefetch for HDF5; remote: whole chunks."""
-        slack = 0 if self.remote else SLACK_BYTES
-        if self.local_file is None and self.rangefile is None:
-            from lamin_io.accessors import _zarr
-
-            return ReadHooks(slack_bytes=slack, start_runs=_zarr.start_runs,
-                             gathers=_zarr.gathers, start_block=_zarr.start_block,
-                             ahead=_REMOTE_AHEAD if self.remote else 1)
-        return ReadHooks(prefetch=self._prefetch if self.rangefile is not None else None,
-                         start_runs=self._start_runs, slack_bytes=slack,
-                         whole_chunks=self.remote,
-                         advise=self._advise if self.local_file is not None else None,
-                         ahead=_REMOTE_AHEAD if self.remote else 1)
-
-    def _direct(self, arr: Any) -> bool:
-        """Whether ``arr``'s bytes can be read without HDF5 (1-D, unfiltered, allocated)."""
-        from lamin_io.accessors._hdf5_ranges import is_direct
-
-        return bool(self.cached(f"direct:{arr.name}",
-                                lambda: self._in_file(arr) and is_direct(arr)))
-
-    def _in_file(self, ds: Any) -> bool:
-        """Whether ``ds`` lies in this store's file (not in one behind an external link)."""
-        return bool(ds.file == self.group.file)
-
-    def _start_runs(self, items: list[tuple[Any, np.ndarray, np.ndarray]], *,
-                    advised: bool = False) -> Pending[list[np.ndarray | None]]:
-        """Start reading runs of unfiltered 1-D HDF5 arrays straight from their byte ranges.
-
-        The ranges are located now (HDF5 calls stay in this thread); the ranges of every
-        array in ``items`` are then read in one go, in the background (``advised``: the
-        kernel was told them already, see :meth:`_advise`). The reads started, called,
-        wait for them; an array HDF5 must read itself (filtered, strings, unallocated
-        chunks) gets ``None``.
-        """
-        from lamin_io.accessors._hdf5_ranges import byte_ranges, load_tables
-
-        plans: list[tuple[int, Any] | None] = []  # (values, dtype)
-        ranges: list[tuple[int, int]] = []
-        index = self._index_reader()
-        load_tables([item for item in items if self._direct(item[0])], self._cache, index)
-        for arr, starts, stops in items:
-            if not self._direct(arr):
-                plans.append(None)
-                continue
-            these = byte_ranges(arr, starts, stops, self._cache, index)
-            count = int((stops - starts).sum())
-            if sum(e - s for s, e in these) != count * arr.dtype.itemsize:
-                plans.append(None)  # unallocated chunks read as fill values: HDF5 does it
-                continue
-            plans.append((count, arr.dtype))
-            ranges.extend(these)
-        if not ranges:
-            return Pending(lambda: [None] * len(items))
-        fetched = self._start_fetch(ranges, advised=advised)
-
-        def finish() -> list[np.ndarray | None]:
-            buffer = fetched()
-            out: list[np.ndarray | None] = []
-            offset = 0
-            for plan in plans:
-                if plan is None or buffer is None:
-                    out.append(None)
-                    continue
-                count, dtype = plan
-                values = np.frombuffer(buffer, dtype=dtype, count=count, offset=offset)
-                out.append(values.astype(dtype.newbyteorder("="), copy=False))
-                offset += count * dtype.itemsize
-            return out
-
-        return Pending(finish, fetched)
-
-    def _read_whole(self, arr: Any) -> np.ndarray | None:
-        """Read a whole 1-D array with our own concurrent reads (``None``: h5py must).
-
-        Only remote arrays of :data:`_WHOLE_BYTES` or more: h5py reads through the file's
-        block cache, whose read-ahead doubles from 16 KB, one round trip after the other
-        (six for 800 KB), where ours costs the chunk index's levels and one round; for
-        smaller arrays that is no fewer. ``_start_runs`` leaves arrays that are not direct
-        (filtered, strings, not 1-D, unallocated chunks) to h5py.
-        """
-        if arr.size * arr.dtype.itemsize < _WHOLE_BYTES:
-            return None
-        return self._start_runs([(arr, np.array([0]), np.array([arr.shape[0]]))])()[0]
-
-    def _advise(self, items: list[tuple[Any, np.ndarray, np.ndarray]]
-                ) -> Callable[[], None] | None:
-        """Have the kernel read ahead the byte ranges of runs read later by ``_start_runs``.
-
-        Nothing is done (``None``) when a sample of the first array's ranges is cached (a
-        warm file gains nothing). The first array's ranges are all located for the sample
-        (their chunk indexes read whole, as the request's batches will want them, in a
-        few reads; looking sampled chunks up through HDF5 walks an index once each, ~0.6
-        ms a chunk cold). The ranges are advised run by run, every array's pieces of a run
-        together, so a batch's ranges are all queued before the next batch's.
-        """
-        from lamin_io.accessors._hdf5_ranges import direct_pieces, load_tables
-        from lamin_io.storage._localread import cached, can_advise, start_advice
-
-        items = [item for item in items if self._direct(item[0])]
-        if self.local_file is None or not items or not can_advise():
-            return None
-        fd = self._local_fd()
-        index = self._index_reader()
-        load_tables(items, self._cache, index)
-        located = [direct_pieces(*items[0], self._cache, index)]
-        step = max(1, len(located[0][0]) // _ADVICE_PROBES)
-        if cached(fd, located[0][0][step // 2::step]):
-            return None
-        located += [direct_pieces(arr, starts, stops, self._cache, index)
-                    for arr, starts, stops in items[1:]]
-        begin, end, run = (np.concatenate(parts) for parts in zip(*located, strict=True))
-        order = np.argsort(run, kind="stable")
-        return start_advice(fd, begin[order], end[order])
-
-    def _local_fd(self) -> int:
-        """Return the local file's descriptor for our own reads (opened on first use)."""
-        if self._fd is None:
-            import os
-
-            self._fd = os.open(str(self.local_file), os.O_RDONLY)
-        return self._fd
-
-    def _read_ranges(self, ranges: list[tuple[int, int]]) -> list[memoryview]:
-        """Read byte ranges of the file concurrently; each one's bytes (short past the end)."""
-        buffer = self._start_fetch(ranges)()
-        view = memoryview(buffer if buffer is not None else b"")
-        out, at = [], 0
-        for start, stop in ranges:
-            out.append(view[at:at + stop - start])
-            at += stop - start
-        return out
-
-    def _file_size(self) -> int:
-        if self._size is None:
-            import os
-
-            self._size = (self.rangefile.size if self.rangefile is not None
-                          else os.stat(str(self.local_file)).st_size)
-        return self._size
-
-    def _index_reader(self) -> IndexReader:
-        """Read chunk indexes with our own concurrent reads (whole ones, when remote)."""
-        # made anew each time: kept on the store, its bound method would tie the store into
-        # a reference cycle, left to the garbage collector to free (with its HDF5 handles)
-        return IndexReader(self._read_ranges, self._file_size(), whole=self.remote)
-
-    def strings(self, ds: Any) -> np.ndarray | None:
-        """Read an HDF5 variable-length string array from its heap ourselves (else ``None``)."""
-        if (self.local_file is None and self.rangefile is None or ds.shape[0] < _FEW_STRINGS
-                or not self._in_file(ds)):
-            return None
-        from lamin_io.accessors._hdf5_strings import read_vlen_strings
-
-        return read_vlen_strings(ds, self._read_ranges, self._file_size())
-
-    def _start_fetch(self, ranges: list[tuple[int, int]], *, advised: bool = False
-                     ) -> Callable[[], bytearray | memoryview | None]:
-        """Start reading byte ranges of the file; the result waits for them, concatenated.
-
-        ``None`` when the file is too short. ``advised``: a local file was advised them.
-        """
-        if self.rangefile is not None:
-            return self.rangefile.start_read(ranges)
-        from lamin_io.storage._localread import start_pread_ranges
-
-        return start_pread_ranges(self._local_fd(), ranges, advised=advised)
-
-    def _prefetch(self, requests: list[tuple[Any, np.ndarray, np.ndarray]]) -> None:
-        from lamin_io.accessors._hdf5_ranges import byte_ranges
-
-        if self.rangefile is None:
-            return
-        ranges: list[tuple[int, int]] = []
-        index = self._index_reader()
-        for arr, starts, stops in requests:
-            if arr.ndim == 1 and self._direct(arr):
-                continue  # read directly by _start_runs
-            ranges.extend(byte_ranges(arr, starts, stops, self._cache, index))
-        self.rangefile.prefetch(ranges)
-
     def close(self) -> None:
         if self.closed:
             return
-        self.closed = True
         try:
             if self.modified:
                 import zarr
 
                 zarr.consolidate_metadata(self.group.store)
         finally:
-            if self._fd is not None:
-                import os
-
-                os.close(self._fd)
-                self._fd = None
-            for handle in self.handles:
-                try:
-                    handle.close()
-                except Exception:  # noqa: BLE001 (closing must go on)
-                    logger.debug("closing %r failed", handle, exc_info=True)
+            super().close()
         if self.on_close is not None and self.modified:
             self.on_close()
 
@@ -895,7 +445,7 @@ class AnnDataAccessor:
             return None
         return self._store.read(self._key("X"), self._rows(self._obs_sel, self._n_obs_file),
                                 self._rows(self._var_sel, self._n_vars_file),
-                                (self._n_obs_file, self._n_vars_file))
+                                expected=(self._n_obs_file, self._n_vars_file))
 
     @property
     def obs(self) -> pd.DataFrame:
@@ -996,7 +546,7 @@ class AnnDataAccessor:
             "layers", "obsm", "obsp") else self._rows(self._var_sel, self._n_vars_file)
         if name == "obsp" and key in fixups.graphs:  # AnnData moves them from uns
             n = self._n_obs_file
-            return store.read(self._key(f"uns/neighbors/{key}"), rows, rows, (n, n))
+            return store.read(self._key(f"uns/neighbors/{key}"), rows, rows, expected=(n, n))
         if name in ("obsm", "varm") and key in fixups.multicol.get(name[:3], ("", []))[1]:
             matrices = store.annotations(self._prefix, name[:3])[1]
             return np.array(el.subset_rows(matrices[key], rows))
@@ -1017,10 +567,10 @@ class AnnDataAccessor:
                 return el.subset_rows(store.dataframe(key), rows).copy()
             return el.subset_rows(el.read_element(elem), rows)  # e.g. awkward arrays
         if name == "layers":
-            return store.read(key, rows, self._rows(self._var_sel, n_vars), expected)
+            return store.read(key, rows, self._rows(self._var_sel, n_vars), expected=expected)
         if name in ("obsp", "varp"):
-            return store.read(key, rows, rows, expected)
-        return store.read(key, rows, None, expected)
+            return store.read(key, rows, rows, expected=expected)
+        return store.read(key, rows, None, expected=expected)
 
     # -- whole objects ----------------------------------------------------------------
 
@@ -1196,7 +746,7 @@ class RawAccessor:
         """Raw matrix of the selected observations."""
         owner = self._owner
         return self._store.read(f"{self._key}X", owner._rows(owner._obs_sel, owner._n_obs_file),
-                                None, (owner._n_obs_file, self.shape[1]))
+                                None, expected=(owner._n_obs_file, self.shape[1]))
 
     @property
     def varm(self) -> dict[str, Any]:

@@ -111,7 +111,7 @@ def open_backed(path: UPath, *, mode: str = "r",
     BackedAccessor
         The open store; HDF5 with its file handle as ``.connection``.
     """
-    from lamin_io.accessors._zarr import open_zarr_group
+    from lamin_io.accessors.readpath.zarr_store import open_zarr_group
 
     if mode != "r":
         msg = (f"cannot open {path} in mode {mode!r}: generic HDF5 and zarr stores open "
@@ -125,10 +125,10 @@ def open_backed(path: UPath, *, mode: str = "r",
 
 def _open_hdf5_with_handle(path: UPath) -> tuple[Any, Any]:
     """Return ``(h5py.File, the file object it reads through)``."""
-    from lamin_io.accessors._anndata import _open_hdf5
+    from lamin_io.accessors.readpath.source import open_hdf5
 
     if not is_local(path):
-        file, handles, _ = _open_hdf5(path, "r")
+        file, handles, _ = open_hdf5(path, "r")
         return file, handles[0] if len(handles) == 1 else _Handles(handles)
     import h5py
 

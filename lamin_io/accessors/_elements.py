@@ -15,7 +15,7 @@ import numpy as np
 
 from lamin_io.accessors import _legacy
 from lamin_io.accessors._attrs import SPARSE_ENCODINGS, attr, encoding, is_group, is_marked_sparse
-from lamin_io.accessors._rows import SparseParts
+from lamin_io.accessors.readpath.sparse import SparseParts
 from lamin_io.errors import CorruptArtifactError, UnsupportedLayoutError
 
 if TYPE_CHECKING:

@@ -25,7 +25,7 @@ from lamin_io.errors import IndexOutOfRangeError, InvalidArgumentError, NameNotF
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["Selection", "compose", "length", "resolve", "split_key", "to_array"]
+__all__ = ["Selection", "compose", "length", "positions", "resolve", "split_key", "to_array"]
 
 Selection = slice | np.ndarray
 
@@ -269,6 +269,17 @@ def _names_to_positions(arr: np.ndarray, names: pd.Index, axis: str) -> np.ndarr
                f"case-sensitive)")
         raise NameNotFoundError(msg)
     return positions.astype(np.int64)
+
+
+def positions(key: Any, n: int, axis: str) -> Selection:
+    """Resolve a key of positions (no names) on an axis of length ``n``.
+
+    An int, a slice, a boolean mask or a list/array of positions, as :func:`resolve`
+    takes them; a name raises :class:`NameNotFoundError`.
+    """
+    import pandas as pd
+
+    return _positions(key, n, pd.Index([]), axis)
 
 
 def resolve(key: Any, current: Selection, n_file: int, names: pd.Index, axis: str) -> Selection:

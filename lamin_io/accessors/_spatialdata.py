@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from lamin_io.accessors._anndata import AnnDataAccessor, _Store
 from lamin_io.accessors._attrs import attr
-from lamin_io.accessors._zarr import open_zarr_group, zarr_root_attrs
+from lamin_io.accessors.readpath.zarr_store import open_zarr_group, zarr_root_attrs
 from lamin_io.errors import CorruptArtifactError, NameNotFoundError, WriteNotSupportedError
 
 if TYPE_CHECKING:
@@ -115,5 +115,6 @@ def open_spatialdata(path: UPath, *, mode: str = "r",
     if mode != "r":
         msg = f"SpatialData stores open read-only (mode 'r'), got {mode!r}"
         raise WriteNotSupportedError(msg)
-    group = open_zarr_group(path, "r")
-    return SpatialDataAccessor(_Store(group, handles=[], path=str(path), mode="r"))
+    store = _Store(path)  # the format table opens .zarr folders only
+    store.group  # noqa: B018 (opened now: a store that cannot be read fails here)
+    return SpatialDataAccessor(store)

@@ -14,10 +14,10 @@ benchmark file, cold (4.6k ranges of ~2.4 KB in three batches, 3 ms of work on e
 copies 4.5k ranges faster than 16. Where ``posix_fadvise`` is missing, 8 threads read.
 
 A request read in several batches tells the kernel every batch's ranges up front
-(:func:`start_advice`, up to ``_rows.ADVICE_BYTES``): the device then has the whole
-request queued, instead of a batch's worth at a time, and each batch is read plainly
-(``advised``), in order, with no first pass: its misses would queue again the pages the
-advice has not reached yet, racing it (3-4 ms more in the replay above). Requests of fewer
+(:func:`start_advice`, up to the read path's ``Budget.advice_bytes``): the device then
+has the whole request queued, instead of a batch's worth at a time, and each batch is
+read plainly (``advised``), in order, with no first pass: its misses would queue again the
+pages the advice has not reached yet, racing it (3-4 ms more in the replay above). Requests of fewer
 than 64 ranges are read by the caller, with a first pass, when it waits. The
 advice queues reads at the device's pace (~14 us a 4 KB range here, from one thread;
 more threads gain nothing). A cached request (sampled with ``RWF_NOWAIT``) is not

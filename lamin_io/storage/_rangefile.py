@@ -122,6 +122,11 @@ class RangeFile(io.RawIOBase):
         # reader in another thread never sees the start of one tail with another's bytes)
         self._tail: tuple[int, memoryview] = (self.size, memoryview(b""))
 
+    @property
+    def etag(self) -> str | None:
+        """The ETag every read is pinned to (S3; ``None`` elsewhere)."""
+        return getattr(self._source, "etag", None)
+
     def prime(self) -> None:
         """Read the first blocks and the tail of the object in one round of requests.
 

@@ -1,215 +1,59 @@
-"""Opening zarr groups (formats 2 and 3, consolidated or not), locally and remotely.
+"""The zarr backend: chunks decoded by lamin-io, once each, on every core.
 
-A store read through fsspec without consolidated metadata answers every ``group[key]`` with
-fresh requests for the node's metadata documents, and AnnData's readers ask for the same
-node many times: reading a small unconsolidated store from S3 took over a thousand
-requests. :class:`MetadataCacheStore` keeps, for one open read-only group, the metadata
-documents and directory listings it has seen; chunks are never cached (except those fetched
-ahead for one read: a dataframe's arrays, all requested at once, see
-:func:`fetch_arrays_ahead`). Reading an opened AnnData zarr on S3: 10 requests to open
-(was 14 to 19, depending on the s3fs version), and obs in one round trip instead of one
-per array (with 20 ms per request: open 372 -> 238 ms, obs 171 -> 62 ms).
+Arrays whose codecs numcodecs covers (:func:`chunk_decoder`; anndata's defaults among
+them) are *gathered*: every chunk holding a selected value is fetched once (remote ones
+all requested at once, right away, so a batch's requests are in flight while the one
+before decodes; local chunk files read by the decoding threads), decoded once into a
+reused buffer, and only the selected values are copied out, so memory follows the
+selection, not the chunks. Other arrays (sharded, filtered, other byte orders) are read
+through zarr, every run of every array requested in one round trip to its event loop.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-from zarr.storage import WrapperStore
 
-from lamin_io.accessors._rows import Pending
-from lamin_io.errors import CorruptArtifactError, StorageModifiedError
-from lamin_io.storage import error_codes, is_local
+from lamin_io.accessors.readpath.backend import Backend, Runs, read_runs
+from lamin_io.accessors.readpath.pipeline import Pending
+from lamin_io.accessors.readpath.plan import expand
+from lamin_io.errors import CorruptArtifactError
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
+    from collections.abc import Callable
 
-    from upath import UPath
-    from zarr.abc.store import ByteRequest, Store
-    from zarr.core.buffer import Buffer, BufferPrototype
+__all__ = ["ZarrBackend", "chunk_decoder"]
 
-__all__ = ["MetadataCacheStore", "chunk_decoder", "fetch_arrays_ahead", "gathers",
-           "open_zarr_group", "start_block", "start_runs", "zarr_root_attrs"]
-
-#: Objects of a group fetched ahead at most (a larger one is read as its readers ask).
-_MAX_AHEAD = 4096
-#: Names of the documents that describe nodes (never chunks) in zarr formats 2 and 3.
-METADATA_NAMES = frozenset({"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"})
+#: Batches a remote store has in flight while one is decoded.
+REMOTE_AHEAD = 2
 
 
-class MetadataCacheStore(WrapperStore["Store"]):
-    """A read-only zarr store that remembers metadata documents and listings it has read.
+class ZarrBackend(Backend):
+    """Reads the arrays of one open zarr group (local or remote)."""
 
-    Chunks are never kept, except those fetched ahead with :meth:`fetch_ahead`, until
-    their one read.
-    """
+    def __init__(self, *, remote: bool = False) -> None:
+        self.remote = remote
+        self.ahead = REMOTE_AHEAD if remote else 1
 
-    def __init__(self, store: Store, *, versions: Mapping[str, str] | None = None) -> None:
-        super().__init__(store)
-        self._documents: dict[str, Buffer | None] = {}
-        self._listings: dict[str, list[str]] = {}
-        self._ahead: dict[str, Buffer | None] = {}
-        self._versions = dict(versions or {})
+    def gathers(self, arr: Any) -> bool:
+        """Whether ``arr`` is read chunk by chunk here, each chunk decoded once.
 
-    def _with_store(self, store: Store) -> MetadataCacheStore:
-        # zarr re-wraps stores (e.g. ``with_read_only``): the copy shares what was read
-        copy = type(self)(store, versions=self._versions)
-        copy._documents, copy._listings, copy._ahead = (self._documents, self._listings,
-                                                        self._ahead)
-        return copy
-
-    async def _read(self, key: str, prototype: BufferPrototype,
-                    byte_range: ByteRequest | None = None) -> Buffer | None:
-        """Read an object, pinned to its recorded version where the store has one for it.
-
-        A pinned object is asked for with ``If-Match`` on its recorded ETag: one changed
-        since raises :class:`StorageModifiedError`, one gone :class:`CorruptArtifactError`
-        (the record lists it: never read as fill values).
+        1-D arrays through :meth:`start_runs` (any ranges), 2-D ones through
+        :meth:`start_block` (any rows and columns).
         """
-        etag = self._versions.get(key)
-        if etag is None:
-            return await self._store.get(key, prototype, byte_range)
-        from botocore.exceptions import ClientError
+        return arr.ndim in (1, 2) and chunk_decoder(arr) is not None
 
-        fs: Any = getattr(self._store, "fs", None)
-        root: str = getattr(self._store, "path", "")
-        bucket, _, prefix = root.strip("/").partition("/")
-        request = {"Bucket": bucket, "Key": f"{prefix}/{key}" if prefix else key,
-                   "IfMatch": etag if etag.startswith('"') else f'"{etag}"'}
-        if byte_range is not None:
-            request["Range"] = _range_header(byte_range)
-        client = await fs.set_session()
-        try:
-            response = await client.get_object(**request)
-        except ClientError as exc:
-            codes = set(error_codes(exc))
-            if codes & {"412", "PreconditionFailed"}:
-                msg = (f"{root}/{key} changed after the store was verified: its bytes are no "
-                       f"longer the version recorded; open it again for the new version")
-                raise StorageModifiedError(msg) from exc
-            if codes & {"404", "NoSuchKey"}:
-                msg = (f"{root}/{key} is listed in the store's record but gone from "
-                       f"storage: the store is incomplete and is not read as fill values")
-                raise CorruptArtifactError(msg) from exc
-            raise
-        body = response["Body"]
-        try:
-            data = await body.read()
-        finally:
-            body.close()
-        return prototype.buffer.from_bytes(data)
+    def start_runs(self, items: list[Runs], *, advised: bool = False
+                   ) -> Pending[list[np.ndarray]]:
+        """Start reading runs of several arrays; see :func:`_start_runs`."""
+        return _start_runs(items)
 
-    async def fetch_ahead(self, keys: list[str]) -> None:
-        """Fetch whole objects concurrently; each is served once, to the next read of it.
-
-        Readers that take arrays one after another (anndata's, column by column) then
-        wait for one round trip instead of one per object.
-        """
-        import asyncio
-
-        from zarr.core.buffer import default_buffer_prototype
-
-        prototype = default_buffer_prototype()
-        got = await asyncio.gather(*(self._read(k, prototype) for k in keys),
-                                   return_exceptions=True)
-        for key, value in zip(keys, got, strict=True):
-            if not isinstance(value, BaseException):  # a failed one is asked for again
-                self._ahead[key] = value
-
-    def drop_ahead(self) -> None:
-        """Forget objects fetched ahead and not read."""
-        self._ahead.clear()
-
-    @staticmethod
-    def _is_metadata(key: str) -> bool:
-        return key.rsplit("/", 1)[-1] in METADATA_NAMES
-
-    async def get(self, key: str, prototype: BufferPrototype,
-                  byte_range: ByteRequest | None = None) -> Buffer | None:
-        """Read ``key``; metadata documents come from memory after their first read."""
-        if byte_range is None and key in self._ahead:
-            return self._ahead.pop(key)
-        if byte_range is not None or not self._is_metadata(key):
-            return await self._read(key, prototype, byte_range)
-        if key not in self._documents:
-            self._documents[key] = await self._read(key, prototype)
-        return self._documents[key]
-
-    async def _get_many(self, requests: Iterable[tuple[str, BufferPrototype,
-                                                     ByteRequest | None]]
-                        ) -> AsyncGenerator[tuple[str, Buffer | None], None]:
-        # zarr fetches a group's member documents in bulk through here
-        for key, prototype, byte_range in requests:
-            yield key, await self.get(key, prototype, byte_range)
-
-    async def exists(self, key: str) -> bool:
-        """Whether ``key`` exists (answered from the metadata read, for documents)."""
-        if not self._is_metadata(key):
-            return await self._store.exists(key)
-        from zarr.core.buffer import default_buffer_prototype
-
-        return await self.get(key, default_buffer_prototype()) is not None
-
-    async def _listed(self, prefix: str) -> AsyncIterator[str]:
-        if prefix not in self._listings:
-            self._listings[prefix] = [k async for k in self._store.list_dir(prefix)]
-        for key in self._listings[prefix]:
-            yield key
-
-    def list_dir(self, prefix: str) -> AsyncIterator[str]:
-        """List the members under ``prefix`` (once per prefix)."""
-        return self._listed(prefix)
-
-
-def _range_header(byte_range: ByteRequest) -> str:
-    """Return the HTTP ``Range`` of one of zarr's byte requests."""
-    from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
-
-    if isinstance(byte_range, RangeByteRequest):
-        return f"bytes={byte_range.start}-{byte_range.end - 1}"
-    if isinstance(byte_range, OffsetByteRequest):
-        return f"bytes={byte_range.offset}-"
-    if isinstance(byte_range, SuffixByteRequest):
-        return f"bytes=-{byte_range.suffix}"
-    msg = f"unknown byte request {byte_range!r}"
-    raise TypeError(msg)
-
-
-def fetch_arrays_ahead(group: Any, *, skip_index: bool = False) -> Callable[[], None]:
-    """Fetch every stored object of the arrays under a remote zarr group, concurrently.
-
-    For a group read whole (a dataframe: its index, columns, categories), so its arrays
-    cost one round trip, not one each; ``skip_index`` leaves out the array the group's
-    ``_index`` attribute names (read already). Returns the function that forgets what
-    was not read. Does nothing for other stores (local, HDF5) or nodes (an array), or
-    past :data:`_MAX_AHEAD` objects; sharded arrays are left to zarr (it may read a
-    shard in parts).
-    """
-    import itertools
-
-    import zarr
-    from zarr.core.sync import sync
-
-    store = getattr(group, "store", None)
-    if not isinstance(group, zarr.Group) or not isinstance(store, MetadataCacheStore):
-        return lambda: None
-    index = group.attrs.get("_index") if skip_index else None
-    keys: list[str] = []
-    for name, node in group.members(max_depth=None):
-        if not isinstance(node, zarr.Array) or node.shards is not None or name == index:
-            continue
-        counts = [-(-int(n) // int(c)) for n, c in zip(node.shape, node.chunks, strict=True)]
-        if len(keys) + int(np.prod(counts, dtype=np.int64)) > _MAX_AHEAD:
-            return lambda: None
-        keys += [f"{node.path}/{node.metadata.encode_chunk_key(coords)}"
-                 for coords in itertools.product(*(range(n) for n in counts))]
-    if keys:
-        sync(store.fetch_ahead(keys))
-    return store.drop_ahead
-
+    def start_block(self, arr: Any, rows: np.ndarray, cols: np.ndarray | None,
+                    out: np.ndarray) -> Pending[None]:
+        """Start reading ``arr[rows][:, cols]`` into ``out``; see :func:`_start_block`."""
+        return _start_block(arr, rows, cols, out)
 
 def _numcodecs_decoder(codec: Any) -> Any:
     """Return the numcodecs codec that decodes what a zarr v3 bytes-to-bytes codec wrote."""
@@ -276,15 +120,6 @@ def chunk_decoder(arr: Any) -> Callable[[Any, np.ndarray], None] | None:
     return decode
 
 
-def gathers(arr: Any) -> bool:
-    """Whether ``arr`` is read chunk by chunk here, each chunk decoded once.
-
-    1-D arrays through :func:`start_runs` (any ranges), 2-D ones through
-    :func:`start_block` (any rows and columns).
-    """
-    return arr.ndim in (1, 2) and chunk_decoder(arr) is not None
-
-
 class _Plan(Protocol):
     """The chunks of one array a read needs, and where their pieces go in ``out``."""
 
@@ -338,8 +173,6 @@ class _RunsPlan:
 
 def _plan(arr: Any, decode: Callable[[Any, np.ndarray], None], starts: np.ndarray,
           stops: np.ndarray) -> _RunsPlan:
-    from lamin_io.accessors._rows import expand
-
     size = int(arr.chunks[0])
     starts, stops = np.asarray(starts, dtype=np.int64), np.asarray(stops, dtype=np.int64)
     first = starts // size
@@ -409,7 +242,7 @@ class _BlockPlan:
         return copy
 
 
-def start_block(arr: Any, rows: np.ndarray, cols: np.ndarray | None, out: np.ndarray
+def _start_block(arr: Any, rows: np.ndarray, cols: np.ndarray | None, out: np.ndarray
                 ) -> Pending[None]:
     """Start reading ``arr[rows][:, cols]`` of a 2-D zarr array into ``out``.
 
@@ -418,8 +251,8 @@ def start_block(arr: Any, rows: np.ndarray, cols: np.ndarray | None, out: np.nda
     (remote ones requested at once, right away) and decoded once, in the threads that
     copy its selected values out (a local store's chunk files are read there too), so
     memory follows the selection plus a chunk per thread. Returns the read started (a
-    :class:`~lamin_io.accessors._rows.Pending`). Only for arrays :func:`gathers` accepts
-    (others raise ``ValueError``).
+    :class:`~lamin_io.accessors.readpath.pipeline.Pending`). Only for arrays
+    :meth:`ZarrBackend.gathers` accepts (others raise ``ValueError``).
     """
     decode = chunk_decoder(arr) if arr.ndim == 2 else None
     if decode is None:
@@ -537,19 +370,18 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
 
 
-def start_runs(items: list[tuple[Any, np.ndarray, np.ndarray]], *, advised: bool = False
-               ) -> Pending[list[np.ndarray | None]]:
+def _start_runs(items: list[Runs]) -> Pending[list[np.ndarray]]:
     """Start reading runs of several zarr arrays; return the reads started (``Pending``).
 
-    ``items`` are ``(array, starts, stops)`` (``advised`` is for local files read by
-    byte range, which zarr stores are not); each array's runs come back concatenated
-    (``None`` for an array that is not zarr's). Arrays :func:`chunk_decoder` covers are
+    ``items`` are ``(array, starts, stops)``; each array's runs come back concatenated.
+    Arrays :func:`chunk_decoder` covers are
     read chunk by chunk: every chunk holding a run is fetched once (all at once; remote
     ones right away, so a batch's requests are in flight while the one before decodes),
     decoded once into a reused buffer, and only the runs are copied out, so memory follows
     the runs, not the chunks (measured on a 50k-cell matrix, 5% of cells: 190 -> 60 ms).
     The others go through zarr when waited for, every run of every array requested at
-    once, so the chunks of, say, a sparse matrix's data and indices decode together.
+    once, so the chunks of, say, a sparse matrix's data and indices decode together (an
+    array that is not zarr's goes through its own library).
     Settling waits for the remote chunk fetches only: it neither decodes nor reads the
     others.
     """
@@ -560,19 +392,16 @@ def start_runs(items: list[tuple[Any, np.ndarray, np.ndarray]], *, advised: bool
             plans[i] = _plan(arr, decode, starts, stops)
     gather = _start_gather(list(plans.values())) if plans else None
 
-    def finish() -> list[np.ndarray | None]:
-        out: list[np.ndarray | None] = [None] * len(items)
+    def finish() -> list[np.ndarray]:
+        out: dict[int, np.ndarray] = {}
         if gather is not None:
             gather()
-            for i, plan in plans.items():
-                out[i] = plan.out
+            out = {i: plan.out for i, plan in plans.items()}
         rest = [i for i, (arr, _, _) in enumerate(items)
                 if i not in plans and hasattr(arr, "async_array")]
         if rest:
-            for i, values in zip(rest, _read_through_zarr([items[i] for i in rest]),
-                                 strict=True):
-                out[i] = values
-        return out
+            out.update(zip(rest, _read_through_zarr([items[i] for i in rest]), strict=True))
+        return [out[i] if i in out else read_runs(*item) for i, item in enumerate(items)]
 
     return Pending(finish, gather.settle if gather is not None else None)
 
@@ -597,64 +426,3 @@ def _read_through_zarr(items: list[tuple[Any, np.ndarray, np.ndarray]]) -> list[
     return sync(every())
 
 
-def open_zarr_group(path: UPath, mode: Literal["r", "r+"], *,
-                    versions: Mapping[str, str] | None = None) -> Any:
-    """Open a zarr group (format 2 or 3, consolidated or not), locally or remotely.
-
-    Writers bypass consolidated metadata (the accessor rewrites it on close); readers use
-    it where there is some. Remote read-only groups go through a
-    :class:`MetadataCacheStore`; ``versions`` (each object's recorded ETag, by relative
-    path) pins the reads of an S3 store to what the registry recorded.
-    """
-    import zarr
-
-    consolidated = False if mode != "r" else None
-    try:
-        if is_local(path):
-            return zarr.open_group(path.path, mode=mode, use_consolidated=consolidated)
-        from zarr.storage import FsspecStore
-
-        options = dict(path.storage_options)
-        if path.protocol in ("s3", "s3a") and mode == "r":
-            # s3fs would ask each object's size first (a HEAD before every chunk's GET), to
-            # split large objects into concurrent parts; chunks are small, and zarr already
-            # fetches many at once
-            options.setdefault("max_concurrency", 1)
-        store: Any = FsspecStore.from_url(str(path), storage_options=options,
-                                          read_only=mode == "r")
-        if mode == "r":
-            store = MetadataCacheStore(
-                store, versions=versions if path.protocol in ("s3", "s3a") else None)
-        return zarr.open_group(store, mode=mode, use_consolidated=consolidated)
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
-        msg = f"{path} is not a readable zarr group (corrupt or missing metadata?): {exc}"
-        raise CorruptArtifactError(msg) from exc
-
-
-def zarr_root_attrs(path: UPath) -> dict[str, Any] | None:
-    """Return a zarr store's root attributes from one small read, ``None`` if unreadable.
-
-    Probes use this instead of opening the group, which parses all (consolidated)
-    metadata: a store opened through :func:`lamin_io.open` is probed by several formats.
-    The documents of both formats are asked for at once, each with a single request (a
-    remote read that first asks for the object's size costs two).
-    """
-    root = path.path.rstrip("/")
-    names = {f"{root}/zarr.json": "attributes", f"{root}/.zattrs": None}
-    try:
-        # in order, without globbing; from offset 0: a plain GET, where s3fs would first
-        # ask the object's size
-        found = path.fs.cat_ranges(list(names), [0] * len(names), [None] * len(names),
-                                   on_error="return")
-    except (OSError, ValueError):
-        return None
-    for (_, key), data in zip(names.items(), found, strict=True):
-        if isinstance(data, BaseException):
-            continue
-        try:
-            doc = json.loads(data)
-        except ValueError:
-            continue
-        attrs = doc.get(key, {}) if key else doc
-        return attrs if isinstance(attrs, dict) else None
-    return None

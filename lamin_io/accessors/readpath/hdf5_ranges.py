@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lamin_io.accessors._rows import expand
+from lamin_io.accessors.readpath.plan import expand
 
 if TYPE_CHECKING:
-    from lamin_io.accessors._hdf5_btree import IndexReader
+    from lamin_io.accessors.readpath.hdf5_index import IndexReader
 
 __all__ = ["byte_ranges", "direct_pieces", "direct_ranges", "is_direct", "load_tables"]
 
@@ -119,7 +119,7 @@ def load_tables(items: list[tuple[Any, np.ndarray, np.ndarray]], cache: dict[str
     ``items`` are ``(dataset, starts, stops)`` as :func:`direct_ranges` takes them. The
     indexes of a sparse matrix's data and indices then cost the round trips of one.
     """
-    from lamin_io.accessors._hdf5_btree import chunk_tables
+    from lamin_io.accessors.readpath.hdf5_index import chunk_tables
 
     if index is None:
         return
@@ -153,12 +153,12 @@ def _chunk_offsets(ds: Any, chunk_ids: np.ndarray, rows_per_chunk: int,
 
     Looking one chunk up through HDF5 costs a walk of its chunk index (~30 us locally, a
     request per node remotely); listing the whole index costs ~4 us a chunk through HDF5,
-    and a few concurrent reads through ``index`` (see :mod:`._hdf5_btree`). So the whole
+    and a few concurrent reads through ``index`` (see :mod:`.hdf5_index`). So the whole
     index is read (and kept for the life of the open file) once requests (batches) have
     touched an eighth of the chunks, or always when ``index.whole``; until then chunks
     are looked up one by one (also kept).
     """
-    from lamin_io.accessors._hdf5_btree import chunk_table
+    from lamin_io.accessors.readpath.hdf5_index import chunk_table
 
     table: np.ndarray | None = cache.get(f"chunk-table:{ds.name}")
     if table is None:
