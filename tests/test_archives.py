@@ -328,6 +328,23 @@ def test_repr_shows_the_uns_keys_uns_holds(tmp_path: Path) -> None:
     assert "    uns: 'louvain_categories'" in shown
 
 
+@pytest.mark.parametrize(("name", "suffix"), CASES, ids=[f"{n}{s}" for n, s in CASES])
+def test_codes_label_rows_as_anndata_does(corpus: Any, name: str, suffix: str) -> None:
+    """The read path's obs codes (what a training loader's labels come from), every layout."""
+    path, truth = corpus(name, suffix)
+    rows = np.array([truth.n_obs - 1, 0, 2, 2])
+    with ln.open(path) as acc:
+        store = acc._store  # noqa: SLF001 (the read path's source under the accessor)
+        for column in truth.obs.columns:
+            values = truth.obs[column]
+            if values.ndim != 1 or values.dtype.kind == "f":
+                continue  # labels are categories, strings, ints or booleans
+            codes, categories = store.codes(f"obs/{column}", rows)
+            labels = [categories[c] if c >= 0 else None for c in codes]
+            expected = [None if pd.isna(v) else v for v in values.to_numpy()[rows]]
+            assert labels == expected, column
+
+
 def test_07_categories(corpus: Any) -> None:
     for suffix in (".h5ad", ".zarr"):
         path, truth = corpus("v0.7.0", suffix)

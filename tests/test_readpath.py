@@ -395,11 +395,15 @@ def test_codes_of_a_missing_column_name_it(labelled: tuple[Path, Any]) -> None:
 
 # -- handles belong to a process --------------------------------------------------------------
 
+@pytest.mark.parametrize("where", ["local", "s3"])
 @pytest.mark.parametrize("suffix", [".h5ad", ".zarr"])
 def test_a_source_pickles_without_handles_and_reopens(labelled: tuple[Path, Any],
-                                                      suffix: str) -> None:
+                                                      suffix: str, where: str,
+                                                      request: pytest.FixtureRequest) -> None:
     folder, adata = labelled
-    source = Source(to_upath(folder / f"a{suffix}"))
+    path = folder / f"a{suffix}"
+    source = Source(to_upath(path) if where == "local"
+                    else upload(path, request.getfixturevalue("s3_endpoint")))
     rows = np.array([3, 1, 400])
     before = source.read("X", rows)
     blob = pickle.dumps(source)

@@ -20,8 +20,14 @@ from lamin_io.accessors import _elements as el
 from lamin_io.accessors import _legacy
 from lamin_io.accessors._attrs import attr, encoding, is_group
 from lamin_io.accessors._formats import parameters
-from lamin_io.accessors._index import Selection, length, resolve, split_key
-from lamin_io.accessors.readpath.source import Source, h5ad_member, open_hdf5, reader_error
+from lamin_io.accessors._index import Selection, length, positions, resolve, split_key
+from lamin_io.accessors.readpath.source import (
+    Source,
+    factorize,
+    h5ad_member,
+    open_hdf5,
+    reader_error,
+)
 from lamin_io.accessors.readpath.zarr_store import open_zarr_group, zarr_root_attrs
 from lamin_io.errors import (
     CorruptArtifactError,
@@ -40,8 +46,8 @@ if TYPE_CHECKING:
     import pandas as pd
     from upath import UPath
 
-__all__ = ["AnnDataAccessor", "anndata_keywords", "count_observations", "is_anndata",
-           "load_anndata", "open_anndata"]
+__all__ = ["AnnDataAccessor", "anndata_keywords", "anndata_source", "count_observations",
+           "is_anndata", "load_anndata", "open_anndata"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,17 +107,30 @@ def open_anndata(path: UPath, *, mode: str = "r", on_close: Callable[[], Any] | 
                    f"read-only (mode='r'); to add columns, store the AnnData as .zarr and "
                    f"open that with mode='r+'")
         raise WriteNotSupportedError(msg)
+    return AnnDataAccessor(anndata_source(path, mode=mode, versions=versions,
+                                          on_close=on_close))
+
+
+def anndata_source(path: UPath, *, mode: str = "r",
+                   versions: str | Mapping[str, str] | None = None,
+                   on_close: Callable[[], Any] | None = None) -> _Store:
+    """Open the read path's source of an AnnData store, with AnnData's semantics.
+
+    What the accessor and the training loaders read through; a store that holds no
+    AnnData raises :class:`UnsupportedFormatError`, an unreadable one
+    :class:`CorruptArtifactError`.
+    """
     store = _Store(path, mode=mode, versions=versions, on_close=on_close)
     try:
         holds_anndata = _is_anndata_group(store.group, path)
-    except CorruptArtifactError:
+    except LaminIOError:
         store.close()
         raise
     if not holds_anndata:
         store.close()
         msg = f"{path} holds no AnnData (no obs/var); open it with lamin_io.open() as generic"
         raise UnsupportedFormatError(msg)
-    return AnnDataAccessor(store)
+    return store
 
 
 def load_anndata(path: UPath, **kwargs: Any) -> ad.AnnData:
@@ -272,6 +291,28 @@ class _Store(Source):
 
     def axis_names(self, key: str) -> pd.Index:
         return self.cached(f"names:{key}", lambda: _index_of(self.get(key), self, key))
+
+    def codes(self, key: str, rows: Selection | None = None) -> tuple[np.ndarray, pd.Index]:
+        """Return an ``obs``/``var`` column's codes for ``rows``, old layouts included.
+
+        Today's encodings read only the rows' codes (see :meth:`Source.codes`); a column of
+        an older layout (a field of a structured ``obs``, 0.7's ``__categories``) comes from
+        the whole frame AnnData would read.
+        """
+        head, _, column = key.rpartition("/")
+        prefix, axis = head[:-3], head[-3:]
+        legacy = axis in ("obs", "var") and self.has(head) and (
+            not self.has(key) or self.has(f"{head}/__categories/{column}"))
+        if not legacy:
+            return super().codes(key, rows)
+        frame = self.annotations(prefix, axis)[0]
+        if column not in frame.columns:
+            msg = f"{self.path} has no {axis} column {column!r}; columns: {list(frame.columns)}"
+            raise NameNotFoundError(msg)
+        all_codes, categories = factorize(frame[column].array)
+        if rows is None:
+            return all_codes, categories
+        return all_codes[positions(rows, len(all_codes), axis)], categories
 
     def axis_length(self, key: str) -> int:
         return self.cached(f"len:{key}", lambda: _length_of(self.get(key)))

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from lamin_io.accessors._index import Selection
     from lamin_io.accessors.readpath.backend import Backend
 
-__all__ = ["Source", "file_state", "h5ad_member", "open_hdf5", "reader_error"]
+__all__ = ["Source", "factorize", "file_state", "h5ad_member", "open_hdf5", "reader_error"]
 
 
 # -- opening an HDF5 file ------------------------------------------------------------------
@@ -182,6 +182,19 @@ def reader_error(exc: Exception, what: str, layout_hint: str) -> LaminIOError | 
     msg = (f"{what} is stored in a layout lamin-io cannot read ({type(exc).__name__}: "
            f"{exc}); {layout_hint}")
     return UnsupportedLayoutError(msg)
+
+
+def factorize(values: Any) -> tuple[np.ndarray, pd.Index]:
+    """Return ``(codes, categories)`` of a column: a categorical's own, else sorted values.
+
+    Codes are ``int64``; ``-1`` marks a missing value.
+    """
+    import pandas as pd
+
+    if isinstance(values, pd.Categorical):
+        return values.codes.astype(np.int64), pd.Index(values.categories)
+    codes, categories = pd.factorize(values, sort=True)
+    return codes.astype(np.int64), pd.Index(categories)
 
 
 # -- the source -------------------------------------------------------------------------------
@@ -447,16 +460,16 @@ class Source:
             codes = self.read(f"{key}/codes", rows)
             return np.asarray(codes).astype(np.int64, copy=False), categories
 
-        def factorize() -> tuple[np.ndarray, pd.Index]:
-            values = el.read_element(elem, self.backend.strings)
-            if not isinstance(values, np.ndarray) or values.ndim != 1:
+        def whole() -> tuple[np.ndarray, pd.Index]:
+            values = el.read_element(elem, self.backend.strings)  # nullable ones: pandas'
+            if not isinstance(values, np.ndarray | pd.api.extensions.ExtensionArray) or (
+                    values.ndim != 1):
                 msg = (f"{self.path}: element {key!r} is not a 1-D column "
                        f"({type(values).__name__}); give a column of obs")
                 raise UnsupportedLayoutError(msg)
-            all_codes, categories = pd.factorize(values, sort=True)
-            return all_codes.astype(np.int64), pd.Index(categories)
+            return factorize(values)
 
-        all_codes, categories = self.cached(f"factorized:{key}", factorize)
+        all_codes, categories = self.cached(f"factorized:{key}", whole)
         if rows is None:
             return all_codes, categories
         return all_codes[positions(rows, len(all_codes), "obs")], categories
