@@ -1,3 +1,11 @@
-"""PyTorch data loading across many AnnData files (datasets, samplers, sharding)."""
+"""PyTorch data loading across many AnnData files (datasets, samplers, sharding).
 
-__all__: list[str] = []
+:class:`MappedCollection` is a drop-in for lamindb's, reading whole batches at once;
+:func:`collate` stacks its batches into tensors. torch is imported only when a batch is
+collated.
+"""
+
+from lamin_io.loaders._collate import collate
+from lamin_io.loaders._mapped import Batch, MappedCollection
+
+__all__ = ["Batch", "MappedCollection", "collate"]

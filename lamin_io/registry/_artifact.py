@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from upath import UPath
 
     from lamin_io.accessors import Format
+    from lamin_io.loaders import MappedCollection
     from lamin_io.storage import PathLike
 
 __all__ = ["Artifact", "ArtifactSet", "existing_path", "format_size"]
@@ -484,6 +485,44 @@ class ArtifactSet(RecordSet[Artifact]):
             raise InvalidArgumentError(msg)
         return open_many([a.verify() for a in self], engine=engine,
                          after_scan=lambda: [a.verify() for a in self], **kwargs)
+
+    def mapped(self, layers_keys: str | list[str] | None = None,
+               obs_keys: str | list[str] | None = None,
+               obsm_keys: str | list[str] | None = None,
+               obs_filter: dict[str, Any] | None = None, join: str | None = "inner",
+               encode_labels: bool | list[str] = True,  # noqa: FBT001, FBT002 (lamindb's)
+               unknown_label: str | dict[str, str] | None = None,
+               cache_categories: bool = True, parallel: bool = False,  # noqa: FBT001, FBT002
+               dtype: str | None = None, stream: bool = False,  # noqa: FBT001, FBT002
+               is_run_input: bool | None = None,  # noqa: FBT001
+               **kwargs: Any) -> MappedCollection:
+        """Return a :class:`~lamin_io.loaders.MappedCollection` over the AnnData artifacts.
+
+        lamindb's parameters, in its order (see the class). Artifacts whose suffix is no
+        ``.h5ad`` or ``.zarr`` are left out with a warning. ``stream=False`` (the default)
+        reads local copies (:meth:`Artifact.cache`); ``stream=True`` reads the stored
+        objects where they lie, pinned to the versions recorded at save. Keywords of
+        lamin-io's own (``fill_missing=``) pass through.
+        """
+        from lamin_io.loaders import MappedCollection
+
+        kept = []
+        for artifact in self:
+            if ".h5ad" in artifact.suffix or ".zarr" in artifact.suffix:
+                kept.append(artifact)
+            else:
+                logger.warning("ignoring artifact with suffix %s", artifact.suffix)
+        if not kept:
+            msg = "no .h5ad or .zarr artifacts to map: the query matched none"
+            raise InvalidArgumentError(msg)
+        paths = [a.verify() if stream else a.cache() for a in kept]
+        versions = [a._versions() if stream else None for a in kept]  # noqa: SLF001
+        mapped = MappedCollection(paths, layers_keys, obs_keys, obsm_keys, obs_filter, join,
+                                  encode_labels, unknown_label, cache_categories, parallel,
+                                  dtype, versions=versions, **kwargs)
+        for artifact in kept:
+            artifact._read_as_input(is_run_input=is_run_input)  # noqa: SLF001
+        return mapped
 
 
 Artifact._set = ArtifactSet

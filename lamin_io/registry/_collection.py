@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
     from pathlib import Path
 
+    from lamin_io.loaders import MappedCollection
+
 __all__ = ["Collection"]
 
 logger = logging.getLogger(__name__)
@@ -130,6 +132,20 @@ class Collection(Record):
     def open(self, *, engine: str = "pyarrow", **kwargs: Any) -> Any:
         """Open all member artifacts as one dataset (see :meth:`ArtifactSet.open`)."""
         return self.artifacts.open(engine=engine, **kwargs)
+
+    def mapped(self, *args: Any, **kwargs: Any) -> MappedCollection:
+        """Return a :class:`~lamin_io.loaders.MappedCollection` over the members, in order.
+
+        lamindb's parameters (``layers_keys``, ``obs_keys``, ``obsm_keys``, ``obs_filter``,
+        ``join``, ``encode_labels``, ``unknown_label``, ``cache_categories``, ``parallel``,
+        ``dtype``, ``stream``, ``is_run_input``); see :meth:`ArtifactSet.mapped`.
+
+        Examples
+        --------
+        >>> with collection.mapped(obs_keys=["cell_type"]) as ds:            # doctest: +SKIP
+        ...     loader = DataLoader(ds, batch_size=256, shuffle=True, num_workers=2)
+        """
+        return self.artifacts.mapped(*args, **kwargs)
 
     def delete(self) -> None:
         """Delete the collection record; its artifacts stay."""
