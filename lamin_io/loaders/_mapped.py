@@ -83,6 +83,12 @@ class MappedCollection:
         Fill keys a file lacks (see above) instead of leaving them out.
     storage_options
         fsspec options of remote paths (``endpoint_url``, ``anon``, ...).
+    versions
+        Per file, the stored version its reads must see (as a registry recorded it).
+    order_key
+        What, beside seed and epoch, makes a :class:`DistributedSampler`'s epoch order
+        (default: from the files' paths; ``mapped()`` of a registry passes the artifacts'
+        hashes).
     """
 
     def __init__(self, path_list: Sequence[Any], layers_keys: str | list[str] | None = None,
@@ -95,7 +101,8 @@ class MappedCollection:
                  cache_categories: bool = True, parallel: bool = False,  # noqa: FBT001, FBT002
                  dtype: str | None = None, *, fill_missing: bool = False,
                  storage_options: Mapping[str, Any] | None = None,
-                 versions: Sequence[str | Mapping[str, str] | None] | None = None) -> None:
+                 versions: Sequence[str | Mapping[str, str] | None] | None = None,
+                 order_key: int | None = None) -> None:
         if join not in _JOINS:
             msg = f"join must be None, 'inner' or 'outer', got {join!r}"
             raise InvalidArgumentError(msg)
@@ -123,6 +130,8 @@ class MappedCollection:
             msg = "path_list is empty: give at least one .h5ad or .zarr file"
             raise InvalidArgumentError(msg)
         self._closed = False
+        self.order_key = (order_key if order_key is not None else
+                          _digest("\n".join(str(p) for p in self.path_list)))
         self._stores = self._open(storage_options, versions)
         try:
             self._index(dict(obs_filter or {}))
@@ -444,6 +453,13 @@ class MappedCollection:
     def __repr__(self) -> str:
         return (f"MappedCollection of {len(self.path_list)} files, {self.n_obs} items, "
                 f"layers {self.layers_keys}, obs {self.obs_keys}, obsm {self.obsm_keys}")
+
+
+def _digest(text: str) -> int:
+    """Return a stable 63-bit number of ``text`` (the same in every process and run)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
 
 
 def _scatter(block: Any, where: np.ndarray, width: int) -> Any:

@@ -10,6 +10,7 @@ a partial object) that ``lamin-io gc`` removes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -517,6 +518,9 @@ class ArtifactSet(RecordSet[Artifact]):
             raise InvalidArgumentError(msg)
         paths = [a.verify() if stream else a.cache() for a in kept]
         versions = [a._versions() if stream else None for a in kept]  # noqa: SLF001
+        key = int.from_bytes(hashlib.sha256("".join(
+            a.hash for a in kept).encode()).digest()[:8], "big") >> 1
+        kwargs.setdefault("order_key", key)  # the sampler's order follows the content
         mapped = MappedCollection(paths, layers_keys, obs_keys, obsm_keys, obs_filter, join,
                                   encode_labels, unknown_label, cache_categories, parallel,
                                   dtype, versions=versions, **kwargs)
