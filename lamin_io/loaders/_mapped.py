@@ -214,11 +214,7 @@ class MappedCollection:
 
     def _labels(self, s: int, key: str) -> np.ndarray:
         """Return the column's values in file ``s`` (every row), missing ones as NaN."""
-        codes, categories = self._codes(s, key)
-        labels = np.asarray(categories, dtype=object)[np.maximum(codes, 0)] if len(
-            categories) else np.full(len(codes), np.nan, dtype=object)
-        labels[codes < 0] = np.nan
-        return labels
+        return _as_labels(*self._codes(s, key))
 
     def _join(self, join: str | None) -> None:
         self.join_vars = join
@@ -349,11 +345,7 @@ class MappedCollection:
         """Labels of ``rows`` (encoded codes where encoded; NaN where missing)."""
         if not self._has_obs(s, key):
             return None
-        codes, categories = self._codes(s, key, rows)
-        values = np.asarray(categories, dtype=object)
-        labels = values[np.maximum(codes, 0)] if len(values) else np.full(
-            len(codes), np.nan, dtype=object)
-        labels[codes < 0] = np.nan
+        labels = _as_labels(*self._codes(s, key, rows))
         encoder = getattr(self, "encoders", {}).get(key)
         if encoder is None:
             return labels
@@ -453,6 +445,15 @@ class MappedCollection:
     def __repr__(self) -> str:
         return (f"MappedCollection of {len(self.path_list)} files, {self.n_obs} items, "
                 f"layers {self.layers_keys}, obs {self.obs_keys}, obsm {self.obsm_keys}")
+
+
+def _as_labels(codes: np.ndarray, categories: pd.Index) -> np.ndarray:
+    """Return the labels codes stand for (an object array; NaN where a code is -1)."""
+    values = np.asarray(categories, dtype=object)
+    labels = (values[np.maximum(codes, 0)] if len(values)
+              else np.full(len(codes), np.nan, dtype=object))
+    labels[codes < 0] = np.nan
+    return labels
 
 
 def _digest(text: str) -> int:
