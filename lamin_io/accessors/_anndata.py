@@ -20,7 +20,7 @@ from lamin_io.accessors import _elements as el
 from lamin_io.accessors import _legacy
 from lamin_io.accessors._attrs import attr, encoding, is_group
 from lamin_io.accessors._formats import parameters
-from lamin_io.accessors._index import Selection, length, positions, resolve, split_key
+from lamin_io.accessors._index import Selection, length, resolve, split_key
 from lamin_io.accessors.readpath.source import (
     Source,
     factorize,
@@ -292,27 +292,24 @@ class _Store(Source):
     def axis_names(self, key: str) -> pd.Index:
         return self.cached(f"names:{key}", lambda: _index_of(self.get(key), self, key))
 
-    def codes(self, key: str, rows: Selection | None = None) -> tuple[np.ndarray, pd.Index]:
-        """Return an ``obs``/``var`` column's codes for ``rows``, old layouts included.
+    def _column(self, key: str) -> pd.Index | tuple[np.ndarray, pd.Index]:
+        """Return :meth:`Source.codes`'s view of an ``obs``/``var`` column, old layouts too.
 
-        Today's encodings read only the rows' codes (see :meth:`Source.codes`); a column of
-        an older layout (a field of a structured ``obs``, 0.7's ``__categories``) comes from
-        the whole frame AnnData would read.
+        Today's encodings are the read path's (a categorical's rows' codes alone are read);
+        a column of an older layout (a field of a structured ``obs``, 0.7's
+        ``__categories``) comes from the whole frame AnnData would read.
         """
         head, _, column = key.rpartition("/")
         prefix, axis = head[:-3], head[-3:]
         legacy = axis in ("obs", "var") and self.has(head) and (
             not self.has(key) or self.has(f"{head}/__categories/{column}"))
         if not legacy:
-            return super().codes(key, rows)
+            return super()._column(key)
         frame = self.annotations(prefix, axis)[0]
         if column not in frame.columns:
             msg = f"{self.path} has no {axis} column {column!r}; columns: {list(frame.columns)}"
             raise NameNotFoundError(msg)
-        all_codes, categories = factorize(frame[column].array)
-        if rows is None:
-            return all_codes, categories
-        return all_codes[positions(rows, len(all_codes), axis)], categories
+        return factorize(frame[column].array)
 
     def axis_length(self, key: str) -> int:
         return self.cached(f"len:{key}", lambda: _length_of(self.get(key)))

@@ -91,6 +91,9 @@ class Backend:
         """
         return None
 
+    def release_metadata(self) -> None:
+        """Drop what was kept for reading metadata, before a matrix's batches (default: none)."""
+
     def prefetch(self, items: list[Runs]) -> None:
         """Fetch ranges the array library is about to read (a remote file); default none."""
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lamin_io.accessors.readpath.backend import Backend, Runs
+from lamin_io.accessors.readpath.backend import Backend, Runs, read_runs
 from lamin_io.accessors.readpath.pipeline import Pending
 
 if TYPE_CHECKING:
@@ -88,7 +88,6 @@ class Hdf5Backend(Backend):
         every direct array are read in one go. Arrays HDF5 must read itself (filtered,
         strings, unallocated chunks) are read through h5py when the result is called.
         """
-        from lamin_io.accessors.readpath.backend import read_runs
         from lamin_io.accessors.readpath.hdf5_ranges import byte_ranges, load_tables
 
         plans: list[tuple[int, Any] | None] = []  # (values, dtype)
@@ -154,6 +153,15 @@ class Hdf5Backend(Backend):
         begin, end, run = (np.concatenate(parts) for parts in zip(*located, strict=True))
         order = np.argsort(run, kind="stable")
         return start_advice(fd, begin[order], end[order])
+
+    def release_metadata(self) -> None:
+        """Drop a remote file's tail before a matrix's batches.
+
+        It served the metadata read so far (obs, var, an indptr); the batches need none of
+        it, so it does not stay beside them.
+        """
+        if self.rangefile is not None:
+            self.rangefile.release_tail()
 
     def prefetch(self, items: list[Runs]) -> None:
         """Have a remote file fetch the byte ranges h5py is about to read, concurrently."""

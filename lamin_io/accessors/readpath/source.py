@@ -421,11 +421,7 @@ class Source:
         budget = budget or self.budget
         matrix = self.matrix(key, expected)
         backend = self.backend
-        rangefile = getattr(backend, "rangefile", None)
-        if rangefile is not None:
-            # the file's tail served the metadata read so far (obs, var, this indptr); the
-            # batches of a matrix read need none of it, so it does not stay beside them
-            rangefile.release_tail()
+        backend.release_metadata()  # what served the metadata does not stay beside batches
         shape = matrix.shape
         rows = positions(rows, int(shape[0]), "obs") if rows is not None else None
         if cols is not None and len(shape) > 1:
@@ -451,28 +447,36 @@ class Source:
         """
         import pandas as pd
 
+        column = self.cached(f"column:{key}", lambda: self._column(key))
+        if isinstance(column, pd.Index):  # categorical: the rows' codes alone are read
+            codes = self.read(f"{key}/codes", rows)
+            return np.asarray(codes).astype(np.int64, copy=False), column
+        all_codes, categories = column
+        if rows is None:
+            return all_codes, categories
+        axis = key.rpartition("/")[0][-3:]
+        return all_codes[positions(rows, len(all_codes), axis if axis == "var" else "obs")], \
+            categories
+
+    def _column(self, key: str) -> pd.Index | tuple[np.ndarray, pd.Index]:
+        """Return what :meth:`codes` keeps of a column (once per process).
+
+        A categorical's categories, or the codes and categories of the whole column.
+        """
+        import pandas as pd
+
         from lamin_io.accessors import _elements as el
 
         elem = self.get(key)
         if is_group(elem) and "codes" in elem and "categories" in elem:
-            categories = self.cached(f"categories:{key}", lambda: pd.Index(
-                el.read_element(elem["categories"], self.backend.strings)))
-            codes = self.read(f"{key}/codes", rows)
-            return np.asarray(codes).astype(np.int64, copy=False), categories
-
-        def whole() -> tuple[np.ndarray, pd.Index]:
-            values = el.read_element(elem, self.backend.strings)  # nullable ones: pandas'
-            if not isinstance(values, np.ndarray | pd.api.extensions.ExtensionArray) or (
-                    values.ndim != 1):
-                msg = (f"{self.path}: element {key!r} is not a 1-D column "
-                       f"({type(values).__name__}); give a column of obs")
-                raise UnsupportedLayoutError(msg)
-            return factorize(values)
-
-        all_codes, categories = self.cached(f"factorized:{key}", whole)
-        if rows is None:
-            return all_codes, categories
-        return all_codes[positions(rows, len(all_codes), "obs")], categories
+            return pd.Index(el.read_element(elem["categories"], self.backend.strings))
+        values = el.read_element(elem, self.backend.strings)  # nullable ones: pandas'
+        if not isinstance(values, np.ndarray | pd.api.extensions.ExtensionArray) or (
+                values.ndim != 1):
+            msg = (f"{self.path}: element {key!r} is not a 1-D column "
+                   f"({type(values).__name__}); give a column of obs")
+            raise UnsupportedLayoutError(msg)
+        return factorize(values)
 
     def close(self) -> None:
         """Close what this process opened; later reads raise :class:`AccessorClosedError`."""
