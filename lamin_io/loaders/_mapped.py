@@ -130,6 +130,7 @@ class MappedCollection:
             msg = "path_list is empty: give at least one .h5ad or .zarr file"
             raise InvalidArgumentError(msg)
         self._closed = False
+        self._lookups: dict[tuple[int, str], np.ndarray] = {}  # a file's codes -> encoded
         self.order_key = (order_key if order_key is not None else
                           _digest("\n".join(str(p) for p in self.path_list)))
         self._stores = self._open(storage_options, versions)
@@ -345,22 +346,23 @@ class MappedCollection:
         """Labels of ``rows`` (encoded codes where encoded; NaN where missing)."""
         if not self._has_obs(s, key):
             return None
-        labels = _as_labels(*self._codes(s, key, rows))
+        codes, categories = self._codes(s, key, rows)
         encoder = getattr(self, "encoders", {}).get(key)
         if encoder is None:
-            return labels
-        out = np.empty(len(labels), dtype=object)
-        for i, label in enumerate(labels.tolist()):
-            out[i] = label if label is np.nan or label != label else encoder[label]  # noqa: PLR0124
-        return out
+            return _as_labels(codes, categories)
+        # the file's categories through the encoder, once: then a lookup a row
+        lookup = self._lookups.get((s, key))
+        if lookup is None:
+            lookup = np.array([encoder[c] for c in categories.tolist()], dtype=np.int64)
+            self._lookups[s, key] = lookup
+        return _as_labels(codes, lookup)
 
     def _fill(self, key: str) -> Any:
-        """Return the value ``fill_missing`` gives an obs key a file lacks."""
-        if key in getattr(self, "encoders", {}):
-            unknown = (self.unknown_label.get(key) if isinstance(self.unknown_label, dict)
-                       else self.unknown_label)
-            return self.encoders[key].get(unknown, -1) if unknown is not None else -1
-        return np.nan
+        """Return the value ``fill_missing`` gives an obs key a file lacks.
+
+        An encoded key's is -1, the code of ``unknown_label`` (or of none); others NaN.
+        """
+        return -1 if key in getattr(self, "encoders", {}) else np.nan
 
     # -- labels and categories ----------------------------------------------------------
 
@@ -447,7 +449,7 @@ class MappedCollection:
                 f"layers {self.layers_keys}, obs {self.obs_keys}, obsm {self.obsm_keys}")
 
 
-def _as_labels(codes: np.ndarray, categories: pd.Index) -> np.ndarray:
+def _as_labels(codes: np.ndarray, categories: pd.Index | np.ndarray) -> np.ndarray:
     """Return the labels codes stand for (an object array; NaN where a code is -1)."""
     values = np.asarray(categories, dtype=object)
     labels = (values[np.maximum(codes, 0)] if len(values)
@@ -534,7 +536,7 @@ class Batch(Sequence[dict[str, Any]]):
 
     def keys(self) -> list[str]:
         """Return the item keys, in lamindb's order."""
-        return ["_store_idx", *(k if kind != "obsm" else f"obsm_{k}" for kind, k in self._keys)]
+        return ["_store_idx", *(self._name(kind, k) for kind, k in self._keys)]
 
     def is_label(self, key: str) -> bool:
         """Whether ``key`` is an obs key (else a layer or ``obsm_<key>``)."""
