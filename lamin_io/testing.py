@@ -184,6 +184,32 @@ class S3Server:
             self.stats.log.clear()
             self.stats.access_keys.clear()
 
+    def unanswered(self, timeout: float = 10.0) -> str | None:
+        """Return why the server does not answer a request within ``timeout`` s, else ``None``.
+
+        The answer names the serving thread's stack: the server runs in the caller's
+        process, so whatever blocks that thread (a finalizer that the garbage collector ran
+        there, calling this same server, say) shows up in it.
+        """
+        import http.client
+        import sys
+        import traceback
+
+        host, port = self._server.server_address[:2]
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        try:
+            conn.request("HEAD", f"/{self.bucket}")
+            conn.getresponse().read()
+        except OSError as exc:
+            ident = self._thread.ident if self._thread else None
+            frame = sys._current_frames().get(ident) if ident is not None else None
+            stack = "".join(traceback.format_stack(frame)) if frame else "(not running)"
+            return (f"the S3 test server did not answer in {timeout:g} s ({exc!r}); "
+                    f"its serving thread is at:\n{stack}")
+        finally:
+            conn.close()
+        return None
+
     def stop(self) -> None:
         """Stop serving."""
         if self._server is not None:

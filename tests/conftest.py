@@ -35,6 +35,27 @@ def s3_server() -> Iterator[Any]:
         yield server
 
 
+@pytest.fixture(autouse=True)
+def _s3_server_answers(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a test that used the S3 server: it still answers, or this test is the one to blame.
+
+    A server that stopped answering would make every later S3 test wait out its clients'
+    timeouts and retries (an hour in CI): once it has stopped, later S3 tests fail at once.
+    """
+    if "s3_server" in request.fixturenames and _S3_STOPPED:
+        pytest.fail(f"the S3 test server stopped answering {_S3_STOPPED[0]}", pytrace=False)
+    yield
+    if "s3_server" not in request.fixturenames:  # (also those asked for during the test)
+        return
+    problem = request.getfixturevalue("s3_server").unanswered()
+    if problem:
+        _S3_STOPPED.append(f"after {request.node.nodeid}")
+        pytest.fail(f"after this test, {problem}", pytrace=False)
+
+
+_S3_STOPPED: list[str] = []  # where this process's S3 test server stopped answering
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint(s3_server: Any) -> str:
     """The endpoint URL of the session's S3 server."""

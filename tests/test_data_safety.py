@@ -6,6 +6,7 @@ published for a moment (and removed while cleaning up) still shows there.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import threading
 import uuid
@@ -54,6 +55,16 @@ def _ever_written(endpoint: str, bucket: str, prefix: str) -> tuple[list[str], l
     return [v["Key"] for v in versions], [u["Key"] for u in uploads]
 
 
+def _writers_left(conn: Any) -> list[Any]:
+    """The file objects writing under ``conn``'s storage that are still open or still held."""
+    from fsspec.spec import AbstractBufferedFile
+
+    gc.collect()
+    root = conn.root.path
+    return [f for f in gc.get_objects() if isinstance(f, AbstractBufferedFile)
+            and f.mode != "rb" and str(f.path).startswith(root)]
+
+
 def _prefix(conn: Any) -> tuple[str, str]:
     bucket, _, prefix = conn.root.path.partition("/")
     return bucket, prefix
@@ -84,8 +95,13 @@ def test_source_changed_mid_copy_publishes_nothing(s3_conn, s3_endpoint, tmp_pat
 
     monkeypatch.setattr(_artifact, "hash_path", hash_then_edit)
     before = snapshot(s3_conn)
-    with pytest.raises(errors.SourceChangedError, match="changed while"):
+    with pytest.raises(errors.SourceChangedError, match="changed while") as raised:
         ln.Artifact(source, key=key).save(mute=True)
+    del raised  # (its traceback holds the frames that held the writers)
+    # every writer is closed and let go: one kept (fsspec's transaction list keeps the files
+    # opened with autocommit=False) starts an upload from its finalizer, in whatever thread
+    # the collector then runs (in the test server's thread, that stopped the server)
+    assert _writers_left(s3_conn) == []
     assert snapshot(s3_conn) == before
     versions, uploads = _ever_written(s3_endpoint, *_prefix(s3_conn))
     assert versions == []  # nothing was ever visible at any key
@@ -130,6 +146,7 @@ def test_a_writer_racing_the_save_never_gets_a_wrong_record(s3_conn, s3_endpoint
     # returns that record)
     assert sorted(versions) == sorted({f"{prefix}/{a._saved().storage_key}" for a in saved})
     assert uploads == []
+    assert _writers_left(s3_conn) == []  # published or aborted, no writer is kept
 
 
 def test_upload_to_an_existing_object_is_refused(s3_conn, s3_endpoint, tmp_path) -> None:
@@ -143,6 +160,7 @@ def test_upload_to_an_existing_object_is_refused(s3_conn, s3_endpoint, tmp_path)
     with pytest.raises(errors.ObjectExistsError, match="refusing to overwrite"):
         upload(source, target, sha256=digest, manifest=None, mute=True)
     assert target.fs.cat_file(target.path) == b"already here"
+    assert _writers_left(s3_conn) == []
 
 
 def test_a_412_in_a_message_is_not_an_existing_object(tmp_path, s3_endpoint) -> None:

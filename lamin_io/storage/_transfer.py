@@ -104,7 +104,10 @@ def _publish_s3(src_fs: Any, src_root: str, entries: list[tuple[str, int, str]],
     try:
         for rel, _, digest in entries:
             target = f"{root}/{rel}" if rel else root
-            fout = fs.open(target, "xb", block_size=UPLOAD_BLOCK, autocommit=False)
+            # fs._open, not fs.open: open() files every writer with autocommit=False in the
+            # filesystem's transaction list for good (the filesystem is cached: a leak), and
+            # a later transaction of the caller's would commit or discard ours again
+            fout = fs._open(target, "xb", block_size=UPLOAD_BLOCK, autocommit=False)
             uploads.append(fout)
             _copy_verified(src_fs, f"{src_root}/{rel}" if rel else src_root, fout, digest,
                            cb)
@@ -121,11 +124,18 @@ def _publish_s3(src_fs: Any, src_root: str, entries: list[tuple[str, int, str]],
 
 
 def _abort(upload: Any) -> None:
-    """Abort an unpublished multipart upload (one published already is the caller's)."""
+    """Abort an unpublished multipart upload (one published already is the caller's).
+
+    The writer is marked closed too: a discarded writer left open would, when collected,
+    start a new multipart upload from its finalizer (an orphan upload, made from whatever
+    thread the collector runs in).
+    """
     try:
         upload.discard()
     except Exception:  # noqa: BLE001 (an upload completed meanwhile cannot be aborted)
         logger.debug("cannot abort the upload of %s", upload.path, exc_info=True)
+    finally:
+        upload.closed = True
 
 
 def _publish_local(src_fs: Any, src_root: str, entries: list[tuple[str, int, str]],
