@@ -215,7 +215,7 @@ def test_obs_filter_keeps_the_rows_that_match_every_column(files: Any) -> None:
 
 
 def test_missing_keys_are_left_out_or_filled(files: Any) -> None:
-    paths, _ = files
+    paths, adatas = files
     with MappedCollection(paths, obs_keys=["cell_type", "tissue", "n_counts"],
                           obsm_keys=["X_pca"], layers_keys=["X", "raw.X"]) as ds:
         assert "tissue" not in ds[70]
@@ -233,6 +233,11 @@ def test_missing_keys_are_left_out_or_filled(files: Any) -> None:
         stacked = ds[[0, 70, 1]]
         assert stacked["tissue"].tolist()[1] == -1
         assert stacked["X"].shape == (3, ds.n_vars)
+        # the rows that have raw.X hold its values (zeros included), the one without NaN
+        raw = np.asarray(stacked["raw.X"])
+        assert np.isnan(raw[1]).all()
+        for at, i in ((0, 0), (2, 1)):
+            np.testing.assert_array_equal(raw[at], _row(adatas[0], "raw.X", i))
     with pytest.raises(errors.NameNotFoundError, match="nope"):
         MappedCollection(paths, obs_keys=["nope"])
 

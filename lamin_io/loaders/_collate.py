@@ -46,6 +46,27 @@ def collate(batch: Any, *, sparse: bool = False) -> dict[str, Any]:
                 torch.from_numpy(csr.indices.astype(np.int64)),
                 torch.from_numpy(csr.data), size=csr.shape)
         else:
-            out[name] = torch.from_numpy(batch.dense(name))
+            out[name] = _dense(batch, name)
     return out
+
+
+def _dense(batch: Any, name: str) -> Any:
+    """Return a dense tensor of ``name``'s rows (in a DataLoader worker: in shared memory).
+
+    A worker's tensors go to the main process through shared memory: written there in the
+    first place, a batch is not copied again on its way (torch's default collate does the
+    same for the tensors it stacks).
+    """
+    import torch
+    from torch.utils.data import get_worker_info
+
+    if get_worker_info() is None:
+        return torch.from_numpy(batch.dense(name))
+    shape, dtype = batch.dense_layout(name)
+    tensor = torch.from_numpy(np.empty((0,), dtype=dtype))
+    storage = tensor.untyped_storage()._new_shared(  # noqa: SLF001 (as torch's collate)
+        int(np.prod(shape)) * dtype.itemsize)
+    shared = tensor.new_empty(0).set_(storage).view(shape)
+    batch.dense(name, out=shared.numpy())
+    return shared
 

@@ -553,28 +553,51 @@ class Batch(Sequence[dict[str, Any]]):
     def _name(self, kind: str, key: str) -> str:
         return f"obsm_{key}" if kind == "obsm" else key
 
-    def dense(self, key: str) -> np.ndarray:
-        """Return a layer's or ``obsm_<key>``'s rows as one dense array (NaN where missing)."""
+    def dense_layout(self, key: str) -> tuple[tuple[int, int], np.dtype[Any]]:
+        """Return the shape and dtype :meth:`dense` gives for ``key``."""
         k = self._lookup(key)
-        if k not in self._dense:
-            if len(self._widths[k]) > 1:
-                msg = (f"{key!r} has {sorted(self._widths[k])} columns in the files of this "
-                       f"batch: rows of different widths do not stack (join them, or read "
-                       f"one file at a time)")
-                raise InvalidArgumentError(msg)
-            width = next(iter(self._widths[k]), 0)
-            parts = self._parts[k]
-            dtype = (self._dtype if self._dtype is not None else
-                     np.result_type(*(b.dtype for _, b in parts)) if parts else np.float32)
-            if not self._present[k].all():
-                dtype = np.result_type(dtype, np.float32)
-            out = np.full((len(self), width), np.nan if not self._present[k].all() else 0,
-                          dtype=dtype)
-            for at, block in parts:
-                values = block.toarray() if hasattr(block, "toarray") else np.asarray(block)
-                out[at] = values.reshape(len(at), -1)
-            self._dense[k] = out
-        return self._dense[k]
+        if len(self._widths[k]) > 1:
+            msg = (f"{key!r} has {sorted(self._widths[k])} columns in the files of this "
+                   f"batch: rows of different widths do not stack (join them, or read "
+                   f"one file at a time)")
+            raise InvalidArgumentError(msg)
+        width = next(iter(self._widths[k]), 0)
+        parts = self._parts[k]
+        dtype = (self._dtype if self._dtype is not None else
+                 np.result_type(*(b.dtype for _, b in parts)) if parts else np.float32)
+        if not self._present[k].all():
+            dtype = np.result_type(dtype, np.float32)
+        return (len(self), width), np.dtype(dtype)
+
+    def dense(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
+        """Return a layer's or ``obsm_<key>``'s rows as one dense array (NaN where missing).
+
+        ``out`` (of :meth:`dense_layout`'s shape and dtype) is filled instead of a new
+        array: a DataLoader worker passes shared memory, so the batch crosses to the main
+        process without another copy.
+        """
+        k = self._lookup(key)
+        if out is None and k in self._dense:
+            return self._dense[k]
+        shape, dtype = self.dense_layout(key)
+        if out is None:
+            out = np.empty(shape, dtype=dtype)
+        elif out.shape != shape or out.dtype != dtype:
+            msg = f"out is {out.dtype} {out.shape}; {key!r} needs {dtype} {shape}"
+            raise InvalidArgumentError(msg)
+        out.fill(0)
+        out[~self._present[k]] = np.nan
+        for at, block in self._parts[k]:
+            if hasattr(block, "tocsr"):  # sparse: its values go straight to their places
+                csr = block.tocsr()
+                if not csr.has_canonical_format:  # (repeated entries add up, as in toarray)
+                    csr = csr.copy()
+                    csr.sum_duplicates()
+                out[np.repeat(at, np.diff(csr.indptr)), csr.indices] = csr.data
+            else:
+                out[at] = np.asarray(block).reshape(len(at), -1)
+        self._dense[k] = out
+        return out
 
     def csr(self, key: str) -> sp.csr_matrix:
         """Return a layer's rows as one CSR matrix (every row must have the layer)."""
