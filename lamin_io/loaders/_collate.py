@@ -69,4 +69,3 @@ def _dense(batch: Any, name: str) -> Any:
     shared = tensor.new_empty(0).set_(storage).view(shape)
     batch.dense(name, out=shared.numpy())
     return shared
-

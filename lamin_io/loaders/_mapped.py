@@ -131,6 +131,8 @@ class MappedCollection:
             raise InvalidArgumentError(msg)
         self._closed = False
         self._lookups: dict[tuple[int, str], np.ndarray] = {}  # a file's codes -> encoded
+        # a file's label column, whole (codes in the smallest integer type that holds them)
+        self._columns: dict[tuple[int, str], tuple[np.ndarray, pd.Index]] = {}
         self.order_key = (order_key if order_key is not None else
                           _digest("\n".join(str(p) for p in self.path_list)))
         self._stores = self._open(storage_options, versions)
@@ -346,7 +348,12 @@ class MappedCollection:
         """Labels of ``rows`` (encoded codes where encoded; NaN where missing)."""
         if not self._has_obs(s, key):
             return None
-        codes, categories = self._codes(s, key, rows)
+        column = self._columns.get((s, key))
+        if column is None:  # read whole once: a batch's rows then cost a lookup, not a read
+            codes, categories = self._codes(s, key)
+            small = np.min_scalar_type(-max(len(categories), 1))
+            column = self._columns[s, key] = (codes.astype(small), categories)
+        codes, categories = column[0][rows].astype(np.int64), column[1]
         encoder = getattr(self, "encoders", {}).get(key)
         if encoder is None:
             return _as_labels(codes, categories)
@@ -426,6 +433,12 @@ class MappedCollection:
 
     # -- closing ------------------------------------------------------------------------
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle small (for DataLoader workers): whole label columns are read again there."""
+        state = self.__dict__.copy()
+        state["_columns"] = {}
+        return state
+
     def close(self) -> None:
         """Close every file this process opened."""
         for store in getattr(self, "_stores", ()):
@@ -476,6 +489,31 @@ def _scatter(block: Any, where: np.ndarray, width: int) -> Any:
     out = np.zeros((block.shape[0], width), dtype=block.dtype)
     out[:, where] = block
     return out
+
+
+def fill_rows(out: np.ndarray, parts: list[tuple[np.ndarray, Any]],
+              present: np.ndarray) -> None:
+    """Write rows given per file as (positions, block) into ``out``; NaN rows where absent.
+
+    A sparse block's values go straight to their places (no dense copy of the block).
+    """
+    out.fill(0)
+    out[~present] = np.nan
+    for at, block in parts:
+        if hasattr(block, "tocsr"):
+            csr = _canonical(block)
+            out[np.repeat(at, np.diff(csr.indptr)), csr.indices] = csr.data
+        else:
+            out[at] = np.asarray(block).reshape(len(at), -1)
+
+
+def _canonical(block: Any) -> sp.csr_matrix:
+    """Return a sparse block as CSR with no repeated entries (they add up, as in toarray)."""
+    csr = block.tocsr()
+    if not csr.has_canonical_format:
+        csr = csr.copy()
+        csr.sum_duplicates()
+    return csr
 
 
 class Batch(Sequence[dict[str, Any]]):
@@ -585,17 +623,7 @@ class Batch(Sequence[dict[str, Any]]):
         elif out.shape != shape or out.dtype != dtype:
             msg = f"out is {out.dtype} {out.shape}; {key!r} needs {dtype} {shape}"
             raise InvalidArgumentError(msg)
-        out.fill(0)
-        out[~self._present[k]] = np.nan
-        for at, block in self._parts[k]:
-            if hasattr(block, "tocsr"):  # sparse: its values go straight to their places
-                csr = block.tocsr()
-                if not csr.has_canonical_format:  # (repeated entries add up, as in toarray)
-                    csr = csr.copy()
-                    csr.sum_duplicates()
-                out[np.repeat(at, np.diff(csr.indptr)), csr.indices] = csr.data
-            else:
-                out[at] = np.asarray(block).reshape(len(at), -1)
+        fill_rows(out, self._parts[k], self._present[k])
         self._dense[k] = out
         return out
 

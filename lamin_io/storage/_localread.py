@@ -141,12 +141,15 @@ def _advise_ranges(fd: int, ranges: list[tuple[int, int]], which: list[int]) -> 
 
 
 def _read_all(fd: int, ranges: list[tuple[int, int]], view: memoryview,
-              offsets: list[int]) -> list[Future[bool]] | bool:
+              offsets: list[int], left: list[int] | None = None
+              ) -> list[Future[bool]] | bool:
     """Copy the cached ranges; read the others here, advised first, or in the pool.
 
+    ``left``: the ranges still to read when the cached ones were copied already.
     Returns whether every range was read whole, or the futures of the pool's reads.
     """
-    left = _read_cached(fd, ranges, view, offsets)
+    if left is None:
+        left = _read_cached(fd, ranges, view, offsets)
     if hasattr(os, "posix_fadvise") and (len(left) >= _MIN_PARALLEL
                                          or not _NOWAIT and len(left) > 1):
         # (a miss of the first pass may have queued it; without one, nothing is known)
@@ -167,8 +170,8 @@ def start_pread_ranges(fd: int, ranges: list[tuple[int, int]], *,
     The returned function gives the ranges concatenated in order, or ``None`` when a
     range reaches past the end of the file.
 
-    Few ranges are read at the wait. Many are read by a pool thread, meanwhile the caller
-    goes on: cached ones at once, the others advised, then read in order. ``advised``:
+    Few ranges are read at the wait. Of many, the cached ones are copied at once and the
+    others read by a pool thread (advised, then in order) while the caller goes on. ``advised``:
     the ranges were advised already (:func:`start_advice`), so they are read in order
     straight away.
     """
@@ -184,7 +187,12 @@ def start_pread_ranges(fd: int, ranges: list[tuple[int, int]], *,
         started = executor().submit(_read_some, fd, ranges, view, offsets,
                                     list(range(len(ranges))))
     else:
-        started = executor().submit(_read_all, fd, ranges, view, offsets)
+        # what the page cache holds is copied here and now (a handoff to the pool costs
+        # more than copying a few hundred cached ranges); the pool reads the rest
+        left = _read_cached(fd, ranges, view, offsets)
+        if not left:
+            return lambda: buffer
+        started = executor().submit(_read_all, fd, ranges, view, offsets, left)
 
     def finish() -> bytearray | None:
         done = started.result()
