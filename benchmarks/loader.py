@@ -13,6 +13,11 @@ order over all 400k) in batches of 256 as a dense float32 X and an integer ``cel
   once, and block size 4 fetching 64 (its sorted fetches are its speed-up); it draws its own
   order of the same 50k cells.
 
+The same h5ad files also on S3 (s3rver on loopback behind the counting proxy of the subset
+benchmark, adding 20 ms before every request, as a bucket in another place would): lamin-io
+reading by range (``stream=True``) against lamindb's ``MappedCollection`` on the same
+paths, on fewer cells (``--s3-cells``; lamindb reads a row at a time there).
+
 Each configuration runs in its own process, in rounds (a round of all of them, then the
 next), its first batch checked against the rows read with h5py before the rest is timed.
 Reported: cells/s over the 50k cells, the first batch's latency, setup (opening the files,
@@ -42,6 +47,7 @@ sys.path.insert(0, str(HERE.parent))
 from _harness import RESULTS, machine, median, run_isolated  # noqa: E402
 
 DATA = HERE.parent / "data" / "loader"
+BUCKET = "bench"  # (the bucket of the subset benchmark's S3 server)
 N_FILES, PER_FILE, BATCH = 8, 50_000, 256
 TOOLS = ("lamin_io", "lamindb", "backed", "scdataset")
 KEY = "cell_type"
@@ -183,17 +189,24 @@ def build(tool: str, fmt: str, workers: int, config: dict[str, Any]) -> tuple[An
     from torch.utils.data import DataLoader
 
     cells = order(config["cells"])
-    files = paths(fmt)
+    files: list[Any] = [str(p) for p in paths(fmt)]
+    endpoint = config.get("endpoint")
+    if endpoint:
+        files = [f"s3://{BUCKET}/{Path(p).name}" for p in files]
     if tool in ("lamin_io", "lamindb"):
         if tool == "lamin_io":
             from lamin_io.loaders import MappedCollection, collate
 
-            ds = MappedCollection([str(p) for p in files], obs_keys=[KEY])
+            options = {"endpoint_url": endpoint} if endpoint else None
+            ds = MappedCollection(files, obs_keys=[KEY], storage_options=options)
             extra: dict[str, Any] = {"collate_fn": collate}
         else:
             from lamindb.core import MappedCollection as LamindbMapped
+            from upath import UPath
 
-            ds = LamindbMapped([str(p) for p in files], obs_keys=[KEY])
+            if endpoint:  # what lamindb's collection.mapped(stream=True) hands over
+                files = [UPath(f, endpoint_url=endpoint) for f in files]
+            ds = LamindbMapped(files, obs_keys=[KEY])
             extra = {"worker_init_fn": ds.torch_worker_init_fn} if workers else {}
         decode = {v: k for k, v in ds.encoders[KEY].items()}
 
@@ -204,7 +217,7 @@ def build(tool: str, fmt: str, workers: int, config: dict[str, Any]) -> tuple[An
                 yield batch["X"], batch[KEY], cells[k * BATCH:(k + 1) * BATCH], decode
         return ds, batches
 
-    ds = BackedFiles(files)
+    ds = BackedFiles([Path(p) for p in files])
     decode = dict(enumerate(ds.categories))
     if tool == "backed":
         def batches() -> Any:
@@ -302,9 +315,15 @@ def configs(tools: list[str], cells: int) -> list[dict[str, Any]]:
     return out
 
 
+def s3_configs(tools: list[str], cells: int) -> list[dict[str, Any]]:
+    return [{"tool": tool, "fmt": "h5ad", "workers": 0, "cells": cells, "epochs": 1,
+             "storage": "s3+20ms"} for tool in ("lamin_io", "lamindb") if tool in tools]
+
+
 def label(c: dict[str, Any]) -> str:
     name = c["tool"] + (f" block {c['block']}/fetch {c['fetch']}" if "block" in c else "")
-    return f"{name}, {c['fmt']}, {c['workers']} workers"
+    where = f" on {c['storage']}" if c.get("storage") else ""
+    return f"{name}, {c['fmt']}{where}, {c['workers']} workers"
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -314,8 +333,9 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if "error" not in r and r["epochs"] == 1:
             groups.setdefault(label(r), []).append(r)
     keys = ("cells_per_s", "first_batch_s", "setup_s", "tree_peak_mb", "main_peak_mb",
-            "worker_peak_mb")
-    return {name: {**{k: median([r[k] for r in rs]) for k in keys}, "rounds": len(rs)}
+            "worker_peak_mb", "requests", "mb_received")
+    return {name: {**{k: median([r[k] for r in rs]) for k in keys if k in rs[0]},
+                   "rounds": len(rs)}
             for name, rs in groups.items()}
 
 
@@ -338,6 +358,8 @@ def targets(s: dict[str, dict[str, Any]], epochs: list[dict[str, Any]],
         "lamin_io, h5ad, 0 workers", "scdataset block 1/fetch 16, h5ad, 0 workers"), 1.2)
     add("zarr: lamin-io / lamindb MappedCollection", ratio(
         "lamin_io, zarr, 0 workers", "lamindb, zarr, 0 workers"), 20)
+    add("S3 + 20 ms a request: lamin-io / lamindb MappedCollection (stream=True)", ratio(
+        "lamin_io, h5ad on s3+20ms, 0 workers", "lamindb, h5ad on s3+20ms, 0 workers"), 5)
     for fmt in ("h5ad", "zarr"):
         add(f"{fmt}: lamin-io 2 workers / 0 workers", ratio(
             f"lamin_io, {fmt}, 2 workers", f"lamin_io, {fmt}, 0 workers"), 1.0)
@@ -378,7 +400,8 @@ def report(results: list[dict[str, Any]], epochs: list[dict[str, Any]], import_s
         {"machine": machine(), "results": results, "epochs": epochs, "medians": s,
          "import_loaders_s": import_s,
          "targets": [{"target": t, "value": v, "met": m} for t, v, m in rows]}, indent=1))
-    base = {fmt: s.get(f"lamindb, {fmt}, 0 workers") for fmt in ("h5ad", "zarr")}
+    base = {fmt: s.get(f"lamindb, {fmt}, 0 workers")
+            for fmt in ("h5ad", "zarr", "h5ad on s3+20ms")}
     lines = [f"# Loader benchmark ({machine()['date']})", "",
              f"{N_FILES} files x {PER_FILE:,} cells x 20k genes (CSR float32, ~3%), random "
              f"order, batch {BATCH}, dense float32 X + an int label; "
@@ -386,15 +409,17 @@ def report(results: list[dict[str, Any]], epochs: list[dict[str, Any]], import_s
              f"{max(v['rounds'] for v in s.values())} rounds, each run in its own process. "
              "Memory is PSS above the process's level after its imports; a worker's is above "
              "its own first reading.", "",
-             "| configuration | cells/s | x lamindb (same format, 0 workers) | first batch s "
-             "| setup s | peak tree MB | peak main MB | peak worker MB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| configuration | cells/s | x lamindb (same files, 0 workers) | first batch s "
+             "| setup s | peak tree MB | peak main MB | peak worker MB | requests | MB in |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in s.items():
         ref = base.get(name.split(", ")[1])
         vs = f"{v['cells_per_s'] / ref['cells_per_s']:.1f}x" if ref else "-"
+        remote = (f"{v['requests']:,.0f} | {v['mb_received']:,.1f}" if "requests" in v
+                  else "- | -")
         lines.append(f"| {name} | {v['cells_per_s']:,.0f} | {vs} | {v['first_batch_s']:.3f} "
                      f"| {v['setup_s']:.3f} | {v['tree_peak_mb']:.0f} | "
-                     f"{v['main_peak_mb']:.0f} | {v['worker_peak_mb']:.0f} |")
+                     f"{v['main_peak_mb']:.0f} | {v['worker_peak_mb']:.0f} | {remote} |")
     failed = [r for r in results if "error" in r]
     if failed:
         lines += ["", "Failed runs:", ""] + [f"- {label(r)}: {r['error']}" for r in failed]
@@ -436,9 +461,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--cells", type=int, default=50_000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
     parser.add_argument("--no-epochs", action="store_true", help="skip the 3-epoch runs")
+    parser.add_argument("--no-s3", action="store_true", help="local files only")
+    parser.add_argument("--s3-cells", type=int, default=512,
+                        help="cells read on S3 with 20 ms a request (default: 2 batches; "
+                             "lamindb takes minutes a batch there)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--timeout", type=float, default=1200)
     args = parser.parse_args()
@@ -447,11 +476,27 @@ def main() -> None:
         return
     generate()
     todo = configs(args.tools, args.cells)
+    server = None
+    if not args.no_s3:
+        from subset import S3
+
+        server = S3(DATA / "s3rver", (0.02,)).__enter__()
+        print("uploading the h5ad files to the S3 server ...", flush=True)
+        server.upload(paths("h5ad"))
+        todo += s3_configs(args.tools, args.s3_cells)
     results = []
     for round_ in range(args.rounds):
         for config in todo:
+            proxy = None
+            if config.get("storage"):
+                proxy = server.proxies[0.02]  # type: ignore[union-attr]
+                config["endpoint"] = proxy.endpoint
+                proxy.reset()
             result = {**config, "round": round_,
                       **run_isolated(HERE, config, timeout=args.timeout)}
+            if proxy is not None and "error" not in result:
+                result["requests"] = proxy.requests
+                result["mb_received"] = proxy.bytes_sent / 1e6
             results.append(result)
             brief = result.get("error") or f"{result['cells_per_s']:,.0f} cells/s"
             print(f"round {round_ + 1}: {label(config)}: {brief}", flush=True)
@@ -464,6 +509,8 @@ def main() -> None:
                 epochs.append({**config, **run_isolated(HERE, config, timeout=args.timeout)})
                 print(f"3 epochs: {label(config)}: {epochs[-1].get('epoch_main_mb')}",
                       flush=True)
+    if server is not None:
+        server.__exit__(None, None, None)
     report(results, epochs, import_seconds(), args.out)
 
 
