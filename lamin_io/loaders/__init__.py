@@ -2,12 +2,15 @@
 
 :class:`MappedCollection` is a drop-in for lamindb's, reading whole batches at once;
 :func:`collate` stacks its batches into tensors; :class:`DistributedSampler` gives each
-rank of ``torch.distributed`` its share of an epoch (optionally drawn by label weight).
+rank of ``torch.distributed`` its share of an epoch (optionally drawn by label weight);
+:class:`BlockLoader` yields batches from random blocks of neighbouring rows, read a fetch
+of many batches at a time.
 torch is imported only when a batch is collated.
 """
 
+from lamin_io.loaders._block import BlockLoader
 from lamin_io.loaders._collate import collate
 from lamin_io.loaders._mapped import Batch, MappedCollection
 from lamin_io.loaders._sampler import DistributedSampler
 
-__all__ = ["Batch", "DistributedSampler", "MappedCollection", "collate"]
+__all__ = ["Batch", "BlockLoader", "DistributedSampler", "MappedCollection", "collate"]

@@ -569,6 +569,35 @@ class Batch(Sequence[dict[str, Any]]):
     def __len__(self) -> int:
         return len(self.store_idx)
 
+    def select(self, rows: np.ndarray) -> Batch:
+        """Return the batch of these rows of this one (positions, in their order).
+
+        No file is read again: a block loader reads a fetch of many batches once and hands
+        out batches selected from it.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        out = object.__new__(Batch)
+        out.store_idx = self.store_idx[rows]
+        out._keys, out._fill, out._dtype = self._keys, self._fill, self._dtype
+        out._fills = self._fills
+        out._widths = self._widths
+        out._dense, out._items = {}, [None] * len(rows)
+        out._parts, out._present, out._part_of, out._offset = {}, {}, {}, {}
+        for k in self._keys:
+            part_of, offset = self._part_of[k][rows], self._offset[k][rows]
+            out._present[k] = self._present[k][rows]
+            out._part_of[k] = np.full(len(rows), -1, dtype=np.int64)
+            out._offset[k] = np.zeros(len(rows), dtype=np.int64)
+            out._parts[k] = []
+            for p, (_, block) in enumerate(self._parts[k]):
+                at = np.flatnonzero(part_of == p)
+                if len(at) == 0:
+                    continue
+                out._part_of[k][at] = len(out._parts[k])
+                out._offset[k][at] = np.arange(len(at))
+                out._parts[k].append((at, block[offset[at]]))
+        return out
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return (self[i] for i in range(len(self)))
 

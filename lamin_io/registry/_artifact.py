@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from upath import UPath
 
     from lamin_io.accessors import Format
-    from lamin_io.loaders import MappedCollection
+    from lamin_io.loaders import BlockLoader, MappedCollection
     from lamin_io.storage import PathLike
 
 __all__ = ["Artifact", "ArtifactSet", "existing_path", "format_size"]
@@ -520,13 +520,33 @@ class ArtifactSet(RecordSet[Artifact]):
         versions = [a._versions() if stream else None for a in kept]  # noqa: SLF001
         key = int.from_bytes(hashlib.sha256("".join(
             a.hash for a in kept).encode()).digest()[:8], "big") >> 1
-        kwargs.setdefault("order_key", key)  # the sampler's order follows the content
+        kwargs.setdefault("order_key", key)  # the samplers' order follows the content
         mapped = MappedCollection(paths, layers_keys, obs_keys, obsm_keys, obs_filter, join,
                                   encode_labels, unknown_label, cache_categories, parallel,
                                   dtype, versions=versions, **kwargs)
         for artifact in kept:
             artifact._read_as_input(is_run_input=is_run_input)  # noqa: SLF001
         return mapped
+
+
+    def loader(self, batch_size: int = 256, *, shuffle: str | bool = "block",
+               block_size: int | None = None, fetch_factor: int | None = None,
+               seed: int = 0, drop_last: bool = False, sparse: bool = False,
+               **mapped: Any) -> BlockLoader:
+        """Return a :class:`~lamin_io.loaders.BlockLoader` over the AnnData artifacts.
+
+        Its batches come from random blocks of neighbouring rows, read a fetch of
+        ``fetch_factor`` batches at a time (see the class); ``mapped``'s keywords
+        (``obs_keys``, ``obs_filter``, ``join``, ``stream``, ...) choose what is read. The
+        order follows the artifacts' content, not their paths.
+        """
+        from lamin_io.loaders import BlockLoader
+        from lamin_io.loaders._block import BLOCK_SIZE, FETCH_FACTOR
+
+        return BlockLoader(self.mapped(**mapped), batch_size, shuffle=shuffle,
+                           block_size=block_size or BLOCK_SIZE,
+                           fetch_factor=fetch_factor or FETCH_FACTOR, seed=seed,
+                           drop_last=drop_last, sparse=sparse)
 
 
 Artifact._set = ArtifactSet

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
     from pathlib import Path
 
-    from lamin_io.loaders import MappedCollection
+    from lamin_io.loaders import BlockLoader, MappedCollection
 
 __all__ = ["Collection"]
 
@@ -146,6 +146,19 @@ class Collection(Record):
         ...     loader = DataLoader(ds, batch_size=256, shuffle=True, num_workers=2)
         """
         return self.artifacts.mapped(*args, **kwargs)
+
+    def loader(self, batch_size: int = 256, **kwargs: Any) -> BlockLoader:
+        """Return a :class:`~lamin_io.loaders.BlockLoader` over the members, in order.
+
+        See :meth:`ArtifactSet.loader`.
+
+        Examples
+        --------
+        >>> with collection.loader(batch_size=256, obs_keys=["cell_type"]) as loader:
+        ...     for batch in loader:                                      # doctest: +SKIP
+        ...         x, y = batch["X"], batch["cell_type"]
+        """
+        return self.artifacts.loader(batch_size, **kwargs)
 
     def delete(self) -> None:
         """Delete the collection record; its artifacts stay."""

@@ -1,0 +1,187 @@
+"""``BlockLoader``: random blocks of neighbouring rows, read a fetch at a time.
+
+The truth is AnnData in memory: every batch holds the rows of the cells its epoch's order
+names, and every epoch yields each selected cell once, in each shuffle mode.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from lamin_io import errors
+from lamin_io.loaders import BlockLoader, MappedCollection
+from lamin_io.loaders._block import epoch_batches, epoch_order
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+torch = pytest.importorskip("torch")
+
+GENES = [f"g{i}" for i in range(12)]
+MODES = ["block", "random", False]
+
+
+def _adata(seed: int, n_obs: int, kind: str) -> ad.AnnData:
+    rng = np.random.default_rng(seed)
+    x = sp.random(n_obs, len(GENES), density=0.4, format="csr", dtype=np.float32,
+                  random_state=seed)
+    x.data = np.round(x.data * 10).astype(np.float32) + 1
+    types = ["B", "T", "NK", "Mono"][seed % 2:]
+    obs = pd.DataFrame({"cell_type": pd.Categorical(rng.choice(types, n_obs)),
+                        "donor": pd.Categorical(rng.choice(["d1", "d2"], n_obs))},
+                       index=[f"f{seed}_c{i}" for i in range(n_obs)])
+    matrix: Any = {"csr": x, "csc": x.tocsc(), "dense": x.toarray()}[kind]
+    adata = ad.AnnData(X=matrix, obs=obs, var=pd.DataFrame(index=GENES))
+    adata.obsm["X_pca"] = rng.random((n_obs, 3)).astype(np.float32)
+    return adata
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], list[ad.AnnData]]:
+    folder = tmp_path_factory.mktemp("block")
+    adatas = [_adata(0, 70, "csr"), _adata(1, 45, "csc"), _adata(2, 50, "dense")]
+    paths = [folder / "a.h5ad", folder / "b.zarr", folder / "c.h5ad"]
+    for adata, path in zip(adatas, paths, strict=True):
+        adata.write_zarr(path) if path.suffix == ".zarr" else adata.write_h5ad(path)
+    return paths, adatas
+
+
+def _truth(adatas: list[ad.AnnData]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """X, cell types and obsm of every cell of the files, in collection order."""
+    x = np.vstack([np.asarray(a.X.toarray() if sp.issparse(a.X) else a.X) for a in adatas])
+    labels = np.concatenate([a.obs["cell_type"].astype(str).to_numpy() for a in adatas])
+    pca = np.vstack([a.obsm["X_pca"] for a in adatas])
+    return x, labels, pca
+
+
+@pytest.mark.parametrize("shuffle", MODES)
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("n", [0, 1, 17, 100])
+def test_epoch_order_is_a_permutation_of_blocks(n: int, block_size: int, shuffle: Any) -> None:
+    order = epoch_order(n, seed=3, epoch=1, key=7, shuffle=shuffle, block_size=block_size)
+    np.testing.assert_array_equal(np.sort(order), np.arange(n))
+    again = epoch_order(n, seed=3, epoch=1, key=7, shuffle=shuffle, block_size=block_size)
+    np.testing.assert_array_equal(order, again)  # a pure function
+    if shuffle == "block":  # runs of block_size neighbours, each starting at a block edge
+        i = 0
+        while i < n:
+            start = int(order[i])
+            assert start % block_size == 0
+            length = min(block_size, n - start)
+            np.testing.assert_array_equal(order[i:i + length],
+                                          np.arange(start, start + length))
+            i += length
+    if shuffle is False:
+        np.testing.assert_array_equal(order, np.arange(n))
+
+
+def test_epochs_seeds_and_collections_give_other_orders() -> None:
+    base = epoch_order(1000, seed=0, epoch=0, key=1)
+    for other in (epoch_order(1000, seed=1, epoch=0, key=1),
+                  epoch_order(1000, seed=0, epoch=1, key=1),
+                  epoch_order(1000, seed=0, epoch=0, key=2)):
+        assert not np.array_equal(base, other)
+    with pytest.raises(errors.InvalidArgumentError, match="shuffle"):
+        epoch_order(10, seed=0, epoch=0, key=0, shuffle="sorted")
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("shuffle", MODES)
+def test_epoch_batches_hold_every_item_once(shuffle: Any, drop_last: bool) -> None:
+    n, batch = 1003, 32
+    batches = epoch_batches(n, batch, seed=0, epoch=2, key=5, shuffle=shuffle,
+                            block_size=8, fetch_factor=4, drop_last=drop_last)
+    assert all(len(b) == batch for b in batches[:-1])
+    items = np.concatenate(batches)
+    assert len(np.unique(items)) == len(items)  # none twice
+    assert len(items) == (n - n % batch if drop_last else n)
+    if shuffle == "block":  # a fetch holds whole blocks, shuffled among its batches
+        fetch = np.concatenate(batches[:4])
+        assert len(np.unique(fetch // 8)) <= len(fetch) // 8 + 1
+
+
+@pytest.mark.parametrize("shuffle", MODES)
+def test_batches_equal_anndata(files: Any, shuffle: Any) -> None:
+    paths, adatas = files
+    x, labels, pca = _truth(adatas)
+    with BlockLoader(paths, batch_size=16, shuffle=shuffle, block_size=4, fetch_factor=3,
+                     obs_keys=["cell_type"], obsm_keys=["X_pca"]) as loader:
+        decode = {v: k for k, v in loader.dataset.encoders["cell_type"].items()}
+        assert len(loader) == -(-165 // 16)
+        got = list(loader)
+        want = loader.batches(0)
+        assert len(got) == len(want) == len(loader)
+        for batch, items in zip(got, want, strict=True):
+            assert batch["X"].dtype == torch.float32
+            np.testing.assert_array_equal(batch["X"].numpy(), x[items])
+            np.testing.assert_array_equal(batch["obsm_X_pca"].numpy(), pca[items])
+            assert [decode[int(v)] for v in batch["cell_type"]] == labels[items].tolist()
+        assert sorted(np.concatenate(want).tolist()) == list(range(165))  # each cell once
+
+
+def test_sparse_batches_equal_dense_ones(files: Any) -> None:
+    paths, _ = files
+    with MappedCollection(paths, obs_keys=["cell_type"]) as ds:
+        dense = list(BlockLoader(ds, batch_size=20, seed=4))
+        sparse = list(BlockLoader(ds, batch_size=20, seed=4, sparse=True))
+        for a, b in zip(dense, sparse, strict=True):
+            assert b["X"].layout == torch.sparse_csr
+            torch.testing.assert_close(b["X"].to_dense(), a["X"])
+            torch.testing.assert_close(b["cell_type"], a["cell_type"])
+
+
+def test_each_iteration_is_the_next_epoch_unless_set(files: Any) -> None:
+    paths, _ = files
+    with BlockLoader(paths, batch_size=32, drop_last=True) as loader:
+        first = [b["_store_idx"].tolist() for b in loader]
+        second = [b["_store_idx"].tolist() for b in loader]
+        assert len(first) == len(second) == 165 // 32
+        assert first != second  # another epoch, another order
+        loader.set_epoch(0)
+        assert [b["_store_idx"].tolist() for b in loader] == first
+        loader.set_epoch(1)
+        assert [b["_store_idx"].tolist() for b in loader] == second
+
+
+def test_obs_filter_selects_and_a_stop_leaves_nothing_running(files: Any) -> None:
+    paths, adatas = files
+    _, labels, _ = _truth(adatas)
+    with BlockLoader(paths, batch_size=8, fetch_factor=2, obs_keys=["cell_type"],
+                     obs_filter={"cell_type": ["T", "NK"]}) as loader:
+        decode = {v: k for k, v in loader.dataset.encoders["cell_type"].items()}
+        seen = [decode[int(v)] for batch in loader for v in batch["cell_type"]]
+        assert sorted(seen) == sorted(labels[np.isin(labels, ["T", "NK"])].tolist())
+        it = iter(loader)
+        next(it)
+        it.close()  # stopped after a batch: the fetch in flight is finished, not leaked
+    assert loader.dataset.closed
+
+
+def test_bad_arguments_are_typed_errors(files: Any) -> None:
+    paths, _ = files
+    with pytest.raises(errors.InvalidArgumentError, match="batch_size"):
+        BlockLoader(paths, batch_size=0)
+    with pytest.raises(errors.InvalidArgumentError, match="shuffle"):
+        BlockLoader(paths, shuffle="sorted")
+    with MappedCollection(paths) as ds, pytest.raises(errors.InvalidArgumentError,
+                                                      match="obs_keys"):
+        BlockLoader(ds, obs_keys=["cell_type"])
+
+
+def test_collection_loader(files: Any, conn: Any) -> None:
+    import lamin_io as ln
+
+    paths, adatas = files
+    saved = [ln.Artifact(p, key=f"atlas/{p.name}").save() for p in paths]
+    collection = ln.Collection([saved[2], saved[0]], key="atlas").save()
+    x, _, _ = _truth([adatas[2], adatas[0]])
+    with collection.loader(batch_size=25, obs_keys="cell_type") as loader:
+        assert loader.dataset.n_obs == 120
+        for batch, items in zip(loader, loader.batches(0), strict=True):
+            np.testing.assert_array_equal(batch["X"].numpy(), x[items])
