@@ -16,7 +16,7 @@ import scipy.sparse as sp
 
 from lamin_io import errors
 from lamin_io.loaders import BlockLoader, MappedCollection
-from lamin_io.loaders._block import epoch_batches, epoch_order
+from lamin_io.loaders._block import delivery_order, epoch_batches, epoch_order
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -181,7 +181,109 @@ def test_collection_loader(files: Any, conn: Any) -> None:
     saved = [ln.Artifact(p, key=f"atlas/{p.name}").save() for p in paths]
     collection = ln.Collection([saved[2], saved[0]], key="atlas").save()
     x, _, _ = _truth([adatas[2], adatas[0]])
-    with collection.loader(batch_size=25, obs_keys="cell_type") as loader:
+    with collection.loader(batch_size=25, obs_keys="cell_type", num_workers=1) as loader:
         assert loader.dataset.n_obs == 120
         for batch, items in zip(loader, loader.batches(0), strict=True):
             np.testing.assert_array_equal(batch["X"].numpy(), x[items])
+
+
+def test_delivery_order_takes_a_batch_from_each_worker_in_turn() -> None:
+    batches = [np.array([i]) for i in range(7)]  # fetches of 2: [0 1] [2 3] [4 5] [6]
+    order = [int(b[0]) for b in delivery_order(batches, 2, 2)]
+    assert order == [0, 2, 1, 3, 4, 6, 5]  # worker 0: 0 1 4 5; worker 1: 2 3 6
+    assert [int(b[0]) for b in delivery_order(batches, 2, 0)] == list(range(7))
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_workers_yield_the_planned_batches(files: Any, method: str) -> None:
+    paths, adatas = files
+    x, labels, _ = _truth(adatas)
+    with BlockLoader(paths, batch_size=10, block_size=4, fetch_factor=2,
+                     obs_keys=["cell_type"], num_workers=2,
+                     multiprocessing_context=method) as loader:
+        decode = {v: k for k, v in loader.dataset.encoders["cell_type"].items()}
+        got = list(loader)
+        want = loader.batches(0)
+        assert len(got) == len(want) == len(loader)
+        for batch, items in zip(got, want, strict=True):
+            np.testing.assert_array_equal(batch["X"].numpy(), x[items])
+            assert [decode[int(v)] for v in batch["cell_type"]] == labels[items].tolist()
+        assert sorted(np.concatenate(want).tolist()) == list(range(165))
+        # the next epoch, from new workers, is another order of the same cells
+        again = np.concatenate(loader.batches(1))
+        assert sum(len(b["X"]) for b in loader) == 165
+        assert not np.array_equal(again, np.concatenate(want))
+
+
+def _cells(batch: dict[str, Any], where: dict[tuple[float, ...], int]) -> list[int]:
+    """The collection positions of a batch's cells (told apart by their random obsm row)."""
+    return [where[tuple(row)] for row in batch["obsm_X_pca"].numpy().tolist()]
+
+
+def _stop_after(loader: BlockLoader, n: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    it = iter(loader)
+    got = [next(it) for _ in range(n)]
+    state = loader.state_dict()
+    it.close()  # (the run stops here, as at a crash after a checkpoint)
+    return got, state
+
+
+@pytest.mark.parametrize(("workers", "n"), [(0, 0), (0, 4), (0, 6), (2, 5), (2, 1)])
+def test_resume_with_the_same_workers_yields_the_rest_exactly(files: Any, workers: int,
+                                                               n: int) -> None:
+    paths, adatas = files
+    _, _, pca = _truth(adatas)
+    where = {tuple(row): i for i, row in enumerate(pca.tolist())}
+    settings = {"batch_size": 10, "block_size": 4, "fetch_factor": 3, "seed": 9,
+                "obsm_keys": ["X_pca"], "num_workers": workers,
+                "multiprocessing_context": "fork"}
+    with BlockLoader(paths, **settings) as loader:
+        loader.set_epoch(2)
+        whole = [_cells(b, where) for b in loader]
+    with BlockLoader(paths, **settings) as first:
+        first.set_epoch(2)
+        got, state = _stop_after(first, n)
+        assert [_cells(b, where) for b in got] == whole[:n]
+    assert state["epoch"] == 2
+    assert state["runs"] == [[n, workers]]
+    with BlockLoader(paths, **settings) as second:
+        second.load_state_dict(state)
+        assert [_cells(b, where) for b in second] == whole[n:]
+        assert second.state_dict()["epoch"] == 3  # the epoch is done: the next one starts
+
+
+@pytest.mark.parametrize("runs", [[(0, 7), (2, None)], [(2, 5), (0, None)],
+                                  [(0, 3), (2, 4), (0, None)]])
+def test_resume_with_other_workers_yields_exactly_the_cells_left(files: Any,
+                                                                  runs: list[Any]) -> None:
+    paths, adatas = files
+    _, _, pca = _truth(adatas)
+    where = {tuple(row): i for i, row in enumerate(pca.tolist())}
+    settings = {"batch_size": 10, "block_size": 4, "fetch_factor": 3, "seed": 1,
+                "obsm_keys": ["X_pca"], "multiprocessing_context": "fork"}
+    seen: list[int] = []
+    state = None
+    for workers, n in runs:
+        with BlockLoader(paths, num_workers=workers, **settings) as loader:
+            if state is not None:
+                loader.load_state_dict(state)
+            if n is None:  # the last run goes to the end of the epoch
+                seen += [c for b in loader for c in _cells(b, where)]
+            else:
+                got, state = _stop_after(loader, n)
+                seen += [c for b in got for c in _cells(b, where)]
+    assert sorted(seen) == list(range(165))  # every cell once: none twice, none missing
+
+
+def test_a_state_of_other_settings_is_refused(files: Any) -> None:
+    paths, _ = files
+    with BlockLoader(paths, batch_size=10, seed=1) as loader:
+        state = loader.state_dict()
+        assert state == {"epoch": 0, "runs": [], "fingerprint": state["fingerprint"]}
+    for other in ({"seed": 2}, {"obs_filter": {"donor": "d1"}}, {"shuffle": "random"}):
+        with BlockLoader(paths, **{"batch_size": 10, "seed": 1, **other}) as loader, \
+                pytest.raises(errors.InvalidArgumentError, match="another collection"):
+            loader.load_state_dict(state)
+    with BlockLoader(paths[:2], batch_size=10, seed=1) as loader, \
+            pytest.raises(errors.InvalidArgumentError, match="another collection"):
+        loader.load_state_dict(state)

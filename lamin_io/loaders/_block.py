@@ -11,7 +11,6 @@ fetch) and hands out its batches while the next fetch is read.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,9 +21,9 @@ from lamin_io.errors import InvalidArgumentError
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
-    from lamin_io.loaders._mapped import Batch, MappedCollection
+    from lamin_io.loaders._mapped import MappedCollection
 
-__all__ = ["BlockLoader", "epoch_batches", "epoch_order"]
+__all__ = ["BlockLoader", "Plan", "delivery_order", "epoch_batches", "epoch_order"]
 
 #: Default neighbouring items a block (see :class:`BlockLoader`).
 BLOCK_SIZE = 16
@@ -83,6 +82,88 @@ def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, key: int,
     return batches
 
 
+def delivery_order(batches: list[np.ndarray], fetch_factor: int, workers: int
+                   ) -> list[np.ndarray]:
+    """Return ``batches`` in the order a DataLoader with ``workers`` processes yields them.
+
+    Worker ``w`` reads fetches ``w, w + workers, ...`` and yields their batches in turn;
+    torch takes one batch from each worker that still has some, round and round.
+    """
+    if workers <= 1:
+        return list(batches)
+    fetches = [batches[i:i + fetch_factor] for i in range(0, len(batches), fetch_factor)]
+    streams = [[b for fetch in fetches[w::workers] for b in fetch] for w in range(workers)]
+    out: list[np.ndarray] = []
+    for i in range(max(len(stream) for stream in streams)):
+        out.extend(stream[i] for stream in streams if i < len(stream))
+    return out
+
+
+class Plan:
+    """What an epoch still has to yield: fetches of batches, and each worker's share.
+
+    ``streams[w]`` lists ``(fetch, first batch)`` for worker ``w`` (one stream without
+    workers); a DataLoader takes a batch from each worker in turn (:meth:`order`).
+    """
+
+    def __init__(self, fetches: list[list[np.ndarray]], streams: list[list[tuple[int, int]]]
+                 ) -> None:
+        self.fetches, self.streams = fetches, streams
+
+    @classmethod
+    def fresh(cls, batches: list[np.ndarray], fetch_factor: int, workers: int) -> Plan:
+        """Batches cut into fetches; worker ``w`` takes fetches ``w, w + workers, ...``."""
+        fetches = [batches[i:i + fetch_factor] for i in range(0, len(batches), fetch_factor)]
+        roles = max(workers, 1)
+        return cls(fetches, [[(f, 0) for f in range(w, len(fetches), roles)]
+                             for w in range(roles)])
+
+    def _stream_batches(self) -> list[list[tuple[int, int]]]:
+        return [[(f, b) for f, start in stream for b in range(start, len(self.fetches[f]))]
+                for stream in self.streams]
+
+    def order(self) -> list[tuple[int, int]]:
+        """``(fetch, batch)`` of every batch left, in the order they are yielded."""
+        streams = self._stream_batches()
+        return [stream[i] for i in range(max(map(len, streams), default=0))
+                for stream in streams if i < len(stream)]
+
+    def batches(self) -> list[np.ndarray]:
+        """Return the items of every batch left, in the order they are yielded."""
+        return [self.fetches[f][b] for f, b in self.order()]
+
+    def after(self, n: int) -> Plan:
+        """Return the plan once its first ``n`` batches were yielded (the same workers).
+
+        Each worker skips what it yielded, and the workers' roles turn so that the worker
+        whose batch came next comes first: the rest is yielded exactly as it would have been.
+        """
+        order = self.order()
+        if n >= len(order):
+            return Plan(self.fetches, [[] for _ in self.streams])
+        streams = self._stream_batches()
+        done = [0] * len(streams)
+        owner = {fb: s for s, stream in enumerate(streams) for fb in stream}
+        for fb in order[:n]:
+            done[owner[fb]] += 1
+        first = owner[order[n]]
+        rest: list[list[tuple[int, int]]] = []
+        for k in range(len(streams)):
+            left = streams[(first + k) % len(streams)][done[(first + k) % len(streams)]:]
+            starts: dict[int, int] = {}
+            for f, b in left:
+                starts.setdefault(f, b)
+            rest.append(list(starts.items()))
+        return Plan(self.fetches, rest)
+
+    def regroup(self, batch_size: int, fetch_factor: int, workers: int) -> Plan:
+        """Return the cells left, in order, cut into batches and fetches for ``workers``."""
+        left = self.batches()
+        cells = np.concatenate(left) if left else np.empty(0, dtype=np.int64)
+        batches = [cells[i:i + batch_size] for i in range(0, len(cells), batch_size)]
+        return Plan.fresh(batches, fetch_factor, workers)
+
+
 def _mode(shuffle: str | bool) -> int:  # noqa: FBT001 (torch's shuffle=True|False)
     if shuffle is True:
         shuffle = "block"
@@ -98,7 +179,9 @@ class BlockLoader:
     Iterate it as a ``DataLoader``: each batch is the dict :func:`lamin_io.loaders.collate`
     makes (``"X"`` and the other layers as dense tensors, or torch sparse CSR with
     ``sparse=True``; encoded obs keys as int64; ``obsm_<key>``; ``"_store_idx"``).
-    Each new iteration is the next epoch (or the one :meth:`set_epoch` gave).
+    Each new iteration is the next epoch (or the one :meth:`set_epoch` gave). This object
+    counts the batches it hands over: :meth:`state_dict` and :meth:`load_state_dict` resume
+    an epoch where it stopped, with the same or another number of workers.
 
     Parameters
     ----------
@@ -120,6 +203,10 @@ class BlockLoader:
         Leave out the last batch of an epoch when it is shorter.
     sparse
         Layers as torch sparse CSR tensors instead of dense ones.
+    num_workers, multiprocessing_context
+        DataLoader worker processes (each reads whole fetches: worker ``w`` takes fetches
+        ``w, w + num_workers, ...``, and batches come from each worker in turn, see
+        :meth:`batches`) and how they start (``"fork"``, ``"spawn"``; torch's default).
 
     Examples
     --------
@@ -132,7 +219,8 @@ class BlockLoader:
     def __init__(self, source: MappedCollection | Sequence[Any], batch_size: int = 256, *,
                  shuffle: str | bool = "block", block_size: int = BLOCK_SIZE,
                  fetch_factor: int = FETCH_FACTOR, seed: int = 0, drop_last: bool = False,
-                 sparse: bool = False, **mapped: Any) -> None:
+                 sparse: bool = False, num_workers: int = 0,
+                 multiprocessing_context: str | None = None, **mapped: Any) -> None:
         from lamin_io.loaders._mapped import MappedCollection
 
         _mode(shuffle)
@@ -150,7 +238,15 @@ class BlockLoader:
         self.batch_size, self.shuffle, self.block_size = batch_size, shuffle, block_size
         self.fetch_factor, self.seed, self.drop_last = fetch_factor, seed, drop_last
         self.sparse = sparse
+        if num_workers < 0:
+            msg = f"num_workers must be 0 or more, got {num_workers}"
+            raise InvalidArgumentError(msg)
+        self.num_workers, self.multiprocessing_context = num_workers, multiprocessing_context
         self._next_epoch = 0
+        # the epoch being yielded: (epoch, [[batches yielded, workers], ...]), counted here,
+        # in the process that iterates; earlier pairs are runs it was resumed from
+        self._progress: tuple[int, list[list[int]]] | None = None
+        self._resume: tuple[int, list[list[int]]] | None = None
 
     def __len__(self) -> int:
         """Batches an epoch."""
@@ -160,9 +256,66 @@ class BlockLoader:
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration epoch ``epoch`` (later ones follow it)."""
         self._next_epoch = int(epoch)
+        self._resume = None
 
     def batches(self, epoch: int) -> list[np.ndarray]:
-        """Return the collection's items (positions) of each batch of epoch ``epoch``."""
+        """Return the collection's items (positions) of each batch of epoch ``epoch``.
+
+        In the order they are yielded (with workers: a batch from each in turn).
+        """
+        return Plan.fresh(self._plan(epoch), self.fetch_factor, self.num_workers).batches()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return where the loader is: the epoch, the batches yielded of it, a fingerprint.
+
+        Taken between batches (e.g. with a checkpoint), :meth:`load_state_dict` of a new
+        loader over the same collection and settings goes on from there: with the same
+        number of workers, with exactly the batches the run would have yielded next;
+        with another, with exactly the cells it had not yielded yet.
+        """
+        if self._progress is None:
+            epoch, runs = self._next_epoch, []
+            if self._resume is not None and self._resume[0] == epoch:
+                runs = [list(r) for r in self._resume[1]]
+        else:
+            epoch, runs = self._progress[0], [list(r) for r in self._progress[1]]
+        return {"epoch": epoch, "runs": runs, "fingerprint": self._fingerprint()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Go on from :meth:`state_dict`'s state (at the next iteration).
+
+        Raises :class:`~lamin_io.errors.InvalidArgumentError` for a state of another
+        collection, filter, seed or order setting.
+        """
+        if not isinstance(state, dict) or state.get("fingerprint") != self._fingerprint():
+            msg = ("this state is of another collection, filter, seed, batch size or shuffle "
+                   "setting: resume with the loader it was taken from")
+            raise InvalidArgumentError(msg)
+        self._next_epoch = int(state["epoch"])
+        self._resume = (self._next_epoch, [[int(n), int(w)] for n, w in state["runs"]])
+
+    def _fingerprint(self) -> str:
+        import hashlib
+
+        what = (int(self.dataset.order_key), self.dataset.n_obs,
+                hashlib.sha256(np.ascontiguousarray(self.dataset.indices).tobytes()
+                               ).hexdigest(), self.seed, str(self.shuffle),
+                self.block_size, self.fetch_factor, self.batch_size, self.drop_last)
+        return hashlib.sha256(repr(what).encode()).hexdigest()[:16]
+
+    def _epoch_plan(self, epoch: int, runs: list[list[int]]) -> Plan:
+        """Return epoch ``epoch``'s plan after ``runs`` (batches yielded, workers) of it."""
+        workers = runs[0][1] if runs else self.num_workers
+        plan = Plan.fresh(self._plan(epoch), self.fetch_factor, workers)
+        for n, run_workers in runs:
+            if max(run_workers, 1) != len(plan.streams):
+                plan = plan.regroup(self.batch_size, self.fetch_factor, run_workers)
+            plan = plan.after(n)
+        if max(self.num_workers, 1) != len(plan.streams):
+            plan = plan.regroup(self.batch_size, self.fetch_factor, self.num_workers)
+        return plan
+
+    def _plan(self, epoch: int) -> list[np.ndarray]:
         return epoch_batches(self.dataset.n_obs, self.batch_size, seed=self.seed,
                              epoch=epoch, key=int(self.dataset.order_key),
                              shuffle=self.shuffle, block_size=self.block_size,
@@ -171,34 +324,30 @@ class BlockLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = self._next_epoch
         self._next_epoch = epoch + 1
-        return self._epoch(epoch)
+        runs: list[list[int]] = []
+        if self._resume is not None and self._resume[0] == epoch:
+            runs = self._resume[1]
+        self._resume = None
+        this = [0, self.num_workers]  # batches handed over, by this many workers
+        self._progress = (epoch, [*runs, this])
+        return self._counted(self._epoch_plan(epoch, runs), this)
 
-    def _epoch(self, epoch: int) -> Iterator[dict[str, Any]]:
-        from lamin_io.loaders._collate import collate
+    def _counted(self, plan: Plan, this: list[int]) -> Iterator[dict[str, Any]]:
+        """Yield the plan's batches, counting each before it is handed over."""
+        from lamin_io.loaders._fetches import Fetches
 
-        batches = self.batches(epoch)
-        fetches = [batches[i:i + self.fetch_factor]
-                   for i in range(0, len(batches), self.fetch_factor)]
-        with ThreadPoolExecutor(1, thread_name_prefix="lamin-io-fetch") as pool:
-            ahead: Future[tuple[Batch, np.ndarray]] | None = (
-                pool.submit(self._read, fetches[0]) if fetches else None)
-            try:
-                for f in range(len(fetches)):
-                    assert ahead is not None  # noqa: S101
-                    read, items = ahead.result()
-                    ahead = pool.submit(self._read, fetches[f + 1]) if f + 1 < len(
-                        fetches) else None  # read while this fetch's batches are used
-                    for batch in fetches[f]:
-                        yield collate(read.select(np.searchsorted(items, batch)),
-                                      sparse=self.sparse)
-            finally:  # (stopped early: a fetch not begun is not read)
-                if ahead is not None:
-                    ahead.cancel()
+        fetches = Fetches(self.dataset, plan, sparse=self.sparse)
+        if self.num_workers == 0:
+            source: Iterator[dict[str, Any]] = fetches.batches()
+        else:
+            from torch.utils.data import DataLoader
 
-    def _read(self, fetch: list[np.ndarray]) -> tuple[Batch, np.ndarray]:
-        """Read a fetch's items at once, sorted (each block one contiguous read)."""
-        items = np.unique(np.concatenate(fetch))
-        return self.dataset.__getitems__(items), items
+            source = iter(DataLoader(fetches, batch_size=None, num_workers=self.num_workers,
+                                     multiprocessing_context=self.multiprocessing_context))
+        for batch in source:
+            this[0] += 1
+            yield batch
+        self._progress = None  # the epoch is done: a state now is the next one's start
 
     def close(self) -> None:
         """Close the collection's files."""

@@ -532,6 +532,7 @@ class ArtifactSet(RecordSet[Artifact]):
     def loader(self, batch_size: int = 256, *, shuffle: str | bool = "block",
                block_size: int | None = None, fetch_factor: int | None = None,
                seed: int = 0, drop_last: bool = False, sparse: bool = False,
+               num_workers: int = 0, multiprocessing_context: str | None = None,
                **mapped: Any) -> BlockLoader:
         """Return a :class:`~lamin_io.loaders.BlockLoader` over the AnnData artifacts.
 
@@ -546,7 +547,8 @@ class ArtifactSet(RecordSet[Artifact]):
         return BlockLoader(self.mapped(**mapped), batch_size, shuffle=shuffle,
                            block_size=block_size or BLOCK_SIZE,
                            fetch_factor=fetch_factor or FETCH_FACTOR, seed=seed,
-                           drop_last=drop_last, sparse=sparse)
+                           drop_last=drop_last, sparse=sparse, num_workers=num_workers,
+                           multiprocessing_context=multiprocessing_context)
 
 
 Artifact._set = ArtifactSet
