@@ -279,7 +279,8 @@ def test_a_state_of_other_settings_is_refused(files: Any) -> None:
     paths, _ = files
     with BlockLoader(paths, batch_size=10, seed=1) as loader:
         state = loader.state_dict()
-        assert state == {"epoch": 0, "runs": [], "fingerprint": state["fingerprint"]}
+        assert state == {"epoch": 0, "runs": [], "replicas": 1,
+                         "fingerprint": state["fingerprint"]}
     for other in ({"seed": 2}, {"obs_filter": {"donor": "d1"}}, {"shuffle": "random"}):
         with BlockLoader(paths, **{"batch_size": 10, "seed": 1, **other}) as loader, \
                 pytest.raises(errors.InvalidArgumentError, match="another collection"):
@@ -287,3 +288,64 @@ def test_a_state_of_other_settings_is_refused(files: Any) -> None:
     with BlockLoader(paths[:2], batch_size=10, seed=1) as loader, \
             pytest.raises(errors.InvalidArgumentError, match="another collection"):
         loader.load_state_dict(state)
+    with BlockLoader(paths, batch_size=5, seed=1, num_replicas=2, rank=0) as loader, \
+            pytest.raises(errors.InvalidArgumentError, match="1 ranks"):
+        loader.load_state_dict(state)  # (another world size: not supported yet)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("replicas", [1, 2, 3, 4])
+def test_ranks_share_each_epoch(files: Any, replicas: int, drop_last: bool) -> None:
+    paths, _ = files
+    shares = []
+    for rank in range(replicas):
+        with BlockLoader(paths, batch_size=8, block_size=4, fetch_factor=2, seed=5,
+                         drop_last=drop_last, num_replicas=replicas, rank=rank) as loader:
+            batches = loader.batches(0)
+            assert len(batches) == len(loader)
+            assert sum(len(b["_store_idx"]) for b in loader) == sum(len(b) for b in batches)
+            shares.append(np.concatenate(batches))
+    assert len({len(s) for s in shares}) == 1  # the same number of cells, hence batches
+    cells = np.concatenate(shares)
+    if drop_last:
+        assert len(np.unique(cells)) == len(cells) == 165 - 165 % (8 * replicas)
+    else:  # every cell, and only the padding twice
+        assert set(cells.tolist()) == set(range(165))
+        assert len(cells) == 165 + (-165) % replicas
+
+
+def _rank(rank: int, init: str, paths: list[str], out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        with BlockLoader(paths, batch_size=8, block_size=4, fetch_factor=2, seed=3,
+                         obsm_keys=["X_pca"]) as loader:  # ranks from torch.distributed
+            rows = [b["obsm_X_pca"].numpy().tolist() for b in loader]
+            counts: list[Any] = [None, None]
+            dist.all_gather_object(counts, len(rows))
+            assert counts[0] == counts[1] == len(loader)
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump(rows, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_with_gloo_share_the_epoch(files: Any, tmp_path: Path) -> None:
+    import json
+
+    import torch.multiprocessing as mp
+
+    paths, adatas = files
+    _, _, pca = _truth(adatas)
+    where = {tuple(row): i for i, row in enumerate(pca.tolist())}
+    mp.start_processes(_rank, args=(f"file://{tmp_path / 'rendezvous'}",
+                                    [str(p) for p in paths], str(tmp_path / "rank")),
+                       nprocs=2, join=True, start_method="spawn")
+    ranks = [[where[tuple(row)] for batch in json.loads((tmp_path / f"rank.{r}").read_text())
+              for row in batch] for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 83  # 165 cells padded to 166
+    assert set(ranks[0]) | set(ranks[1]) == set(range(165))
+    assert len(set(ranks[0]) & set(ranks[1])) <= 1  # only the padding repeats

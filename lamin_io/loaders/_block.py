@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
     from lamin_io.loaders._mapped import MappedCollection
 
-__all__ = ["BlockLoader", "Plan", "delivery_order", "epoch_batches", "epoch_order"]
+__all__ = ["BlockLoader", "Plan", "delivery_order", "epoch_batches", "epoch_order",
+           "rank_share"]
 
 #: Default neighbouring items a block (see :class:`BlockLoader`).
 BLOCK_SIZE = 16
@@ -55,22 +56,29 @@ def epoch_order(n: int, *, seed: int, epoch: int, key: int, shuffle: str | bool 
 
 def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, key: int,
                   shuffle: str | bool = "block", block_size: int = BLOCK_SIZE,
-                  fetch_factor: int = FETCH_FACTOR, drop_last: bool = False
-                  ) -> list[np.ndarray]:
+                  fetch_factor: int = FETCH_FACTOR, drop_last: bool = False,
+                  replicas: int = 1) -> list[np.ndarray]:
     """Return the items of each batch of epoch ``epoch``, in the order they are yielded.
 
     The epoch's order (:func:`epoch_order`) is cut into fetches of ``batch_size *
     fetch_factor`` items; in ``"block"`` mode each fetch's items are shuffled (from the
     seed, the epoch and the fetch's number); batches are consecutive runs of
-    ``batch_size``; ``drop_last`` leaves out a last, shorter batch.
+    ``batch_size``; ``drop_last`` leaves out a last, shorter batch. For ``replicas``
+    ranks, ``batch_size`` is the global batch (ranks x a rank's batch) and the order is
+    first padded to a multiple of the ranks by repeating its first items (those cells are
+    read twice in that epoch), unless ``drop_last``; :func:`rank_share` then gives a
+    rank its part of each batch.
     """
-    if batch_size < 1 or fetch_factor < 1:
-        msg = f"batch_size and fetch_factor must be 1 or more, got {batch_size}, {fetch_factor}"
+    if batch_size < 1 or fetch_factor < 1 or replicas < 1:
+        msg = (f"batch_size, fetch_factor and replicas must be 1 or more, got {batch_size}, "
+               f"{fetch_factor}, {replicas}")
         raise InvalidArgumentError(msg)
     order = epoch_order(n, seed=seed, epoch=epoch, key=key, shuffle=shuffle,
                         block_size=block_size)
     if drop_last:
         order = order[:n - n % batch_size]
+    elif n and n % replicas:
+        order = np.concatenate([order, np.resize(order, replicas - n % replicas)])
     fetch = batch_size * fetch_factor
     batches: list[np.ndarray] = []
     for f, start in enumerate(range(0, len(order), fetch)):
@@ -80,6 +88,11 @@ def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, key: int,
                 len(items))]
         batches.extend(items[b:b + batch_size] for b in range(0, len(items), batch_size))
     return batches
+
+
+def rank_share(batches: list[np.ndarray], replicas: int, rank: int) -> list[np.ndarray]:
+    """Return rank ``rank``'s part of each global batch (each a multiple of the ranks)."""
+    return [b.reshape(replicas, -1)[rank] for b in batches]
 
 
 def delivery_order(batches: list[np.ndarray], fetch_factor: int, workers: int
@@ -203,6 +216,10 @@ class BlockLoader:
         Leave out the last batch of an epoch when it is shorter.
     sparse
         Layers as torch sparse CSR tensors instead of dense ones.
+    num_replicas, rank
+        Ranks of ``torch.distributed`` and this one (by default from it; one rank where
+        it is not running). ``batch_size`` is a rank's; every rank gets the same number
+        of batches, its part of each global batch (padding as :func:`epoch_batches`).
     num_workers, multiprocessing_context
         DataLoader worker processes (each reads whole fetches: worker ``w`` takes fetches
         ``w, w + num_workers, ...``, and batches come from each worker in turn, see
@@ -220,8 +237,10 @@ class BlockLoader:
                  shuffle: str | bool = "block", block_size: int = BLOCK_SIZE,
                  fetch_factor: int = FETCH_FACTOR, seed: int = 0, drop_last: bool = False,
                  sparse: bool = False, num_workers: int = 0,
-                 multiprocessing_context: str | None = None, **mapped: Any) -> None:
+                 multiprocessing_context: str | None = None, num_replicas: int | None = None,
+                 rank: int | None = None, **mapped: Any) -> None:
         from lamin_io.loaders._mapped import MappedCollection
+        from lamin_io.loaders._sampler import _world
 
         _mode(shuffle)
         if batch_size < 1 or fetch_factor < 1 or block_size < 1:
@@ -242,6 +261,14 @@ class BlockLoader:
             msg = f"num_workers must be 0 or more, got {num_workers}"
             raise InvalidArgumentError(msg)
         self.num_workers, self.multiprocessing_context = num_workers, multiprocessing_context
+        if num_replicas is None or rank is None:
+            world, this_rank = _world()
+            num_replicas = world if num_replicas is None else num_replicas
+            rank = this_rank if rank is None else rank
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            msg = f"rank {rank} is not one of {num_replicas} ranks: give 0 <= rank < ranks"
+            raise InvalidArgumentError(msg)
+        self.num_replicas, self.rank = num_replicas, rank
         self._next_epoch = 0
         # the epoch being yielded: (epoch, [[batches yielded, workers], ...]), counted here,
         # in the process that iterates; earlier pairs are runs it was resumed from
@@ -249,9 +276,12 @@ class BlockLoader:
         self._resume: tuple[int, list[list[int]]] | None = None
 
     def __len__(self) -> int:
-        """Batches an epoch."""
-        n = self.dataset.n_obs
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        """Batches an epoch (of this rank)."""
+        n, global_batch = self.dataset.n_obs, self.batch_size * self.num_replicas
+        if self.drop_last:
+            return n // global_batch
+        per_rank = -(-n // self.num_replicas)  # (padded to a multiple of the ranks)
+        return -(-per_rank // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration epoch ``epoch`` (later ones follow it)."""
@@ -279,7 +309,8 @@ class BlockLoader:
                 runs = [list(r) for r in self._resume[1]]
         else:
             epoch, runs = self._progress[0], [list(r) for r in self._progress[1]]
-        return {"epoch": epoch, "runs": runs, "fingerprint": self._fingerprint()}
+        return {"epoch": epoch, "runs": runs, "replicas": self.num_replicas,
+                "fingerprint": self._fingerprint()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Go on from :meth:`state_dict`'s state (at the next iteration).
@@ -291,6 +322,10 @@ class BlockLoader:
             msg = ("this state is of another collection, filter, seed, batch size or shuffle "
                    "setting: resume with the loader it was taken from")
             raise InvalidArgumentError(msg)
+        if int(state.get("replicas", 1)) != self.num_replicas:
+            msg = (f"this state was taken with {state.get('replicas', 1)} ranks: resume with "
+                   f"as many (resuming with another number of ranks is not supported yet)")
+            raise InvalidArgumentError(msg)
         self._next_epoch = int(state["epoch"])
         self._resume = (self._next_epoch, [[int(n), int(w)] for n, w in state["runs"]])
 
@@ -300,7 +335,8 @@ class BlockLoader:
         what = (int(self.dataset.order_key), self.dataset.n_obs,
                 hashlib.sha256(np.ascontiguousarray(self.dataset.indices).tobytes()
                                ).hexdigest(), self.seed, str(self.shuffle),
-                self.block_size, self.fetch_factor, self.batch_size, self.drop_last)
+                self.block_size, self.fetch_factor, self.batch_size * self.num_replicas,
+                self.drop_last)  # (the global batch: what ranks share)
         return hashlib.sha256(repr(what).encode()).hexdigest()[:16]
 
     def _epoch_plan(self, epoch: int, runs: list[list[int]]) -> Plan:
@@ -316,10 +352,13 @@ class BlockLoader:
         return plan
 
     def _plan(self, epoch: int) -> list[np.ndarray]:
-        return epoch_batches(self.dataset.n_obs, self.batch_size, seed=self.seed,
-                             epoch=epoch, key=int(self.dataset.order_key),
-                             shuffle=self.shuffle, block_size=self.block_size,
-                             fetch_factor=self.fetch_factor, drop_last=self.drop_last)
+        """Return this rank's batches of epoch ``epoch``, fetch by fetch."""
+        batches = epoch_batches(
+            self.dataset.n_obs, self.batch_size * self.num_replicas, seed=self.seed,
+            epoch=epoch, key=int(self.dataset.order_key), shuffle=self.shuffle,
+            block_size=self.block_size, fetch_factor=self.fetch_factor,
+            drop_last=self.drop_last, replicas=self.num_replicas)
+        return rank_share(batches, self.num_replicas, self.rank)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = self._next_epoch
