@@ -245,7 +245,7 @@ def test_resume_with_the_same_workers_yields_the_rest_exactly(files: Any, worker
         got, state = _stop_after(first, n)
         assert [_cells(b, where) for b in got] == whole[:n]
     assert state["epoch"] == 2
-    assert state["runs"] == [[n, workers]]
+    assert state["runs"] == [[n, workers, 1]]
     with BlockLoader(paths, **settings) as second:
         second.load_state_dict(state)
         assert [_cells(b, where) for b in second] == whole[n:]
@@ -279,8 +279,7 @@ def test_a_state_of_other_settings_is_refused(files: Any) -> None:
     paths, _ = files
     with BlockLoader(paths, batch_size=10, seed=1) as loader:
         state = loader.state_dict()
-        assert state == {"epoch": 0, "runs": [], "replicas": 1,
-                         "fingerprint": state["fingerprint"]}
+        assert state == {"epoch": 0, "runs": [], "fingerprint": state["fingerprint"]}
     for other in ({"seed": 2}, {"obs_filter": {"donor": "d1"}}, {"shuffle": "random"}):
         with BlockLoader(paths, **{"batch_size": 10, "seed": 1, **other}) as loader, \
                 pytest.raises(errors.InvalidArgumentError, match="another collection"):
@@ -288,9 +287,9 @@ def test_a_state_of_other_settings_is_refused(files: Any) -> None:
     with BlockLoader(paths[:2], batch_size=10, seed=1) as loader, \
             pytest.raises(errors.InvalidArgumentError, match="another collection"):
         loader.load_state_dict(state)
-    with BlockLoader(paths, batch_size=5, seed=1, num_replicas=2, rank=0) as loader, \
-            pytest.raises(errors.InvalidArgumentError, match="1 ranks"):
-        loader.load_state_dict(state)  # (another world size: not supported yet)
+    with BlockLoader(paths, batch_size=10, seed=1, num_replicas=2, rank=0) as loader, \
+            pytest.raises(errors.InvalidArgumentError, match="another collection"):
+        loader.load_state_dict(state)  # (2 ranks of 10: another global batch)
 
 
 @pytest.mark.parametrize("drop_last", [False, True])
@@ -349,3 +348,36 @@ def test_two_ranks_with_gloo_share_the_epoch(files: Any, tmp_path: Path) -> None
     assert len(ranks[0]) == len(ranks[1]) == 83  # 165 cells padded to 166
     assert set(ranks[0]) | set(ranks[1]) == set(range(165))
     assert len(set(ranks[0]) & set(ranks[1])) <= 1  # only the padding repeats
+
+
+@pytest.mark.parametrize(("first", "then"), [((1, 0, 4), (2, 0)), ((2, 2, 3), (1, 0)),
+                                             ((3, 0, 2), (2, 2)), ((2, 0, 0), (3, 0))])
+def test_resume_with_other_ranks_yields_exactly_the_cells_left(files: Any, first: Any,
+                                                                then: Any) -> None:
+    paths, adatas = files
+    _, _, pca = _truth(adatas)
+    where = {tuple(row): i for i, row in enumerate(pca.tolist())}
+    settings = {"block_size": 4, "fetch_factor": 2, "seed": 2, "obsm_keys": ["X_pca"],
+                "multiprocessing_context": "fork"}
+    global_batch = 12  # the same in both runs: ranks x a rank's batch
+    (ranks, workers, n), (ranks_then, workers_then) = first, then
+    seen: list[int] = []
+    for rank in range(ranks):  # every rank stops after n batches (as after a checkpoint)
+        with BlockLoader(paths, batch_size=global_batch // ranks, num_replicas=ranks,
+                         rank=rank, num_workers=workers, **settings) as loader:
+            got, state = _stop_after(loader, n)
+            seen += [c for b in got for c in _cells(b, where)]
+    assert state["runs"] == [[n, workers, ranks]]
+    counts = set()
+    for rank in range(ranks_then):
+        with BlockLoader(paths, batch_size=global_batch // ranks_then,
+                         num_replicas=ranks_then, rank=rank, num_workers=workers_then,
+                         **settings) as loader:
+            loader.load_state_dict(state)
+            rest = [_cells(b, where) for b in loader]
+            counts.add(len(rest))
+            seen += [c for b in rest for c in b]
+    assert len(counts) == 1  # every rank: as many batches
+    assert set(seen) == set(range(165))  # none missing
+    padding = (-165) % ranks + ranks_then  # at most: each run's padding
+    assert len(seen) - 165 <= padding  # none twice but for the padding

@@ -270,8 +270,8 @@ class BlockLoader:
             raise InvalidArgumentError(msg)
         self.num_replicas, self.rank = num_replicas, rank
         self._next_epoch = 0
-        # the epoch being yielded: (epoch, [[batches yielded, workers], ...]), counted here,
-        # in the process that iterates; earlier pairs are runs it was resumed from
+        # the epoch being yielded: (epoch, [[batches yielded, workers, ranks], ...]), counted
+        # here, in the process that iterates; earlier entries are runs it was resumed from
         self._progress: tuple[int, list[list[int]]] | None = None
         self._resume: tuple[int, list[list[int]]] | None = None
 
@@ -309,8 +309,7 @@ class BlockLoader:
                 runs = [list(r) for r in self._resume[1]]
         else:
             epoch, runs = self._progress[0], [list(r) for r in self._progress[1]]
-        return {"epoch": epoch, "runs": runs, "replicas": self.num_replicas,
-                "fingerprint": self._fingerprint()}
+        return {"epoch": epoch, "runs": runs, "fingerprint": self._fingerprint()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Go on from :meth:`state_dict`'s state (at the next iteration).
@@ -322,12 +321,8 @@ class BlockLoader:
             msg = ("this state is of another collection, filter, seed, batch size or shuffle "
                    "setting: resume with the loader it was taken from")
             raise InvalidArgumentError(msg)
-        if int(state.get("replicas", 1)) != self.num_replicas:
-            msg = (f"this state was taken with {state.get('replicas', 1)} ranks: resume with "
-                   f"as many (resuming with another number of ranks is not supported yet)")
-            raise InvalidArgumentError(msg)
         self._next_epoch = int(state["epoch"])
-        self._resume = (self._next_epoch, [[int(n), int(w)] for n, w in state["runs"]])
+        self._resume = (self._next_epoch, [[int(v) for v in run] for run in state["runs"]])
 
     def _fingerprint(self) -> str:
         import hashlib
@@ -340,25 +335,60 @@ class BlockLoader:
         return hashlib.sha256(repr(what).encode()).hexdigest()[:16]
 
     def _epoch_plan(self, epoch: int, runs: list[list[int]]) -> Plan:
-        """Return epoch ``epoch``'s plan after ``runs`` (batches yielded, workers) of it."""
-        workers = runs[0][1] if runs else self.num_workers
-        plan = Plan.fresh(self._plan(epoch), self.fetch_factor, workers)
-        for n, run_workers in runs:
-            if max(run_workers, 1) != len(plan.streams):
-                plan = plan.regroup(self.batch_size, self.fetch_factor, run_workers)
-            plan = plan.after(n)
-        if max(self.num_workers, 1) != len(plan.streams):
-            plan = plan.regroup(self.batch_size, self.fetch_factor, self.num_workers)
-        return plan
+        """Return what this rank yields of epoch ``epoch`` after ``runs`` of it."""
+        return self._plan_for(epoch, runs, self.num_workers, self.num_replicas, self.rank)
 
-    def _plan(self, epoch: int) -> list[np.ndarray]:
-        """Return this rank's batches of epoch ``epoch``, fetch by fetch."""
+    def _plan_for(self, epoch: int, runs: list[list[int]], workers: int, replicas: int,
+                  rank: int) -> Plan:
+        """Return rank ``rank``'s plan (of ``replicas``, ``workers`` each) after ``runs``.
+
+        ``runs`` are ``[batches yielded, workers, ranks]`` of the runs the epoch went
+        through. After a run with the same ranks, each rank goes on from its own plan: the
+        same workers yield exactly the rest, others the rest regrouped. After a run with
+        other ranks, the cells no rank yielded (in the order of that run's batches, a batch
+        from each rank in turn) are made this run's sequence, padded and shared anew.
+        """
+        if not runs:
+            return Plan.fresh(self._plan(epoch, replicas, rank), self.fetch_factor, workers)
+        *before, (n, run_workers, run_replicas) = runs
+        global_batch = self.batch_size * self.num_replicas  # (the same in every run)
+        if run_replicas == replicas:
+            plan = self._plan_for(epoch, before, run_workers, replicas, rank).after(n)
+            if max(run_workers, 1) != max(workers, 1):
+                plan = plan.regroup(global_batch // replicas, self.fetch_factor, workers)
+            return plan
+        given: set[int] = set()
+        left: list[list[np.ndarray]] = []
+        for r in range(run_replicas):
+            plan = self._plan_for(epoch, before, run_workers, run_replicas, r)
+            batches = plan.batches()
+            given.update(int(c) for b in batches[:n] for c in b)
+            left.append(batches[n:])
+        order: list[int] = []
+        for i in range(max(map(len, left), default=0)):
+            order.extend(int(c) for rank_left in left if i < len(rank_left)
+                         for c in rank_left[i])
+        cells = np.array(list(dict.fromkeys(c for c in order if c not in given)),
+                         dtype=np.int64)
+        if len(cells) % replicas and not self.drop_last:
+            cells = np.concatenate([cells, np.resize(cells, replicas - len(cells) % replicas)])
+        if self.drop_last:
+            cells = cells[:len(cells) - len(cells) % global_batch]
+        batches = [cells[i:i + global_batch] for i in range(0, len(cells), global_batch)]
+        return Plan.fresh(rank_share(batches, replicas, rank), self.fetch_factor, workers)
+
+    def _plan(self, epoch: int, replicas: int | None = None, rank: int | None = None
+              ) -> list[np.ndarray]:
+        """Return a rank's batches of epoch ``epoch`` (this one's by default)."""
+        replicas = self.num_replicas if replicas is None else replicas
+        rank = self.rank if rank is None else rank
+        global_batch = self.batch_size * self.num_replicas  # (what every run keeps)
         batches = epoch_batches(
-            self.dataset.n_obs, self.batch_size * self.num_replicas, seed=self.seed,
-            epoch=epoch, key=int(self.dataset.order_key), shuffle=self.shuffle,
+            self.dataset.n_obs, global_batch, seed=self.seed, epoch=epoch,
+            key=int(self.dataset.order_key), shuffle=self.shuffle,
             block_size=self.block_size, fetch_factor=self.fetch_factor,
-            drop_last=self.drop_last, replicas=self.num_replicas)
-        return rank_share(batches, self.num_replicas, self.rank)
+            drop_last=self.drop_last, replicas=replicas)
+        return rank_share(batches, replicas, rank)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = self._next_epoch
@@ -367,7 +397,8 @@ class BlockLoader:
         if self._resume is not None and self._resume[0] == epoch:
             runs = self._resume[1]
         self._resume = None
-        this = [0, self.num_workers]  # batches handed over, by this many workers
+        # batches handed over, by this many workers and ranks
+        this = [0, self.num_workers, self.num_replicas]
         self._progress = (epoch, [*runs, this])
         return self._counted(self._epoch_plan(epoch, runs), this)
 
