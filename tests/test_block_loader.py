@@ -381,3 +381,67 @@ def test_resume_with_other_ranks_yields_exactly_the_cells_left(files: Any, first
     assert set(seen) == set(range(165))  # none missing
     padding = (-165) % ranks + ranks_then  # at most: each run's padding
     assert len(seen) - 165 <= padding  # none twice but for the padding
+
+
+def _off_by(shares: np.ndarray, target: np.ndarray, n_eff: float) -> np.ndarray:
+    """How many standard errors each class's share lies from its target."""
+    return np.abs(shares - target) / np.sqrt(target * (1 - target) / n_eff)
+
+
+@pytest.mark.parametrize("shuffle", ["block", "random"])
+def test_weighted_draws_give_every_class_its_share(shuffle: str) -> None:
+    # classes in runs of very unequal length: 40 cells, 2,000 in runs of 7, the rest
+    labels = np.full(200_000, 2)
+    labels[1000:1040] = 0
+    for start in range(5000, 5000 + 2000 // 7 * 50, 50):
+        labels[start:start + 7] = 1
+    counts = np.bincount(labels)
+    weights = (1.0 / counts)[labels] * np.array([1.0, 1.0, 2.0])[labels]  # C: twice
+    target = np.array([1.0, 1.0, 2.0]) / 4
+    draws, block = 1_000_000, 16
+    order = epoch_order(len(labels), seed=0, epoch=0, key=1, shuffle=shuffle,
+                        block_size=block, weights=weights, num_samples=draws)
+    assert len(order) == draws
+    n_eff = draws / block  # draws counted as if a block were one (a block scheme's error)
+    shares = np.bincount(labels[order], minlength=3) / draws
+    assert np.all(_off_by(shares, target, n_eff) < 4)
+    # the check has teeth: a sampler giving class 0 twice its weight fails it
+    biased = weights * np.where(labels == 0, 2.0, 1.0)
+    wrong = epoch_order(len(labels), seed=0, epoch=0, key=1, shuffle=shuffle,
+                        block_size=block, weights=biased, num_samples=draws)
+    assert np.any(_off_by(np.bincount(labels[wrong], minlength=3) / draws, target,
+                          n_eff) >= 4)
+    if shuffle == "block":  # draws of a block lie together
+        blocks = order // block
+        assert np.count_nonzero(np.diff(blocks)) + 1 == len(np.unique(blocks))
+
+
+def test_weighted_loader_reads_the_drawn_cells(files: Any) -> None:
+    paths, adatas = files
+    x, labels, pca = _truth(adatas)
+    where = {tuple(row): i for i, row in enumerate(pca.tolist())}
+    with MappedCollection(paths, obs_keys=["cell_type"], obsm_keys=["X_pca"]) as ds:
+        weights = ds.get_label_weights("cell_type")
+        loader = BlockLoader(ds, batch_size=16, block_size=4, fetch_factor=2, seed=3,
+                             weights=weights, num_samples=300)
+        assert len(loader) == -(-300 // 16)
+        got = list(loader)
+        want = loader.batches(0)
+        for batch, items in zip(got, want, strict=True):
+            np.testing.assert_array_equal(batch["X"].numpy(), x[items])
+        cells = np.concatenate(want)
+        assert len(cells) == 300
+        assert len(np.unique(cells)) < 300  # drawn with replacement
+        # a stop and a resume with workers: the rest of the same draws
+        first = BlockLoader(ds, batch_size=16, block_size=4, fetch_factor=2, seed=3,
+                            weights=weights, num_samples=300)
+        some, state = _stop_after(first, 5)
+        second = BlockLoader(ds, batch_size=16, block_size=4, fetch_factor=2, seed=3,
+                             weights=weights, num_samples=300, num_workers=2,
+                             multiprocessing_context="fork")
+        second.load_state_dict(state)
+        resumed = [where[tuple(r)] for b in [*some, *second] for r in
+                   b["obsm_X_pca"].numpy().tolist()]
+        assert sorted(resumed) == sorted(cells.tolist())  # every draw, once
+    with pytest.raises(errors.InvalidArgumentError, match="weights"):
+        BlockLoader(paths, weights=np.ones(3))

@@ -11,6 +11,7 @@ fetch) and hands out its batches while the next fetch is read.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,30 +35,64 @@ _MODES = {False: 0, "block": 1, "random": 2}
 
 
 def epoch_order(n: int, *, seed: int, epoch: int, key: int, shuffle: str | bool = "block",
-                block_size: int = BLOCK_SIZE) -> np.ndarray:
+                block_size: int = BLOCK_SIZE, weights: np.ndarray | None = None,
+                num_samples: int | None = None) -> np.ndarray:
     """Return epoch ``epoch``'s order of items ``0..n-1`` (a permutation of them).
 
     ``shuffle="block"``: blocks of ``block_size`` neighbouring items (the last one may be
     shorter) in random order; ``"random"``: a random permutation; ``False``: ``arange(n)``.
+    With ``weights`` (one per item, e.g. ``get_label_weights``), ``num_samples`` items
+    (default ``n``) are drawn with replacement in proportion to them, each draw on its own
+    (so every class gets its share exactly in expectation, however its items lie); in
+    ``"block"`` mode the draws are then grouped by the block they fall in, blocks in random
+    order, so that neighbouring draws are read together; ``False`` sorts them.
     The same arguments give the same order on every machine, rank and worker.
     """
     mode = _mode(shuffle)
+    if block_size < 1:
+        msg = f"block_size must be 1 or more, got {block_size}"
+        raise InvalidArgumentError(msg)
+    if weights is not None:
+        return _weighted_order(n, np.random.default_rng([seed, epoch, key, mode, 5]), mode,
+                               block_size, weights, num_samples)
     if mode == 0:
         return np.arange(n, dtype=np.int64)
     rng = np.random.default_rng([seed, epoch, key, mode])
     if mode == 2:
         return rng.permutation(n).astype(np.int64)
-    if block_size < 1:
-        msg = f"block_size must be 1 or more, got {block_size}"
-        raise InvalidArgumentError(msg)
     starts = rng.permutation(-(-n // block_size)).astype(np.int64) * block_size
     return expand(starts, np.minimum(block_size, n - starts))
+
+
+def _weighted_order(n: int, rng: np.random.Generator, mode: int, block_size: int,
+                    weights: Any, num_samples: int | None) -> np.ndarray:
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if len(w) != n or not np.all(np.isfinite(w)) or np.any(w < 0) or (n and w.sum() <= 0):
+        msg = (f"weights must be {n} finite, non-negative numbers, not all zero (one an "
+               f"item of the collection)")
+        raise InvalidArgumentError(msg)
+    size = n if num_samples is None else int(num_samples)
+    if size < 0:
+        msg = f"num_samples must be 0 or more, got {num_samples}"
+        raise InvalidArgumentError(msg)
+    if n == 0 or size == 0:
+        return np.empty(0, dtype=np.int64)
+    drawn = rng.choice(n, size=size, replace=True, p=w / w.sum()).astype(np.int64)
+    if mode == 2:
+        return drawn
+    drawn.sort()
+    if mode == 0:
+        return drawn
+    block = drawn // block_size  # draws of one block together, blocks in random order
+    rank = rng.permutation(int(block[-1]) + 1)
+    return drawn[np.argsort(rank[block], kind="stable")]
 
 
 def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, key: int,
                   shuffle: str | bool = "block", block_size: int = BLOCK_SIZE,
                   fetch_factor: int = FETCH_FACTOR, drop_last: bool = False,
-                  replicas: int = 1) -> list[np.ndarray]:
+                  replicas: int = 1, weights: np.ndarray | None = None,
+                  num_samples: int | None = None) -> list[np.ndarray]:
     """Return the items of each batch of epoch ``epoch``, in the order they are yielded.
 
     The epoch's order (:func:`epoch_order`) is cut into fetches of ``batch_size *
@@ -74,11 +109,12 @@ def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, key: int,
                f"{fetch_factor}, {replicas}")
         raise InvalidArgumentError(msg)
     order = epoch_order(n, seed=seed, epoch=epoch, key=key, shuffle=shuffle,
-                        block_size=block_size)
+                        block_size=block_size, weights=weights, num_samples=num_samples)
+    total = len(order)
     if drop_last:
-        order = order[:n - n % batch_size]
-    elif n and n % replicas:
-        order = np.concatenate([order, np.resize(order, replicas - n % replicas)])
+        order = order[:total - total % batch_size]
+    elif total % replicas:
+        order = np.concatenate([order, np.resize(order, replicas - total % replicas)])
     fetch = batch_size * fetch_factor
     batches: list[np.ndarray] = []
     for f, start in enumerate(range(0, len(order), fetch)):
@@ -216,6 +252,11 @@ class BlockLoader:
         Leave out the last batch of an epoch when it is shorter.
     sparse
         Layers as torch sparse CSR tensors instead of dense ones.
+    weights, num_samples
+        Draw ``num_samples`` items an epoch (default: as many as the collection has) with
+        replacement, in proportion to these weights (one an item; e.g.
+        ``loader.dataset.get_label_weights("cell_type")`` for balanced classes), instead
+        of each item once; see :func:`epoch_order`.
     num_replicas, rank
         Ranks of ``torch.distributed`` and this one (by default from it; one rank where
         it is not running). ``batch_size`` is a rank's; every rank gets the same number
@@ -238,7 +279,8 @@ class BlockLoader:
                  fetch_factor: int = FETCH_FACTOR, seed: int = 0, drop_last: bool = False,
                  sparse: bool = False, num_workers: int = 0,
                  multiprocessing_context: str | None = None, num_replicas: int | None = None,
-                 rank: int | None = None, **mapped: Any) -> None:
+                 rank: int | None = None, weights: Any = None, num_samples: int | None = None,
+                 **mapped: Any) -> None:
         from lamin_io.loaders._mapped import MappedCollection
         from lamin_io.loaders._sampler import _world
 
@@ -269,6 +311,11 @@ class BlockLoader:
             msg = f"rank {rank} is not one of {num_replicas} ranks: give 0 <= rank < ranks"
             raise InvalidArgumentError(msg)
         self.num_replicas, self.rank = num_replicas, rank
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
+        self.num_samples = num_samples
+        if self.weights is not None:  # (checked now, not at the first batch)
+            epoch_order(self.dataset.n_obs, seed=0, epoch=0, key=0, weights=self.weights,
+                        num_samples=0 if num_samples is None else num_samples)
         self._next_epoch = 0
         # the epoch being yielded: (epoch, [[batches yielded, workers, ranks], ...]), counted
         # here, in the process that iterates; earlier entries are runs it was resumed from
@@ -277,11 +324,17 @@ class BlockLoader:
 
     def __len__(self) -> int:
         """Batches an epoch (of this rank)."""
-        n, global_batch = self.dataset.n_obs, self.batch_size * self.num_replicas
+        n, global_batch = self._items(), self.batch_size * self.num_replicas
         if self.drop_last:
             return n // global_batch
         per_rank = -(-n // self.num_replicas)  # (padded to a multiple of the ranks)
         return -(-per_rank // self.batch_size)
+
+    def _items(self) -> int:
+        """Items an epoch: the collection's, or the weighted draws'."""
+        if self.weights is not None and self.num_samples is not None:
+            return int(self.num_samples)
+        return int(self.dataset.n_obs)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration epoch ``epoch`` (later ones follow it)."""
@@ -331,7 +384,9 @@ class BlockLoader:
                 hashlib.sha256(np.ascontiguousarray(self.dataset.indices).tobytes()
                                ).hexdigest(), self.seed, str(self.shuffle),
                 self.block_size, self.fetch_factor, self.batch_size * self.num_replicas,
-                self.drop_last)  # (the global batch: what ranks share)
+                self.drop_last,  # (the global batch: what ranks share)
+                None if self.weights is None else hashlib.sha256(
+                    self.weights.tobytes()).hexdigest(), self.num_samples)
         return hashlib.sha256(repr(what).encode()).hexdigest()[:16]
 
     def _epoch_plan(self, epoch: int, runs: list[list[int]]) -> Plan:
@@ -357,7 +412,7 @@ class BlockLoader:
             if max(run_workers, 1) != max(workers, 1):
                 plan = plan.regroup(global_batch // replicas, self.fetch_factor, workers)
             return plan
-        given: set[int] = set()
+        given: Counter[int] = Counter()
         left: list[list[np.ndarray]] = []
         for r in range(run_replicas):
             plan = self._plan_for(epoch, before, run_workers, run_replicas, r)
@@ -368,8 +423,16 @@ class BlockLoader:
         for i in range(max(map(len, left), default=0)):
             order.extend(int(c) for rank_left in left if i < len(rank_left)
                          for c in rank_left[i])
-        cells = np.array(list(dict.fromkeys(c for c in order if c not in given)),
-                         dtype=np.int64)
+        if self.weights is None:  # each cell once: none yielded (also as padding) is left
+            kept = list(dict.fromkeys(c for c in order if c not in given))
+        else:  # draws: those not yielded, a repeated cell as often as it is left
+            kept = []
+            for c in order:
+                if given[c]:
+                    given[c] -= 1
+                else:
+                    kept.append(c)
+        cells = np.array(kept, dtype=np.int64)
         if len(cells) % replicas and not self.drop_last:
             cells = np.concatenate([cells, np.resize(cells, replicas - len(cells) % replicas)])
         if self.drop_last:
@@ -387,7 +450,8 @@ class BlockLoader:
             self.dataset.n_obs, global_batch, seed=self.seed, epoch=epoch,
             key=int(self.dataset.order_key), shuffle=self.shuffle,
             block_size=self.block_size, fetch_factor=self.fetch_factor,
-            drop_last=self.drop_last, replicas=replicas)
+            drop_last=self.drop_last, replicas=replicas, weights=self.weights,
+            num_samples=self.num_samples)
         return rank_share(batches, replicas, rank)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
