@@ -445,3 +445,28 @@ def test_weighted_loader_reads_the_drawn_cells(files: Any) -> None:
         assert sorted(resumed) == sorted(cells.tolist())  # every draw, once
     with pytest.raises(errors.InvalidArgumentError, match="weights"):
         BlockLoader(paths, weights=np.ones(3))
+
+
+def test_s3_blocks_fetch_little_more_than_they_use(s3_server: Any, tmp_path: Path) -> None:
+    """At block 64, the bytes received stay within 1.5x the bytes of the rows read."""
+    from conftest import upload
+
+    rng = np.random.default_rng(0)
+    x = sp.random(6000, 400, density=0.05, format="csr", dtype=np.float32, random_state=1)
+    adata = ad.AnnData(X=x, obs=pd.DataFrame(
+        {"cell_type": pd.Categorical(rng.choice(["a", "b"], 6000))},
+        index=[f"c{i}" for i in range(6000)]))
+    path = tmp_path / "big.h5ad"
+    adata.write_h5ad(path)
+    remote = upload(path, s3_server.endpoint)
+    with BlockLoader([str(remote)], batch_size=64, block_size=64, fetch_factor=4,
+                     obs_filter={"cell_type": "a"}, obs_keys=["cell_type"],
+                     storage_options={"endpoint_url": s3_server.endpoint}) as loader:
+        s3_server.reset()
+        rows = np.concatenate(loader.batches(0))
+        got = sum(len(b["X"]) for b in loader)
+        received = s3_server.stats.bytes_sent
+    kept = loader.dataset.indices[rows]  # the file's rows the epoch read
+    assert got == len(rows) == int((adata.obs["cell_type"] == "a").sum())
+    used = int(np.diff(x.indptr)[kept].sum()) * 8 + len(kept) * 8  # data, indices, indptr
+    assert received <= 1.5 * used, (received, used)

@@ -236,7 +236,9 @@ class BlockLoader:
     ----------
     source
         A :class:`~lamin_io.loaders.MappedCollection`, or paths to make one of (with
-        ``mapped``'s keywords: ``obs_keys``, ``obs_filter``, ``join``, ...).
+        ``mapped``'s keywords: ``obs_keys``, ``obs_filter``, ``join``, ...). Its remote
+        h5ad files are then read by the byte ranges of the rows (not whole chunks): a
+        block is one request.
     batch_size
         Items a batch.
     shuffle
@@ -296,6 +298,8 @@ class BlockLoader:
             self.dataset = source
         else:
             self.dataset = MappedCollection(list(source), **mapped)
+        for store in self.dataset._stores:  # noqa: SLF001 (blocks: each one range a read)
+            store.read_exact_ranges()
         self.batch_size, self.shuffle, self.block_size = batch_size, shuffle, block_size
         self.fetch_factor, self.seed, self.drop_last = fetch_factor, seed, drop_last
         self.sparse = sparse

@@ -245,6 +245,9 @@ class Source:
 
     #: The budget of reads that name none (the class's: sources made without one).
     budget: Budget = DEFAULT_BUDGET
+    #: Whether a remote HDF5 file's unfiltered chunks are read whole (``None``: the
+    #: backend's choice; see :meth:`read_exact_ranges`).
+    whole_chunks: bool | None = None
 
     def __init__(self, path: UPath, *, mode: str = "r",
                  versions: str | Mapping[str, str] | None = None,
@@ -302,7 +305,24 @@ class Source:
         if where is not None and self.versions is None:
             self.versions = where.etag  # a later open (another process) reads this version
         backend = Backend() if where is None else Hdf5Backend(file, rangefile=where)
+        if self.whole_chunks is not None and isinstance(backend, Hdf5Backend):
+            backend.whole_chunks = self.whole_chunks
         return _Opened(file, [file, *handles], backend, None)
+
+    def read_exact_ranges(self) -> None:
+        """Read the rows' own byte ranges of a remote HDF5 file, never whole chunks.
+
+        For reads of neighbouring rows in blocks (a block loader's): a request a block
+        then costs less than the rest of the chunks it lies in. Kept in this process and in
+        those the source is sent to.
+        """
+        from lamin_io.accessors.readpath.hdf5 import Hdf5Backend
+
+        self.whole_chunks = False
+        opened = self._opened
+        if opened is not None and opened.pid == os.getpid() and isinstance(
+                opened.backend, Hdf5Backend):
+            opened.backend.whole_chunks = False
 
     @property
     def group(self) -> Any:
