@@ -9,6 +9,9 @@ order over all 400k) in batches of 256 as a dense float32 X and an integer ``cel
 * ``lamindb``: lamindb's ``MappedCollection`` in a ``DataLoader`` with torch's default
   collate and its ``torch_worker_init_fn`` (h5ad and zarr; 0 and 2 workers);
 * ``backed``: anndata's backed mode, each batch's rows sorted per file and read at once;
+* ``lamin_io_block``: ``lamin_io.loaders.BlockLoader`` (its defaults: blocks of 16 rows in
+  random order, fetches of 64 batches); it reads its own order of all 400k cells, of which
+  the first 50k are timed (h5ad and zarr; 0 and 2 workers);
 * ``scdataset``: scDataset over the same backed files, block size 1 fetching 16 batches at
   once, and block size 4 fetching 64 (its sorted fetches are its speed-up); it draws its own
   order of the same 50k cells.
@@ -49,7 +52,7 @@ from _harness import RESULTS, machine, median, run_isolated  # noqa: E402
 DATA = HERE.parent / "data" / "loader"
 BUCKET = "bench"  # (the bucket of the subset benchmark's S3 server)
 N_FILES, PER_FILE, BATCH = 8, 50_000, 256
-TOOLS = ("lamin_io", "lamindb", "backed", "scdataset")
+TOOLS = ("lamin_io", "lamindb", "backed", "scdataset", "lamin_io_block")
 KEY = "cell_type"
 
 
@@ -217,6 +220,22 @@ def build(tool: str, fmt: str, workers: int, config: dict[str, Any]) -> tuple[An
                 yield batch["X"], batch[KEY], cells[k * BATCH:(k + 1) * BATCH], decode
         return ds, batches
 
+    if tool == "lamin_io_block":
+        from lamin_io.loaders import BlockLoader
+
+        options = {"endpoint_url": endpoint} if endpoint else None
+        block = BlockLoader(files, batch_size=BATCH, obs_keys=[KEY], num_workers=workers,
+                            storage_options=options)
+        decode = {v: k for k, v in block.dataset.encoders[KEY].items()}
+        plan = block.batches(0)
+
+        def batches() -> Any:
+            for k, batch in enumerate(block):
+                yield batch["X"], batch[KEY], plan[k], decode
+                if (k + 1) * BATCH >= len(cells):
+                    break
+        return block, batches
+
     ds = BackedFiles([Path(p) for p in files])
     decode = dict(enumerate(ds.categories))
     if tool == "backed":
@@ -253,6 +272,7 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     tool = config["tool"]
     for name in {"lamin_io": ["lamin_io.loaders", "anndata", "h5py", "zarr"],
                  "lamindb": ["lamindb"], "backed": ["anndata"],
+                 "lamin_io_block": ["lamin_io.loaders", "anndata", "h5py", "zarr"],
                  "scdataset": ["anndata", "scdataset"]}[tool]:
         importlib.import_module(name)  # imports are not setup
     memory = MemoryWatch()
@@ -300,7 +320,7 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
 def configs(tools: list[str], cells: int) -> list[dict[str, Any]]:
     out = []
     for tool in tools:
-        if tool in ("lamin_io", "lamindb"):
+        if tool in ("lamin_io", "lamindb", "lamin_io_block"):
             for fmt in ("h5ad", "zarr"):
                 for workers in (0, 2):
                     out.append({"tool": tool, "fmt": fmt, "workers": workers})
@@ -363,6 +383,11 @@ def targets(s: dict[str, dict[str, Any]], epochs: list[dict[str, Any]],
     for fmt in ("h5ad", "zarr"):
         add(f"{fmt}: lamin-io 2 workers / 0 workers", ratio(
             f"lamin_io, {fmt}, 2 workers", f"lamin_io, {fmt}, 0 workers"), 1.0)
+    for fmt in ("h5ad", "zarr"):  # (issue 23's targets are against annbatch, not run here)
+        value = ratio(f"lamin_io_block, {fmt}, 0 workers", f"lamindb, {fmt}, 0 workers")
+        if value is not None:
+            rows.append((f"{fmt}: block loader / lamindb MappedCollection (informative)",
+                         f"{value:.1f}x", None))
     main = s.get("lamin_io, h5ad, 0 workers")
     if main is not None:
         rows.append(("first batch (h5ad, 8 files)", f"{main['first_batch_s']:.3f} s (<= 0.15)",
