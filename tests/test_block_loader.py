@@ -16,7 +16,7 @@ import scipy.sparse as sp
 
 from lamin_io import errors
 from lamin_io.loaders import BlockLoader, MappedCollection
-from lamin_io.loaders._block import delivery_order, epoch_batches, epoch_order
+from lamin_io.loaders._block import Plan, epoch_batches, epoch_order
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -187,11 +187,11 @@ def test_collection_loader(files: Any, conn: Any) -> None:
             np.testing.assert_array_equal(batch["X"].numpy(), x[items])
 
 
-def test_delivery_order_takes_a_batch_from_each_worker_in_turn() -> None:
+def test_a_plan_takes_a_batch_from_each_worker_in_turn() -> None:
     batches = [np.array([i]) for i in range(7)]  # fetches of 2: [0 1] [2 3] [4 5] [6]
-    order = [int(b[0]) for b in delivery_order(batches, 2, 2)]
+    order = [int(b[0]) for b in Plan.fresh(batches, 2, 2).batches()]
     assert order == [0, 2, 1, 3, 4, 6, 5]  # worker 0: 0 1 4 5; worker 1: 2 3 6
-    assert [int(b[0]) for b in delivery_order(batches, 2, 0)] == list(range(7))
+    assert [int(b[0]) for b in Plan.fresh(batches, 2, 0).batches()] == list(range(7))
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])

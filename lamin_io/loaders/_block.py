@@ -24,8 +24,7 @@ if TYPE_CHECKING:
 
     from lamin_io.loaders._mapped import MappedCollection
 
-__all__ = ["BlockLoader", "Plan", "delivery_order", "epoch_batches", "epoch_order",
-           "rank_share"]
+__all__ = ["BlockLoader", "Plan", "epoch_batches", "epoch_order", "rank_share"]
 
 #: Default neighbouring items a block (see :class:`BlockLoader`), and batches a fetch:
 #: the largest blocks that keep batch label entropy >= 97% of exact random also where
@@ -131,23 +130,6 @@ def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, key: int,
 def rank_share(batches: list[np.ndarray], replicas: int, rank: int) -> list[np.ndarray]:
     """Return rank ``rank``'s part of each global batch (each a multiple of the ranks)."""
     return [b.reshape(replicas, -1)[rank] for b in batches]
-
-
-def delivery_order(batches: list[np.ndarray], fetch_factor: int, workers: int
-                   ) -> list[np.ndarray]:
-    """Return ``batches`` in the order a DataLoader with ``workers`` processes yields them.
-
-    Worker ``w`` reads fetches ``w, w + workers, ...`` and yields their batches in turn;
-    torch takes one batch from each worker that still has some, round and round.
-    """
-    if workers <= 1:
-        return list(batches)
-    fetches = [batches[i:i + fetch_factor] for i in range(0, len(batches), fetch_factor)]
-    streams = [[b for fetch in fetches[w::workers] for b in fetch] for w in range(workers)]
-    out: list[np.ndarray] = []
-    for i in range(max(len(stream) for stream in streams)):
-        out.extend(stream[i] for stream in streams if i < len(stream))
-    return out
 
 
 class Plan:
