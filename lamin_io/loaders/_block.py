@@ -268,13 +268,15 @@ class BlockLoader:
                  rank: int | None = None, weights: Any = None, num_samples: int | None = None,
                  **mapped: Any) -> None:
         from lamin_io.loaders._mapped import MappedCollection
-        from lamin_io.loaders._sampler import _world
+        from lamin_io.loaders._sampler import ranks
 
         _mode(shuffle)
-        if batch_size < 1 or fetch_factor < 1 or block_size < 1:
-            msg = (f"batch_size, block_size and fetch_factor must be 1 or more, got "
-                   f"{batch_size}, {block_size}, {fetch_factor}")
+        if batch_size < 1 or fetch_factor < 1 or block_size < 1 or num_workers < 0:
+            msg = (f"batch_size, block_size and fetch_factor must be 1 or more and "
+                   f"num_workers 0 or more, got {batch_size}, {block_size}, {fetch_factor}, "
+                   f"{num_workers}")
             raise InvalidArgumentError(msg)
+        self.num_replicas, self.rank = ranks(num_replicas, rank)
         if isinstance(source, MappedCollection):
             if mapped:
                 msg = f"{sorted(mapped)} are MappedCollection's: give them to it, not here"
@@ -282,28 +284,22 @@ class BlockLoader:
             self.dataset = source
         else:
             self.dataset = MappedCollection(list(source), **mapped)
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
+        self.num_samples = num_samples
+        if self.weights is not None:  # (checked now, not at the first batch)
+            try:
+                epoch_order(self.dataset.n_obs, seed=0, epoch=0, key=0, weights=self.weights,
+                            num_samples=0 if num_samples is None else num_samples)
+            except InvalidArgumentError:
+                if self.dataset is not source:  # (the files this loader opened)
+                    self.dataset.close()
+                raise
         for store in self.dataset._stores:  # noqa: SLF001 (blocks: each one range a read)
             store.read_exact_ranges()
         self.batch_size, self.shuffle, self.block_size = batch_size, shuffle, block_size
         self.fetch_factor, self.seed, self.drop_last = fetch_factor, seed, drop_last
         self.sparse = sparse
-        if num_workers < 0:
-            msg = f"num_workers must be 0 or more, got {num_workers}"
-            raise InvalidArgumentError(msg)
         self.num_workers, self.multiprocessing_context = num_workers, multiprocessing_context
-        if num_replicas is None or rank is None:
-            world, this_rank = _world()
-            num_replicas = world if num_replicas is None else num_replicas
-            rank = this_rank if rank is None else rank
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
-            msg = f"rank {rank} is not one of {num_replicas} ranks: give 0 <= rank < ranks"
-            raise InvalidArgumentError(msg)
-        self.num_replicas, self.rank = num_replicas, rank
-        self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
-        self.num_samples = num_samples
-        if self.weights is not None:  # (checked now, not at the first batch)
-            epoch_order(self.dataset.n_obs, seed=0, epoch=0, key=0, weights=self.weights,
-                        num_samples=0 if num_samples is None else num_samples)
         self._next_epoch = 0
         # the epoch being yielded: (epoch, [[batches yielded, workers, ranks], ...]), counted
         # here, in the process that iterates; earlier entries are runs it was resumed from

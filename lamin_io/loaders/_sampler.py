@@ -60,13 +60,7 @@ class DistributedSampler:
                  rank: int | None = None, *, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = False, weights: Any = None,
                  num_samples: int | None = None) -> None:
-        if num_replicas is None or rank is None:
-            replicas, this = _world()
-            num_replicas = replicas if num_replicas is None else num_replicas
-            rank = this if rank is None else rank
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
-            msg = f"rank {rank} is not one of {num_replicas} ranks: give 0 <= rank < ranks"
-            raise InvalidArgumentError(msg)
+        num_replicas, rank = ranks(num_replicas, rank)
         self.n = len(dataset)
         self.key = int(getattr(dataset, "order_key", 0))
         self.num_replicas, self.rank = num_replicas, rank
@@ -109,6 +103,18 @@ class DistributedSampler:
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+def ranks(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
+    """Return ``(ranks, this rank)``: as given, else from ``torch.distributed``; checked."""
+    if num_replicas is None or rank is None:
+        replicas, this = _world()
+        num_replicas = replicas if num_replicas is None else num_replicas
+        rank = this if rank is None else rank
+    if num_replicas < 1 or not 0 <= rank < num_replicas:
+        msg = f"rank {rank} is not one of {num_replicas} ranks: give 0 <= rank < ranks"
+        raise InvalidArgumentError(msg)
+    return num_replicas, rank
 
 
 def _world() -> tuple[int, int]:
