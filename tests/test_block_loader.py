@@ -185,6 +185,16 @@ def test_collection_loader(files: Any, conn: Any) -> None:
         assert loader.dataset.n_obs == 120
         for batch, items in zip(loader, loader.batches(0), strict=True):
             np.testing.assert_array_equal(batch["X"].numpy(), x[items])
+    # the loader's own keywords go to it, the others to mapped()
+    with collection.loader(batch_size=10, shuffle="random", weights=np.ones(120),
+                           num_samples=50, obs_keys="cell_type") as loader:
+        assert loader.shuffle == "random"
+        assert sum(len(b["cell_type"]) for b in loader) == 50
+    import inspect
+
+    keywords = {p.name for p in inspect.signature(BlockLoader).parameters.values()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert set(BlockLoader.KEYWORDS) == keywords
 
 
 def test_a_plan_takes_a_batch_from_each_worker_in_turn() -> None:

@@ -260,6 +260,11 @@ class BlockLoader:
     ...         x, y = batch["X"], batch["cell_type"]
     """
 
+    #: The keywords the loader takes (the others are :class:`MappedCollection`'s).
+    KEYWORDS = ("shuffle", "block_size", "fetch_factor", "seed", "drop_last", "sparse",
+                "num_workers", "multiprocessing_context", "num_replicas", "rank", "weights",
+                "num_samples")
+
     def __init__(self, source: MappedCollection | Sequence[Any], batch_size: int = 256, *,
                  shuffle: str | bool = "block", block_size: int = BLOCK_SIZE,
                  fetch_factor: int = FETCH_FACTOR, seed: int = 0, drop_last: bool = False,

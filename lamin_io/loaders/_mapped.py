@@ -212,12 +212,22 @@ class MappedCollection:
             found |= pd.isna(labels)
         return found
 
-    def _codes(self, s: int, key: str, rows: Any = None) -> tuple[np.ndarray, pd.Index]:
-        return self._stores[s].codes(f"obs/{key}", rows)
+    def _column(self, s: int, key: str) -> tuple[np.ndarray, pd.Index]:
+        """Return file ``s``'s column ``key`` whole, read once: codes and categories.
+
+        The codes in the smallest integer type that holds them; filters, merged labels,
+        categories and batches share what is read.
+        """
+        column = self._columns.get((s, key))
+        if column is None:
+            codes, categories = self._stores[s].codes(f"obs/{key}")
+            small = np.min_scalar_type(-max(len(categories), 1))
+            column = self._columns[s, key] = (codes.astype(small), categories)
+        return column
 
     def _labels(self, s: int, key: str) -> np.ndarray:
         """Return the column's values in file ``s`` (every row), missing ones as NaN."""
-        return _as_labels(*self._codes(s, key))
+        return _as_labels(*self._column(s, key))
 
     def _join(self, join: str | None) -> None:
         self.join_vars = join
@@ -348,12 +358,8 @@ class MappedCollection:
         """Labels of ``rows`` (encoded codes where encoded; NaN where missing)."""
         if not self._has_obs(s, key):
             return None
-        column = self._columns.get((s, key))
-        if column is None:  # read whole once: a batch's rows then cost a lookup, not a read
-            codes, categories = self._codes(s, key)
-            small = np.min_scalar_type(-max(len(categories), 1))
-            column = self._columns[s, key] = (codes.astype(small), categories)
-        codes, categories = column[0][rows].astype(np.int64), column[1]
+        all_codes, categories = self._column(s, key)  # a batch's rows: a lookup, not a read
+        codes = all_codes[rows].astype(np.int64)
         encoder = getattr(self, "encoders", {}).get(key)
         if encoder is None:
             return _as_labels(codes, categories)
@@ -387,7 +393,7 @@ class MappedCollection:
         found: set[Any] = set()
         for s in range(len(self._stores)):
             if self._has_obs(s, label_key):
-                found.update(self._codes(s, label_key)[1].tolist())
+                found.update(self._column(s, label_key)[1].tolist())
         return sorted(found)
 
     def get_label_weights(self, obs_keys: str | list[str], scaler: float | None = None,

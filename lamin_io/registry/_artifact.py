@@ -10,7 +10,6 @@ a partial object) that ``lamin-io gc`` removes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -506,6 +505,7 @@ class ArtifactSet(RecordSet[Artifact]):
         lamin-io's own (``fill_missing=``) pass through.
         """
         from lamin_io.loaders import MappedCollection
+        from lamin_io.loaders._mapped import _digest
 
         kept = []
         for artifact in self:
@@ -518,9 +518,8 @@ class ArtifactSet(RecordSet[Artifact]):
             raise InvalidArgumentError(msg)
         paths = [a.verify() if stream else a.cache() for a in kept]
         versions = [a._versions() if stream else None for a in kept]  # noqa: SLF001
-        key = int.from_bytes(hashlib.sha256("".join(
-            a.hash for a in kept).encode()).digest()[:8], "big") >> 1
-        kwargs.setdefault("order_key", key)  # the samplers' order follows the content
+        # the samplers' order follows the content, not the paths
+        kwargs.setdefault("order_key", _digest("".join(a.hash for a in kept)))
         mapped = MappedCollection(paths, layers_keys, obs_keys, obsm_keys, obs_filter, join,
                                   encode_labels, unknown_label, cache_categories, parallel,
                                   dtype, versions=versions, **kwargs)
@@ -528,27 +527,19 @@ class ArtifactSet(RecordSet[Artifact]):
             artifact._read_as_input(is_run_input=is_run_input)  # noqa: SLF001
         return mapped
 
-
-    def loader(self, batch_size: int = 256, *, shuffle: str | bool = "block",
-               block_size: int | None = None, fetch_factor: int | None = None,
-               seed: int = 0, drop_last: bool = False, sparse: bool = False,
-               num_workers: int = 0, multiprocessing_context: str | None = None,
-               **mapped: Any) -> BlockLoader:
+    def loader(self, batch_size: int = 256, **kwargs: Any) -> BlockLoader:
         """Return a :class:`~lamin_io.loaders.BlockLoader` over the AnnData artifacts.
 
         Its batches come from random blocks of neighbouring rows, read a fetch of
-        ``fetch_factor`` batches at a time (see the class); ``mapped``'s keywords
+        ``fetch_factor`` batches at a time (see the class, whose keywords it takes:
+        ``shuffle``, ``seed``, ``num_workers``, ``weights``, ...); :meth:`mapped`'s keywords
         (``obs_keys``, ``obs_filter``, ``join``, ``stream``, ...) choose what is read. The
         order follows the artifacts' content, not their paths.
         """
         from lamin_io.loaders import BlockLoader
-        from lamin_io.loaders._block import BLOCK_SIZE, FETCH_FACTOR
 
-        return BlockLoader(self.mapped(**mapped), batch_size, shuffle=shuffle,
-                           block_size=block_size or BLOCK_SIZE,
-                           fetch_factor=fetch_factor or FETCH_FACTOR, seed=seed,
-                           drop_last=drop_last, sparse=sparse, num_workers=num_workers,
-                           multiprocessing_context=multiprocessing_context)
+        own = {k: kwargs.pop(k) for k in BlockLoader.KEYWORDS if k in kwargs}
+        return BlockLoader(self.mapped(**kwargs), batch_size, **own)
 
 
 Artifact._set = ArtifactSet
