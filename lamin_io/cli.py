@@ -199,6 +199,33 @@ def gc(older_than: float, dry_run: bool) -> None:  # noqa: FBT001
     click.echo(str(report))
 
 
+@cli.command(epilog=_EPILOG)
+@click.argument("collection")
+@click.argument("key")
+@click.option("--seed", default=0, show_default=True, type=int, help="The shuffle's seed.")
+@click.option("--obs-key", "obs_keys", multiple=True,
+              help="An obs column to keep (repeat; default: those every file has).")
+@click.option("--shard-mb", default=256, show_default=True, type=click.IntRange(min=1),
+              help="A shard's rows in memory, in MiB: sets the number of shards.")
+@click.option("--tmp-dir", type=click.Path(file_okay=False),
+              help="Local folder for the spilled rows (about X's size; default: system tmp).")
+@click.option("--mute", is_flag=True, help="No progress bar.")
+@_run
+def preshuffle(collection: str, key: str, seed: int, obs_keys: tuple[str, ...],
+               shard_mb: int, tmp_dir: str | None, mute: bool) -> None:  # noqa: FBT001
+    """Rewrite COLLECTION's cells in a random order as zarr shards, saved as collection KEY.
+
+    The shards are AnnData zarr stores (KEY/part-00000.zarr, ...) that the block loader
+    reads fastest; memory stays near --shard-mb, whatever the collection's size.
+    """
+    from lamin_io.registry import Collection
+
+    shuffled = Collection.get(key=collection).preshuffle(
+        key, seed=seed, obs_keys=list(obs_keys) or None, shard_bytes=shard_mb * 2**20,
+        tmp_dir=tmp_dir, mute=mute)
+    click.echo(f"{shuffled!r}: {len(shuffled.artifacts)} shard(s)")
+
+
 def main() -> None:
     """Entry point of the ``lamin-io`` script."""
     cli()

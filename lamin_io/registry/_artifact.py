@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 
     from lamin_io.accessors import Format
     from lamin_io.loaders import BlockLoader, MappedCollection
+    from lamin_io.registry._collection import Collection
     from lamin_io.storage import PathLike
 
 __all__ = ["Artifact", "ArtifactSet", "existing_path", "format_size"]
@@ -540,6 +541,15 @@ class ArtifactSet(RecordSet[Artifact]):
 
         own = {k: kwargs.pop(k) for k in BlockLoader.KEYWORDS if k in kwargs}
         return BlockLoader(self.mapped(**kwargs), batch_size, **own)
+
+    def preshuffle(self, key: str, **kwargs: Any) -> Collection:
+        """Rewrite the AnnData artifacts' cells in a random order as zarr shards.
+
+        Returns the new collection ``key``; see :func:`lamin_io.loaders.preshuffle`.
+        """
+        from lamin_io.loaders import preshuffle
+
+        return preshuffle(self, key, **kwargs)
 
 
 Artifact._set = ArtifactSet

@@ -160,6 +160,21 @@ class Collection(Record):
         """
         return self.artifacts.loader(batch_size, **kwargs)
 
+    def preshuffle(self, key: str, **kwargs: Any) -> Collection:
+        """Rewrite the members' cells in a random order as zarr shards, a new collection.
+
+        See :func:`lamin_io.loaders.preshuffle` (``seed``, ``obs_keys``, ``shard_bytes``,
+        ...).
+
+        Examples
+        --------
+        >>> shuffled = collection.preshuffle("atlas-shuffled")            # doctest: +SKIP
+        >>> loader = shuffled.loader(batch_size=256, block_size=64, obs_keys=["cell_type"])
+        """
+        from lamin_io.loaders import preshuffle
+
+        return preshuffle(self, key, **kwargs)
+
     def delete(self) -> None:
         """Delete the collection record; its artifacts stay."""
         row = self._saved()
