@@ -161,9 +161,10 @@ class MemoryWatch(threading.Thread):
 class BackedFiles:
     """The files in anndata's backed mode; ``[sorted global rows]`` reads them per file."""
 
-    def __init__(self, files: list[Path]) -> None:
+    def __init__(self, files: list[Path], *, sparse: bool = False) -> None:
         import anndata as ad
 
+        self.sparse = sparse
         self.adatas = [ad.read_h5ad(p, backed="r") for p in files]
         self.offsets = np.cumsum([0] + [a.n_obs for a in self.adatas])
         cats = sorted({c for a in self.adatas for c in a.obs[KEY].cat.categories})
@@ -174,16 +175,20 @@ class BackedFiles:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def __getitem__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Dense X, label codes and the rows themselves, for sorted global ``rows``."""
+    def __getitem__(self, rows: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray]:
+        """X (dense, or CSR with ``sparse``), label codes and the rows, for sorted ``rows``."""
+        import scipy.sparse as sp
+
         rows = np.asarray(rows)
         which = np.searchsorted(self.offsets, rows, side="right") - 1
         blocks, labels = [], []
         for f in np.unique(which):
             local = rows[which == f] - self.offsets[f]
-            blocks.append(self.adatas[f].X[local].toarray())
+            x = self.adatas[f].X[local]
+            blocks.append(x if self.sparse else x.toarray())
             labels.append(self.codes[f][local])
-        return np.vstack(blocks).astype(np.float32), np.concatenate(labels), rows
+        x = sp.vstack(blocks, format="csr") if self.sparse else np.vstack(blocks)
+        return x.astype(np.float32), np.concatenate(labels), rows
 
 
 def build(tool: str, fmt: str, workers: int, config: dict[str, Any]) -> tuple[Any, Any]:
@@ -252,9 +257,10 @@ def build(tool: str, fmt: str, workers: int, config: dict[str, Any]) -> tuple[An
     from scdataset import BlockShuffling, scDataset
 
     block, fetch = config["block"], config["fetch"]
+    ds.sparse = config.get("sparse_fetch", False)  # (a fetch kept CSR, each batch made dense)
     data = scDataset(ds, BlockShuffling(block_size=block, indices=cells), batch_size=BATCH,
-                     fetch_factor=fetch, seed=0,
-                     batch_callback=lambda d, i: (d[0][i], d[1][i], d[2][i]))
+                     fetch_factor=fetch, seed=0, batch_callback=lambda d, i: (
+                         d[0][i].toarray() if ds.sparse else d[0][i], d[1][i], d[2][i]))
 
     def batches() -> Any:
         loader = DataLoader(data, batch_size=None, num_workers=workers)

@@ -136,6 +136,25 @@ def test_sparse_batches_equal_dense_ones(files: Any) -> None:
             torch.testing.assert_close(b["cell_type"], a["cell_type"])
 
 
+@pytest.mark.parametrize("which", [[0, 1], [0, 1, 2]], ids=["sparse", "sparse+dense"])
+def test_a_merged_read_gives_the_same_batches(files: Any, which: list[int]) -> None:
+    """A fetch's blocks joined into one a key: each selected batch is unchanged."""
+    paths, _ = files
+    with MappedCollection([paths[i] for i in which], obs_keys=["cell_type"],
+                          obsm_keys=["X_pca"]) as ds:
+        read = ds.__getitems__(np.random.default_rng(1).permutation(ds.n_obs)[:-4])
+        merged = read.merged()
+        for rows in (np.arange(len(read)), np.random.default_rng(0).permutation(len(read))[
+                :40]):
+            a, b = read.select(rows), merged.select(rows)
+            np.testing.assert_array_equal(b.dense("X"), a.dense("X"))
+            assert (b.csr("X") != a.csr("X")).nnz == 0
+            np.testing.assert_array_equal(b.dense("obsm_X_pca"), a.dense("obsm_X_pca"))
+            np.testing.assert_array_equal(b.labels("cell_type"), a.labels("cell_type"))
+        one = {len(merged._parts[k]) for k in merged._keys}  # noqa: SLF001
+        assert one == ({1} if len(which) == 2 else {1, 3})  # (sparse and dense: apart)
+
+
 def test_each_iteration_is_the_next_epoch_unless_set(files: Any) -> None:
     paths, _ = files
     with BlockLoader(paths, batch_size=32, drop_last=True) as loader:
@@ -223,6 +242,35 @@ def test_workers_yield_the_planned_batches(files: Any, method: str) -> None:
         again = np.concatenate(loader.batches(1))
         assert sum(len(b["X"]) for b in loader) == 165
         assert not np.array_equal(again, np.concatenate(want))
+
+
+def test_workers_ship_csr_and_yield_the_same_dense_batches(tmp_path: Path) -> None:
+    """Workers send layers as CSR (dense in the main process): the batches are unchanged,
+    also for a layer some files lack (NaN rows there, sent dense)."""
+    paths = []
+    for seed, n in ((0, 40), (1, 30)):
+        adata = _adata(seed, n, "csr")
+        if seed == 0:
+            adata.layers["counts"] = adata.X.copy() * 2
+        paths.append(tmp_path / f"{seed}.h5ad")
+        adata.write_h5ad(paths[-1])
+    options = {"batch_size": 8, "block_size": 4, "fetch_factor": 2, "seed": 5,
+               "layers_keys": ["X", "counts"], "fill_missing": True}
+    with BlockLoader(paths, **options) as one, BlockLoader(
+            paths, num_workers=2, multiprocessing_context="fork", **options) as two:
+        # the same batches, in the workers' turns (see Plan.order)
+        mine = {tuple(items): batch for items, batch in zip(one.batches(0), one,
+                                                            strict=True)}
+        for items, b in zip(two.batches(0), two, strict=True):
+            a = mine[tuple(items)]
+            for key in ("X", "counts"):
+                assert b[key].layout == torch.strided
+                np.testing.assert_array_equal(b[key].numpy(), a[key].numpy())
+            assert torch.isnan(b["counts"]).any() or not (b["_store_idx"] == 1).any()
+    with MappedCollection(paths, layers_keys=["X", "counts"], fill_missing=True) as ds:
+        none_have_it = ds.__getitems__(np.arange(40, 46)).dense("counts")
+        assert none_have_it.shape == (6, len(GENES))  # (the layer's width, all NaN)
+        assert np.isnan(none_have_it).all()
 
 
 def _cells(batch: dict[str, Any], where: dict[tuple[float, ...], int]) -> list[int]:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from lamin_io.loaders._block import Plan
     from lamin_io.loaders._mapped import Batch, MappedCollection
 
-__all__ = ["Fetches"]
+__all__ = ["Fetches", "densify"]
 
 
 class Fetches(IterableDataset):
@@ -31,6 +31,10 @@ class Fetches(IterableDataset):
 
     def __init__(self, dataset: MappedCollection, plan: Plan, *, sparse: bool) -> None:
         self.dataset, self.plan, self.sparse = dataset, plan, sparse
+        #: In a worker, send layers as CSR even for dense batches (:func:`densify` makes
+        #: them dense in the main process): a dense batch in shared memory costs a worker
+        #: more than the batch's reading, and its memory twice.
+        self.ship_sparse = False
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self.batches()
@@ -49,9 +53,10 @@ class Fetches(IterableDataset):
                     read, items = ahead.result()
                     ahead = pool.submit(self._read, todo[f + 1]) if f + 1 < len(
                         todo) else None  # read while this fetch's batches are used
+                    sparse = self.sparse or (self.ship_sparse and info is not None)
                     for batch in todo[f]:
-                        yield collate(read.select(np.searchsorted(items, batch)),
-                                      sparse=self.sparse)
+                        chosen = read.select(np.searchsorted(items, batch))
+                        yield collate(chosen, sparse=sparse and _complete(chosen))
             finally:  # (stopped early: a fetch not begun is not read)
                 if ahead is not None:
                     ahead.cancel()
@@ -59,4 +64,22 @@ class Fetches(IterableDataset):
     def _read(self, fetch: list[np.ndarray]) -> tuple[Batch, np.ndarray]:
         """Read a fetch's items at once, sorted (each block one contiguous read)."""
         items = np.unique(np.concatenate(fetch))
-        return self.dataset.__getitems__(items), items
+        return self.dataset.__getitems__(items).merged(), items
+
+
+def _complete(batch: Batch) -> bool:
+    """Whether every row of the batch has every layer (else no CSR: rows are NaN there)."""
+    return all(batch._present[k].all() for k in batch._keys if k[0] == "layer")  # noqa: SLF001
+
+
+def densify(batch: dict[str, Any]) -> dict[str, Any]:
+    """Make a batch's sparse CSR tensors dense (what a worker shipped as CSR)."""
+    import scipy.sparse as sp
+    import torch
+
+    for name, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.layout == torch.sparse_csr:
+            csr = sp.csr_matrix((value.values().numpy(), value.col_indices().numpy(),
+                                 value.crow_indices().numpy()), shape=tuple(value.shape))
+            batch[name] = torch.from_numpy(csr.toarray())
+    return batch

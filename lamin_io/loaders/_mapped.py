@@ -503,6 +503,11 @@ def fill_rows(out: np.ndarray, parts: list[tuple[np.ndarray, Any]],
 
     A sparse block's values go straight to their places (no dense copy of the block).
     """
+    if len(parts) == 1 and hasattr(parts[0][1], "tocsr") and len(parts[0][0]) == len(out):
+        at, block = parts[0]  # every row from one sparse block: in order, scipy's C loop
+        if block.dtype == out.dtype and np.array_equal(at, np.arange(len(out))):
+            _canonical(block).toarray(out=out)  # (zeroes out first)
+            return
     out.fill(0)
     out[~present] = np.nan
     for at, block in parts:
@@ -538,6 +543,7 @@ class Batch(Sequence[dict[str, Any]]):
             + [("obsm", k) for k in owner.obsm_keys or ()]
             + [("obs", k) for k in owner.obs_keys or ()])
         self._fill = owner.fill_missing
+        self._n_vars = owner.n_vars  # (a layer's width where no row of the batch has it)
         self._dtype = owner._dtype  # noqa: SLF001
         n = len(rows)
         # per key: [(positions in the batch, block)], and which rows have the key
@@ -585,6 +591,7 @@ class Batch(Sequence[dict[str, Any]]):
         out = object.__new__(Batch)
         out.store_idx = self.store_idx[rows]
         out._keys, out._fill, out._dtype = self._keys, self._fill, self._dtype
+        out._n_vars = self._n_vars
         out._fills = self._fills
         out._widths = self._widths
         out._dense, out._items = {}, [None] * len(rows)
@@ -602,6 +609,34 @@ class Batch(Sequence[dict[str, Any]]):
                 out._part_of[k][at] = len(out._parts[k])
                 out._offset[k][at] = np.arange(len(at))
                 out._parts[k].append((at, block[offset[at]]))
+        return out
+
+    def merged(self) -> Batch:
+        """Return this batch with each key's blocks (one a file) joined into one block.
+
+        Where many batches are selected from one read (a block loader's fetch), each then
+        slices one block a key, and a dense batch is filled from one matrix.
+        Blocks of mixed kinds (sparse and dense) or widths stay apart.
+        """
+        import scipy.sparse as sp
+
+        out = object.__new__(Batch)
+        out.__dict__.update(self.__dict__)
+        out._parts, out._part_of, out._offset = dict(self._parts), {}, {}
+        out._dense, out._items = {}, [None] * len(self)
+        for k in self._keys:
+            parts = self._parts[k]
+            blocks = [b for _, b in parts]
+            kinds = {sp.issparse(b) for b in blocks}
+            if len(parts) < 2 or len(kinds) > 1 or len(self._widths[k]) > 1:
+                out._part_of[k], out._offset[k] = self._part_of[k], self._offset[k]
+                continue
+            at = np.concatenate([a for a, _ in parts])
+            out._parts[k] = [(at, sp.vstack([b.tocsr() for b in blocks], format="csr")
+                              if kinds == {True} else np.concatenate(blocks))]
+            out._part_of[k] = np.where(self._present[k], 0, -1)
+            out._offset[k] = np.zeros(len(self), dtype=np.int64)
+            out._offset[k][at] = np.arange(len(at))
         return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -634,7 +669,8 @@ class Batch(Sequence[dict[str, Any]]):
                    f"batch: rows of different widths do not stack (join them, or read "
                    f"one file at a time)")
             raise InvalidArgumentError(msg)
-        width = next(iter(self._widths[k]), 0)
+        width = next(iter(self._widths[k]), self._n_vars if k[0] == "layer" and
+                     self._n_vars is not None else 0)
         parts = self._parts[k]
         dtype = (self._dtype if self._dtype is not None else
                  np.result_type(*(b.dtype for _, b in parts)) if parts else np.float32)
