@@ -5,6 +5,8 @@ function: no file is read), over 400k cells (8 files x 50k) with batches of 256,
 
 * exact random (``shuffle="random"``), the reference;
 * block mode at several block sizes and fetch factors;
+* a preshuffled collection (``lamin_io.loaders.preshuffle``: a uniform random order of the
+  cells, stored) read in block mode with blocks of 256;
 * two negative controls: the stored order (``shuffle=False``) and a shuffle buffer alone
   (one block of everything: the stored order, shuffled only within each fetch).
 
@@ -45,9 +47,27 @@ CONFIGS: list[tuple[str, Any, int, int]] = [  # name, shuffle, block size, fetch
     *[(f"block {b}, fetch {f}", "block", b, f)
       for b, f in ((4, 16), (8, 16), (16, 16), (32, 16), (64, 16), (128, 16), (16, 4),
                    (16, 64), (64, 64))],
+    ("preshuffled, block 256, fetch 64", "preshuffled", 256, 64),
     ("stored order (control)", False, 1, FETCH_FACTOR),
     ("shuffle buffer only (control)", "block", N, FETCH_FACTOR),
 ]
+
+
+def batches_of(n: int, shuffle: Any, block: int, fetch: int, seed: int, key: int
+               ) -> list[np.ndarray]:
+    """The loader's batches of an epoch, as positions in the stored (source) order.
+
+    ``"preshuffled"``: the cells were rewritten in a uniform random order first (as
+    ``preshuffle`` does), and block mode reads that copy: a stored position ``q`` of the
+    copy is source cell ``perm[q]``.
+    """
+    if shuffle != "preshuffled":
+        return epoch_batches(n, BATCH, seed=seed, epoch=0, key=key, shuffle=shuffle,
+                             block_size=min(block, n), fetch_factor=fetch)
+    perm = np.random.default_rng([seed, 99]).permutation(n)
+    return [perm[b] for b in epoch_batches(n, BATCH, seed=seed, epoch=0, key=key,
+                                           shuffle="block", block_size=block,
+                                           fetch_factor=fetch)]
 
 
 def labels_of_the_benchmark() -> np.ndarray:
@@ -75,8 +95,7 @@ def entropy(counts: np.ndarray) -> float:
 
 def measures(labels: np.ndarray, shuffle: Any, block: int, fetch: int, seed: int = 0
              ) -> dict[str, float]:
-    batches = epoch_batches(len(labels), BATCH, seed=seed, epoch=0, key=1, shuffle=shuffle,
-                            block_size=block, fetch_factor=fetch)
+    batches = batches_of(len(labels), shuffle, block, fetch, seed, key=1)
     k = int(labels.max()) + 1
     label_h = np.mean([entropy(np.bincount(labels[b], minlength=k)) for b in batches])
     jumps = np.concatenate([np.abs(np.diff(b)) for b in batches if len(b) > 1])
@@ -103,8 +122,7 @@ def probe(shuffle: Any, block: int, fetch: int, seed: int) -> float:
                           random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for b in epoch_batches(n, BATCH, seed=seed, epoch=0, key=2, shuffle=shuffle,
-                               block_size=min(block, n), fetch_factor=fetch):
+        for b in batches_of(n, shuffle, block, fetch, seed, key=2):
             model.partial_fit(x[b], y[b], classes=np.arange(classes))
     return float(f1_score(test_y, model.predict(test_x), average="macro"))
 

@@ -244,9 +244,9 @@ def test_workers_yield_the_planned_batches(files: Any, method: str) -> None:
         assert not np.array_equal(again, np.concatenate(want))
 
 
-def test_workers_ship_csr_and_yield_the_same_dense_batches(tmp_path: Path) -> None:
-    """Workers send layers as CSR (dense in the main process): the batches are unchanged,
-    also for a layer some files lack (NaN rows there, sent dense)."""
+def test_workers_send_batches_as_read_and_yield_the_same_ones(tmp_path: Path) -> None:
+    """Workers send batches as read (made dense in the main process): they are unchanged,
+    also for a layer some files lack (NaN rows there)."""
     paths = []
     for seed, n in ((0, 40), (1, 30)):
         adata = _adata(seed, n, "csr")

@@ -457,7 +457,8 @@ class BlockLoader:
 
     def _counted(self, plan: Plan, this: list[int]) -> Iterator[dict[str, Any]]:
         """Yield the plan's batches, counting each before it is handed over."""
-        from lamin_io.loaders._fetches import Fetches, densify
+        from lamin_io.loaders._collate import collate
+        from lamin_io.loaders._fetches import Fetches, as_read
 
         fetches = Fetches(self.dataset, plan, sparse=self.sparse)
         if self.num_workers == 0:
@@ -465,12 +466,14 @@ class BlockLoader:
         else:
             from torch.utils.data import DataLoader
 
-            fetches.ship_sparse = True  # (workers send CSR; dense here, see Fetches)
-            source = iter(DataLoader(fetches, batch_size=None, num_workers=self.num_workers,
-                                     multiprocessing_context=self.multiprocessing_context))
+            fetches.as_read = True  # (workers read and select; batches are made here)
+            read = DataLoader(fetches, batch_size=None, num_workers=self.num_workers,
+                              collate_fn=as_read,
+                              multiprocessing_context=self.multiprocessing_context)
+            source = (collate(batch, sparse=self.sparse) for batch in read)
         for batch in source:
             this[0] += 1
-            yield batch if self.sparse or self.num_workers == 0 else densify(batch)
+            yield batch
         self._progress = None  # the epoch is done: a state now is the next one's start
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from lamin_io.loaders._block import Plan
     from lamin_io.loaders._mapped import Batch, MappedCollection
 
-__all__ = ["Fetches", "densify"]
+__all__ = ["Fetches", "as_read"]
 
 
 class Fetches(IterableDataset):
@@ -31,16 +31,24 @@ class Fetches(IterableDataset):
 
     def __init__(self, dataset: MappedCollection, plan: Plan, *, sparse: bool) -> None:
         self.dataset, self.plan, self.sparse = dataset, plan, sparse
-        #: In a worker, send layers as CSR even for dense batches (:func:`densify` makes
-        #: them dense in the main process): a dense batch in shared memory costs a worker
-        #: more than the batch's reading, and its memory twice.
-        self.ship_sparse = False
+        #: In a worker, yield each batch as read (a :class:`Batch`: its rows as stored,
+        #: CSR where sparse), for :func:`collate` in the main process (the DataLoader's
+        #: ``collate_fn`` then passes it on, see :func:`as_read`): a dense batch made in a
+        #: worker crosses to the main process in shared memory torch allocates anew for
+        #: each batch, which costs more than reading the batch; as read, it is small and
+        #: pickled through the pipe.
+        self.as_read = False
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Any]:
         return self.batches()
 
-    def batches(self) -> Iterator[dict[str, Any]]:
-        """Yield this process's batches: its stream of the plan (in worker ``w``: the w-th)."""
+    def batches(self) -> Iterator[Any]:
+        """Yield this process's batches: its stream of the plan (in worker ``w``: the w-th).
+
+        Each is :func:`collate`'s dict, or the :class:`Batch` as read with ``as_read``.
+        A worker reads its next fetch once it is done with this one (memory: one fetch;
+        the other workers' batches fill the wait); the main process reads it meanwhile.
+        """
         info = get_worker_info()
         stream = self.plan.streams[info.id if info is not None else 0]
         todo = [self.plan.fetches[f][start:] for f, start in stream]
@@ -51,12 +59,16 @@ class Fetches(IterableDataset):
                 for f in range(len(todo)):
                     assert ahead is not None  # noqa: S101
                     read, items = ahead.result()
-                    ahead = pool.submit(self._read, todo[f + 1]) if f + 1 < len(
-                        todo) else None  # read while this fetch's batches are used
-                    sparse = self.sparse or (self.ship_sparse and info is not None)
+                    ahead = None
+                    if info is None and f + 1 < len(todo):  # read while this one is used
+                        ahead = pool.submit(self._read, todo[f + 1])
                     for batch in todo[f]:
                         chosen = read.select(np.searchsorted(items, batch))
-                        yield collate(chosen, sparse=sparse and _complete(chosen))
+                        yield chosen if self.as_read else collate(chosen,
+                                                                  sparse=self.sparse)
+                    del read  # (its last batch, in the caller, is a copy)
+                    if ahead is None and f + 1 < len(todo):  # (a worker: one fetch held)
+                        ahead = pool.submit(self._read, todo[f + 1])
             finally:  # (stopped early: a fetch not begun is not read)
                 if ahead is not None:
                     ahead.cancel()
@@ -67,19 +79,6 @@ class Fetches(IterableDataset):
         return self.dataset.__getitems__(items).merged(), items
 
 
-def _complete(batch: Batch) -> bool:
-    """Whether every row of the batch has every layer (else no CSR: rows are NaN there)."""
-    return all(batch._present[k].all() for k in batch._keys if k[0] == "layer")  # noqa: SLF001
-
-
-def densify(batch: dict[str, Any]) -> dict[str, Any]:
-    """Make a batch's sparse CSR tensors dense (what a worker shipped as CSR)."""
-    import scipy.sparse as sp
-    import torch
-
-    for name, value in batch.items():
-        if isinstance(value, torch.Tensor) and value.layout == torch.sparse_csr:
-            csr = sp.csr_matrix((value.values().numpy(), value.col_indices().numpy(),
-                                 value.crow_indices().numpy()), shape=tuple(value.shape))
-            batch[name] = torch.from_numpy(csr.toarray())
+def as_read(batch: Any) -> Any:
+    """Pass a worker's batch on as read (a DataLoader's ``collate_fn``)."""
     return batch
