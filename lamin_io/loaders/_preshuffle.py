@@ -314,6 +314,11 @@ class _Spill:
                     self.cells[shard] += len(at)
                     self.nnz[shard] += part.nnz
                 progress.relative_update(int((stop - start) * self.row_bytes))
+            # done with this file: what was read of it whole (names, columns) can go
+            del names
+            for key in [k for k in ds._columns if k[0] == s]:  # noqa: SLF001
+                del ds._columns[key]  # noqa: SLF001
+            ds._stores[s].invalidate()  # noqa: SLF001
 
     def _read(self, shard: int, name: str, dtype: Any) -> np.ndarray:
         path = self.work / str(shard) / name
