@@ -153,9 +153,14 @@ def cached_fraction(path: Path) -> float:
 def run_isolated(script: Path, config: dict[str, Any], *, timeout: float = 900,
                  python: str = sys.executable) -> dict[str, Any]:
     """Run ``script --worker CONFIG_JSON`` in a new process; return its last JSON line."""
+    return run_json([python, str(script), "--worker", json.dumps(config)], timeout=timeout)
+
+
+def run_json(command: list[str], *, timeout: float = 900) -> dict[str, Any]:
+    """Run a command; return the JSON object of its last ``{`` line (or its error)."""
     try:
-        proc = subprocess.run([python, str(script), "--worker", json.dumps(config)],
-                              capture_output=True, text=True, timeout=timeout, check=False)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                              check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:g} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]

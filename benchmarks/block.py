@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,7 +46,7 @@ import numpy as np
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
 import loader as base  # noqa: E402
-from _harness import RESULTS, machine, median, run_isolated  # noqa: E402
+from _harness import RESULTS, machine, median, run_isolated, run_json  # noqa: E402
 
 PRESHUFFLED = base.DATA.parent / "preshuffled"
 ANNBATCH_STORE = base.DATA.parent / "annbatch_store.zarr"
@@ -63,33 +62,28 @@ PRESHUFFLED_BLOCK = 256
 
 
 def shard_paths() -> list[str]:
-    """The preshuffled shards' files, in the collection's order."""
-    import lamin_io as ln
-
-    ln.connect(PRESHUFFLED / "registry.db", PRESHUFFLED / "storage")
-    return [str(a.cache()) for a in ln.Collection.get(key="loader-shuffled").artifacts]
+    """The preshuffled shards' files, in order."""
+    return [str(p) for p in sorted((PRESHUFFLED / "shards").glob("part-*.zarr"))]
 
 
 def prepare_lamin_io() -> dict[str, Any]:
-    """Preshuffle the h5ad files into a fresh registry; time and peak memory."""
+    """Preshuffle the h5ad files into a folder of shards; time and peak memory."""
     import shutil
 
-    import lamin_io as ln
     from lamin_io.loaders import preshuffle
 
     shutil.rmtree(PRESHUFFLED, ignore_errors=True)
     PRESHUFFLED.mkdir(parents=True)
-    ln.connect(PRESHUFFLED / "registry.db", PRESHUFFLED / "storage")
     memory = base.MemoryWatch()
     memory.start()
     t0 = time.perf_counter()
-    collection = preshuffle(base.paths("h5ad"), "loader-shuffled", tmp_dir=PRESHUFFLED,
-                            mute=True)
+    shards = preshuffle(base.paths("h5ad"), PRESHUFFLED / "shards", tmp_dir=PRESHUFFLED,
+                        mute=True)
     seconds = time.perf_counter() - t0
     peaks = memory.report()
-    size = sum(f.stat().st_size for f in (PRESHUFFLED / "storage").rglob("*") if f.is_file())
+    size = sum(f.stat().st_size for f in (PRESHUFFLED / "shards").rglob("*") if f.is_file())
     return {"prepare_s": seconds, "peak_mb": peaks["tree_peak_mb"],
-            "store_mb": size / 2**20, "shards": len(collection.artifacts)}
+            "store_mb": size / 2**20, "shards": len(shards)}
 
 
 def global_rows(files: list[str]) -> np.ndarray:
@@ -132,7 +126,7 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     """Run one configuration in this process; return its numbers."""
     import importlib
 
-    import torch
+    import torch  # noqa: F401 (imported before the memory baseline: not setup)
 
     if config["tool"] == "prepare_lamin_io":
         return prepare_lamin_io()
@@ -165,14 +159,9 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
             if epoch == 0 and seen == 0:
                 first = time.perf_counter() - t0
                 c0 = time.perf_counter()
-                dense = x.to_dense() if x.layout == torch.sparse_csr else x
-                want_x, want_y = base.expected_rows(np.asarray(rows)[:32])
-                if not np.array_equal(np.asarray(dense[:32], dtype=np.float32), want_x):
-                    return {"error": "the first batch's X differs from h5py's rows"}
-                if [decode[int(v)] for v in np.asarray(y[:32])] != want_y:
-                    return {"error": "the first batch's labels differ from h5py's"}
-                if x.dtype != torch.float32 or tuple(x.shape) != (len(rows), 20_000):
-                    return {"error": f"X is {x.dtype} {tuple(x.shape)}"}
+                wrong = base.first_batch_error(x, y, rows, decode)
+                if wrong:
+                    return {"error": wrong}
                 check = time.perf_counter() - c0
             if epoch == 0:
                 seen += len(rows)
@@ -194,17 +183,7 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
 
 def annbatch(args: list[str], python: Path, timeout: float) -> dict[str, Any]:
     """Run ``_annbatch.py`` in annbatch's venv; return its JSON answer."""
-    try:
-        proc = subprocess.run([str(python), str(ANNBATCH), *args], capture_output=True,
-                              text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:g} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"error": " | ".join(tail) or f"exit code {proc.returncode}"}
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
+    return run_json([str(python), str(ANNBATCH), *args], timeout=timeout)
 
 
 # -- the plan and the report ------------------------------------------------------------

@@ -207,7 +207,7 @@ def gc(older_than: float, dry_run: bool) -> None:  # noqa: FBT001
               help="An obs column to keep (repeat; default: those every file has).")
 @click.option("--shard-mb", default=256, show_default=True, type=click.IntRange(min=1),
               help="A shard's rows in memory, in MiB: sets the number of shards.")
-@click.option("--tmp-dir", type=click.Path(file_okay=False),
+@click.option("--tmp-dir", type=click.Path(exists=True, file_okay=False),
               help="Local folder for the spilled rows (about X's size; default: system tmp).")
 @click.option("--mute", is_flag=True, help="No progress bar.")
 @_run

@@ -267,10 +267,20 @@ def test_workers_send_batches_as_read_and_yield_the_same_ones(tmp_path: Path) ->
                 assert b[key].layout == torch.strided
                 np.testing.assert_array_equal(b[key].numpy(), a[key].numpy())
             assert torch.isnan(b["counts"]).any() or not (b["_store_idx"] == 1).any()
+        x_only = {**options, "layers_keys": ["X"]}  # (CSR: the layer every file has)
+        sparse = {tuple(items): b for items, b in zip(
+            one.batches(0), BlockLoader(paths, sparse=True, **x_only), strict=True)}
+        with BlockLoader(paths, num_workers=2, sparse=True, **x_only) as both:
+            for items, b in zip(both.batches(0), both, strict=True):
+                assert b["X"].layout == torch.sparse_csr  # (workers, sparse: the same CSR)
+                torch.testing.assert_close(b["X"].to_dense(),
+                                           sparse[tuple(items)]["X"].to_dense())
     with MappedCollection(paths, layers_keys=["X", "counts"], fill_missing=True) as ds:
         none_have_it = ds.__getitems__(np.arange(40, 46)).dense("counts")
         assert none_have_it.shape == (6, len(GENES))  # (the layer's width, all NaN)
         assert np.isnan(none_have_it).all()
+        with pytest.raises(errors.NameNotFoundError, match="no sparse form"):
+            ds.__getitems__(np.arange(35, 46)).csr("counts")
 
 
 def _cells(batch: dict[str, Any], where: dict[tuple[float, ...], int]) -> list[int]:

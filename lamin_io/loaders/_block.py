@@ -460,13 +460,14 @@ class BlockLoader:
         from lamin_io.loaders._collate import collate
         from lamin_io.loaders._fetches import Fetches, as_read
 
-        fetches = Fetches(self.dataset, plan, sparse=self.sparse)
+        # with workers, they read and select, and the batches are made here
+        fetches = Fetches(self.dataset, plan, sparse=self.sparse,
+                          as_read=self.num_workers > 0)
         if self.num_workers == 0:
             source: Iterator[dict[str, Any]] = fetches.batches()
         else:
             from torch.utils.data import DataLoader
 
-            fetches.as_read = True  # (workers read and select; batches are made here)
             read = DataLoader(fetches, batch_size=None, num_workers=self.num_workers,
                               collate_fn=as_read,
                               multiprocessing_context=self.multiprocessing_context)

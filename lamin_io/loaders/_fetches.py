@@ -29,15 +29,16 @@ class Fetches(IterableDataset):
     cells of its batches: 8 bytes a cell).
     """
 
-    def __init__(self, dataset: MappedCollection, plan: Plan, *, sparse: bool) -> None:
+    def __init__(self, dataset: MappedCollection, plan: Plan, *, sparse: bool,
+                 as_read: bool = False) -> None:
         self.dataset, self.plan, self.sparse = dataset, plan, sparse
-        #: In a worker, yield each batch as read (a :class:`Batch`: its rows as stored,
-        #: CSR where sparse), for :func:`collate` in the main process (the DataLoader's
+        #: Yield each batch as read (a :class:`Batch`: its rows as stored, CSR where
+        #: sparse), for :func:`collate` in the main process (the DataLoader's
         #: ``collate_fn`` then passes it on, see :func:`as_read`): a dense batch made in a
         #: worker crosses to the main process in shared memory torch allocates anew for
         #: each batch, which costs more than reading the batch; as read, it is small and
         #: pickled through the pipe.
-        self.as_read = False
+        self.as_read = as_read
 
     def __iter__(self) -> Iterator[Any]:
         return self.batches()

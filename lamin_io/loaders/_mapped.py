@@ -179,15 +179,8 @@ class MappedCollection:
         return key in self._obs_columns[s]
 
     def _index(self, obs_filter: dict[str, Any]) -> None:
-        from lamin_io.accessors._anndata import _stored_keys
-
-        self._obs_columns = [set(_stored_keys(store, "obs")) - {"_index", "__categories"}
-                             for store in self._stores]
-        for key in self.obs_keys or ():
-            if not any(key in columns for columns in self._obs_columns):
-                msg = (f"obs key {key!r} is in none of the {len(self._stores)} files; "
-                       f"columns of the first: {sorted(self._obs_columns[0])}")
-                raise NameNotFoundError(msg)
+        self._obs_columns = [self._columns_of(store) for store in self._stores]
+        self.check_obs_keys(self.obs_keys or ())
         self.indices_list: list[np.ndarray] = []
         for s, store in enumerate(self._stores):
             n = store.axis_length("obs")
@@ -200,6 +193,45 @@ class MappedCollection:
         self.n_obs = int(sum(self.n_obs_list))
         self.indices = np.concatenate(self.indices_list)
         self.storage_idx = np.repeat(np.arange(len(self._stores)), self.n_obs_list)
+
+    @staticmethod
+    def _columns_of(store: Any) -> dict[str, None]:
+        """Return a file's obs columns, in their stored order (the index left out)."""
+        from lamin_io.accessors._anndata import _stored_keys
+        from lamin_io.accessors._attrs import attr, is_group
+
+        if not store.has("obs"):
+            return {}
+        group = store.get("obs")
+        if not is_group(group):  # a structured array (< 0.7): its first field is the index
+            return dict.fromkeys(list(group.dtype.names or ())[1:])
+        index = attr(group, "_index", "_index")
+        keys = _stored_keys(store, "obs")
+        order = [k for k in attr(group, "column-order", None) or [] if k in keys]
+        return dict.fromkeys(k for k in [*order, *keys]
+                             if k not in (index, "_index", "__categories"))
+
+    def check_obs_keys(self, keys: Sequence[str]) -> None:
+        """Raise :class:`NameNotFoundError` for an obs key that no file has."""
+        for key in keys:
+            if not any(key in columns for columns in self._obs_columns):
+                msg = (f"obs key {key!r} is in none of the {len(self._stores)} files; "
+                       f"columns of the first: {sorted(self._obs_columns[0])}")
+                raise NameNotFoundError(msg)
+
+    def obs_columns(self) -> list[str]:
+        """Return the obs columns every file has, in the first file's order."""
+        return [k for k in self._obs_columns[0]
+                if all(k in columns for columns in self._obs_columns[1:])]
+
+    def release(self, s: int) -> None:
+        """Forget what was read whole of file ``s`` (its columns, names; read again on use).
+
+        A pass over the files one at a time then holds one file's, not all of them.
+        """
+        for key in [k for k in self._columns if k[0] == s]:
+            del self._columns[key]
+        self._stores[s].invalidate()
 
     def _matches(self, s: int, column: str, values: list[Any], n: int) -> np.ndarray:
         import pandas as pd
@@ -505,7 +537,8 @@ def fill_rows(out: np.ndarray, parts: list[tuple[np.ndarray, Any]],
     """
     if len(parts) == 1 and hasattr(parts[0][1], "tocsr") and len(parts[0][0]) == len(out):
         at, block = parts[0]  # every row from one sparse block: in order, scipy's C loop
-        if block.dtype == out.dtype and np.array_equal(at, np.arange(len(out))):
+        if (block.dtype == out.dtype and np.array_equal(at, np.arange(len(out)))
+                and (out.flags.c_contiguous or out.flags.f_contiguous)):
             _canonical(block).toarray(out=out)  # (zeroes out first)
             return
     out.fill(0)
@@ -670,7 +703,7 @@ class Batch(Sequence[dict[str, Any]]):
                    f"one file at a time)")
             raise InvalidArgumentError(msg)
         width = next(iter(self._widths[k]), self._n_vars if k[0] == "layer" and
-                     self._n_vars is not None else 0)
+                     k[1] != "raw.X" and self._n_vars is not None else 0)  # (raw: unjoined)
         parts = self._parts[k]
         dtype = (self._dtype if self._dtype is not None else
                  np.result_type(*(b.dtype for _, b in parts)) if parts else np.float32)
@@ -704,6 +737,10 @@ class Batch(Sequence[dict[str, Any]]):
 
         k = self._lookup(key)
         self._require(k)
+        if not self._present[k].all():  # (fill_missing: NaN rows, which CSR cannot hold)
+            msg = (f"{key!r} is missing from some files of this batch: their rows have no "
+                   f"sparse form; use dense batches (NaN rows there) or leave those files out")
+            raise NameNotFoundError(msg)
         order = np.concatenate([at for at, _ in self._parts[k]])
         blocks = [sp.csr_matrix(b) for _, b in self._parts[k]]
         stacked = sp.vstack(blocks, format="csr")

@@ -508,15 +508,7 @@ class ArtifactSet(RecordSet[Artifact]):
         from lamin_io.loaders import MappedCollection
         from lamin_io.loaders._mapped import _digest
 
-        kept = []
-        for artifact in self:
-            if ".h5ad" in artifact.suffix or ".zarr" in artifact.suffix:
-                kept.append(artifact)
-            else:
-                logger.warning("ignoring artifact with suffix %s", artifact.suffix)
-        if not kept:
-            msg = "no .h5ad or .zarr artifacts to map: the query matched none"
-            raise InvalidArgumentError(msg)
+        kept = anndata_members(list(self))
         paths = [a.verify() if stream else a.cache() for a in kept]
         versions = [a._versions() if stream else None for a in kept]  # noqa: SLF001
         # the samplers' order follows the content, not the paths
@@ -545,11 +537,39 @@ class ArtifactSet(RecordSet[Artifact]):
     def preshuffle(self, key: str, **kwargs: Any) -> Collection:
         """Rewrite the AnnData artifacts' cells in a random order as zarr shards.
 
-        Returns the new collection ``key``; see :func:`lamin_io.loaders.preshuffle`.
-        """
-        from lamin_io.loaders import preshuffle
+        Returns the new collection ``key`` of shards ``{key}/part-00000.zarr``, ...:
+        AnnData zarr stores holding every selected cell once, in a uniform random order
+        (from ``seed``), X as CSR in small chunks, obs columns (``obs_keys``, default:
+        those every artifact has), obs names, and where each cell came from
+        (``source_file``: the artifact's key; ``source_row``). Keywords: ``seed``,
+        ``obs_keys``, ``obs_filter``, ``join``, ``layer``, ``shard_bytes``, ``tmp_dir``
+        (the spilled rows: about X's size on local disk), ``description``, ``mute``; see
+        :func:`lamin_io.loaders.preshuffle`. Saving again with the same key and seed
+        returns the existing collection.
 
-        return preshuffle(self, key, **kwargs)
+        Examples
+        --------
+        >>> atlas = ln.Artifact.filter(key__startswith="atlas/")         # doctest: +SKIP
+        >>> shuffled = atlas.preshuffle("atlas-shuffled")
+        >>> loader = shuffled.loader(batch_size=256, block_size=256)
+        """
+        from lamin_io.registry._collection import preshuffle_artifacts
+
+        return preshuffle_artifacts(self, key, **kwargs)
+
+
+def anndata_members(artifacts: list[Artifact]) -> list[Artifact]:
+    """Return the ``.h5ad``/``.zarr`` artifacts, warning of each other one left out."""
+    kept = []
+    for artifact in artifacts:
+        if ".h5ad" in artifact.suffix or ".zarr" in artifact.suffix:
+            kept.append(artifact)
+        else:
+            logger.warning("ignoring artifact with suffix %s", artifact.suffix)
+    if not kept:
+        msg = "no .h5ad or .zarr artifacts to map: the query matched none"
+        raise InvalidArgumentError(msg)
+    return kept
 
 
 Artifact._set = ArtifactSet

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from lamin_io.loaders import BlockLoader, MappedCollection
 
-__all__ = ["Collection"]
+__all__ = ["Collection", "preshuffle_artifacts"]
 
 logger = logging.getLogger(__name__)
 
@@ -163,17 +163,14 @@ class Collection(Record):
     def preshuffle(self, key: str, **kwargs: Any) -> Collection:
         """Rewrite the members' cells in a random order as zarr shards, a new collection.
 
-        See :func:`lamin_io.loaders.preshuffle` (``seed``, ``obs_keys``, ``shard_bytes``,
-        ...).
+        See :meth:`ArtifactSet.preshuffle`.
 
         Examples
         --------
         >>> shuffled = collection.preshuffle("atlas-shuffled")            # doctest: +SKIP
         >>> loader = shuffled.loader(batch_size=256, block_size=64, obs_keys=["cell_type"])
         """
-        from lamin_io.loaders import preshuffle
-
-        return preshuffle(self, key, **kwargs)
+        return preshuffle_artifacts(self.artifacts, key, **kwargs)
 
     def delete(self) -> None:
         """Delete the collection record; its artifacts stay."""
@@ -220,3 +217,53 @@ class CollectionSet(RecordSet[Collection]):
 
 
 Collection._set = CollectionSet
+
+
+def preshuffle_artifacts(artifacts: Iterable[Artifact], key: str, *,
+                         description: str | None = None, obs_filter: dict[str, Any] | None = None,
+                         join: str = "inner", layer: str | None = None,
+                         tmp_dir: str | Path | None = None, mute: bool = False,
+                         **kwargs: Any) -> Collection:
+    """Preshuffle AnnData artifacts into shards saved as artifacts and the collection ``key``.
+
+    The shards (``{key}/part-00000.zarr``, ...) are written by
+    :func:`lamin_io.loaders.preshuffle` (``seed``, ``obs_keys``, ``shard_bytes``; the
+    sources read where they lie) and saved one by one as they are written. A failure
+    deletes the shards this call registered (not those an earlier run with the same key and
+    seed had saved) and re-raises.
+    """
+    import shutil
+
+    from lamin_io.loaders import preshuffle
+    from lamin_io.registry._artifact import anndata_members
+
+    validate_key(key, suffix=None)
+    members = anndata_members(list(artifacts))
+    names = [a.key or a.uid for a in members]
+    if len(set(names)) < len(names):  # (versions of one key: told apart by uid)
+        names = [a.uid for a in members]
+    before = {a.uid for a in Artifact.filter(key__startswith=f"{key}/")}
+    saved: list[Artifact] = []
+
+    def save(path: Path) -> None:
+        saved.append(Artifact(path, key=f"{key}/{path.name}", description=description
+                              ).save(mute=mute))
+        shutil.rmtree(path, ignore_errors=True)
+
+    ds = ArtifactSet(members).mapped(layers_keys=layer, obs_filter=obs_filter, join=join,
+                                     stream=True)
+    try:
+        preshuffle(ds, None, names=names, tag=key, on_shard=save, tmp_dir=tmp_dir,
+                   mute=mute, **kwargs)
+        return Collection(saved, key=key, description=description).save()
+    except BaseException:
+        for artifact in saved:  # (no half-made result: the shards this call saved go)
+            if artifact.uid not in before:
+                try:
+                    artifact.delete()
+                except Exception:  # noqa: BLE001 (the first error is the one to raise)
+                    logger.warning("could not delete shard %s after a failed preshuffle",
+                                   artifact.key)
+        raise
+    finally:
+        ds.close()
