@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
-import threading
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,9 +38,11 @@ from typing import Any
 import anndata as ad
 import h5py
 import numpy as np
-import psutil
 import zarr
 from annbatch import DatasetCollection, Loader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loader import MemoryWatch  # noqa: E402 (stdlib, numpy and psutil: fine in this venv)
 
 DATA = Path(__file__).resolve().parent / "data" / "loader"
 FILES = [DATA / f"part_{i}.h5ad" for i in range(8)]
@@ -55,50 +56,6 @@ try:  # annbatch's advice for local files; used where installed
     ZARRS = True
 except ImportError:
     ZARRS = False
-
-
-# -- memory -----------------------------------------------------------------------------
-
-
-def pss_kb(pid: int) -> int:
-    """Proportional set size of a process (``smaps_rollup``), 0 once it is gone."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-class MemoryWatch(threading.Thread):
-    """Samples the PSS of this process and of its children every 50 ms."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.me = psutil.Process()
-        self.base = pss_kb(os.getpid())
-        self.main_peak = self.tree_peak = self.base
-        self.done = threading.Event()
-        self.start()
-
-    def sample(self) -> None:
-        main = pss_kb(os.getpid())
-        tree = main + sum(pss_kb(c.pid) for c in self.me.children(recursive=True))
-        self.main_peak = max(self.main_peak, main)
-        self.tree_peak = max(self.tree_peak, tree)
-
-    def run(self) -> None:
-        while not self.done.wait(0.05):
-            self.sample()
-
-    def report(self) -> dict[str, float]:
-        self.done.set()
-        self.join()
-        self.sample()
-        return {"tree_peak_mb": (self.tree_peak - self.base) / 1024,
-                "main_peak_mb": (self.main_peak - self.base) / 1024}
 
 
 # -- provenance ---------------------------------------------------------------------------
@@ -149,6 +106,7 @@ def prepare(out: Path, files: list[Path], overwrite: bool, seed: int) -> dict[st
             raise SystemExit(f"{out} exists; remove it or pass --overwrite")
         shutil.rmtree(out)
     memory = MemoryWatch()
+    memory.start()
     t0 = time.perf_counter()
     collection = DatasetCollection(out).add_adatas(
         [str(f.resolve()) for f in files], shuffle=True, rng=np.random.default_rng(seed))
@@ -176,6 +134,7 @@ def run(store: Path, cells: int, batch: int, chunk: int, preload: int, sparse: b
         seed: int) -> dict[str, Any]:
     """Iterate annbatch's loader over ``store`` until ``cells`` cells; time it."""
     memory = MemoryWatch()
+    memory.start()
     t0 = time.perf_counter()
     with ad.settings.override(remove_unused_categories=False):
         loader = Loader(batch_size=batch, chunk_size=chunk, preload_nchunks=preload,

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -146,39 +145,9 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     else:
         tool = {"mapped": "lamin_io"}.get(config["tool"], config["tool"])
         ds, batches = base.build(tool, config["fmt"], config["workers"], config)
-    setup = time.perf_counter() - t0
     labels: list[str] = []
-    epochs: list[float] = []
-    seen = 0
-    check = first = seconds = 0.0
-    t0 = time.perf_counter()
-    for epoch in range(config["epochs"]):
-        if epoch and config["tool"] == "block":
-            ds.set_epoch(epoch)
-        for x, y, rows, decode in batches():
-            if epoch == 0 and seen == 0:
-                first = time.perf_counter() - t0
-                c0 = time.perf_counter()
-                wrong = base.first_batch_error(x, y, rows, decode)
-                if wrong:
-                    return {"error": wrong}
-                check = time.perf_counter() - c0
-            if epoch == 0:
-                seen += len(rows)
-                labels.extend(decode[int(v)] for v in np.asarray(y))
-        if epoch == 0:
-            seconds = time.perf_counter() - t0 - check
-        memory.sample()
-        epochs.append(base.pss_kb(os.getpid()) / 1024 - memory.base / 1024)
-    result = {**config, "setup_s": setup, "first_batch_s": first, "seconds": seconds,
-              "cells_read": seen, "cells_per_s": seen / seconds, **memory.report(),
-              "labels": labels}
-    if config["epochs"] > 1:
-        result["epoch_main_mb"] = epochs
-    close = getattr(ds, "close", None)
-    if close is not None:
-        close()
-    return result
+    result = base.measure(config, memory, time.perf_counter() - t0, ds, batches, labels)
+    return {**result, "labels": labels}
 
 
 def annbatch(args: list[str], python: Path, timeout: float) -> dict[str, Any]:

@@ -300,12 +300,23 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     memory.start()
     t0 = time.perf_counter()
     ds, batches = build(tool, config["fmt"], config["workers"], config)
-    setup = time.perf_counter() - t0
+    return measure(config, memory, time.perf_counter() - t0, ds, batches)
+
+
+def measure(config: dict[str, Any], memory: MemoryWatch, setup: float, ds: Any,
+            batches: Any, labels: list[str] | None = None) -> dict[str, Any]:
+    """Time ``batches()`` over ``config["epochs"]`` epochs, the first batch checked first.
+
+    The main process's memory after each epoch; the first epoch's labels (decoded) go to
+    ``labels`` when given; ``ds`` is closed at the end.
+    """
     epochs: list[float] = []
     seen = 0
-    check = first = 0.0
+    check = first = seconds = 0.0
     t0 = time.perf_counter()
     for epoch in range(config["epochs"]):
+        if epoch and hasattr(ds, "set_epoch"):
+            ds.set_epoch(epoch)
         for x, y, rows, decode in batches():
             if epoch == 0 and seen == 0:
                 first = time.perf_counter() - t0
@@ -316,6 +327,8 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
                 check = time.perf_counter() - c0
             if epoch == 0:
                 seen += len(rows)
+                if labels is not None:
+                    labels.extend(decode[int(v)] for v in np.asarray(y))
         if epoch == 0:
             seconds = time.perf_counter() - t0 - check
         memory.sample()
