@@ -25,6 +25,7 @@ __all__ = [
     "PathNotFoundError",
     "RegistryError",
     "RegistryLockedError",
+    "RegistryMismatchError",
     "RegistryUnreachableError",
     "SaveInterruptedError",
     "SchemaVersionError",
@@ -84,6 +85,10 @@ class MultipleResultsError(LaminIOError, LookupError):
 
 class RegistryError(LaminIOError):
     """The registry database cannot be used as asked."""
+
+
+class RegistryMismatchError(RegistryError):
+    """A record of one registry used while connected to another: reconnect to its own."""
 
 
 class RegistryLockedError(RegistryError, TimeoutError):

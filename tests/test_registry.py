@@ -210,3 +210,48 @@ def test_describe_and_repr(conn, tmp_path, capsys):
     assert "demo" in text
     assert art.hash in text
     assert text in capsys.readouterr().out
+
+
+def test_a_record_of_another_registry_is_refused_until_reconnected(tmp_path):
+    """A record read from registry A, used while connected to B, never reads B's rows."""
+    a_url, b_url = tmp_path / "a.db", tmp_path / "b.db"
+    ln.connect(a_url, tmp_path / "a-storage")
+    first = ln.Artifact(write_bytes(tmp_path / "x.csv", b"a\n1\n"), key="x.csv").save()
+    ln.Artifact(write_bytes(tmp_path / "x2.csv", b"a\n2\n"), key="x.csv",
+                revises=first).save()
+    collection = ln.Collection([first], key="set").save()
+    queried = ln.Artifact.get(key="x.csv", version="1")
+    ln.connect(b_url, tmp_path / "b-storage")
+    # the same ids exist in B, with other content
+    ln.Artifact(write_bytes(tmp_path / "y.csv", b"b\n3\n"), key="y.csv").save()
+    ln.Collection([ln.Artifact.get(key="y.csv")], key="other").save()
+    for use in (lambda: collection.artifacts, lambda: first.versions, lambda: first.path,
+                lambda: queried.cache(), lambda: queried.load(), lambda: first.is_latest,
+                lambda: ln.Collection([first], key="mixed").save(),
+                lambda: ln.Artifact(write_bytes(tmp_path / "z.csv", b"z\n4\n"), key="x.csv",
+                                    revises=first).save(), collection.delete):
+        with pytest.raises(errors.RegistryMismatchError, match="a.db") as info:
+            use()
+        assert "b.db" in str(info.value)
+    assert [a.key for a in ln.Artifact.filter()] == ["y.csv"]  # B unchanged
+    ln.connect(a_url, tmp_path / "a-storage")  # back to A: the records work again
+    assert [a.key for a in collection.artifacts] == ["x.csv"]
+    assert [v.version for v in first.versions] == ["1", "2"]
+    assert queried.cache().read_bytes() == b"a\n1\n"
+    assert list(queried.load()["a"]) == [1]
+
+
+def test_records_keep_working_in_other_threads(conn, tmp_path):
+    """Relationships are queried when read (no session to detach from), from any thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    first = ln.Artifact(write_bytes(tmp_path / "x.csv", b"a\n1\n"), key="x.csv").save()
+    ln.Artifact(write_bytes(tmp_path / "x2.csv", b"a\n2\n"), key="x.csv", revises=first).save()
+    collection = ln.Collection([first], key="set").save()
+    found = ln.Collection.get(key="set")
+    with ThreadPoolExecutor(4) as pool:
+        keys = list(pool.map(lambda _: [a.key for a in found.artifacts], range(8)))
+        versions = list(pool.map(lambda _: [v.version for v in first.versions], range(8)))
+    assert keys == [["x.csv"]] * 8
+    assert versions == [["1", "2"]] * 8
+    assert collection.artifacts[0].cache().read_bytes() == b"a\n1\n"

@@ -153,6 +153,8 @@ class Artifact(Record, ArtifactReads):
         if self._row is not None:
             return self
         conn = current()
+        if self._revises is not None:  # (a version of a record of this registry)
+            self._revises._conn()  # noqa: SLF001
         source = self._source
         located = conn.locate(source)
         if located is not None and located[1].split("/")[0] == RESERVED_PREFIX:
@@ -187,13 +189,14 @@ class Artifact(Record, ArtifactReads):
                 logger.warning("content of %s is already registered as %r (uid %s); "
                                "returning that artifact, the bytes are not stored twice",
                                source, row.key, row.uid)
-            self._row = row
+            self._row, self._registry = row, conn.registry
             return self
         if row.status == READY:  # registered in place, nothing to upload
             self._row = row
         else:
             with Lease(conn, row.id):  # gc leaves the record alone while the bytes upload
                 self._row = self._upload_and_publish(conn, row, mute=mute)
+        self._registry = conn.registry
         self._warn_if_key_moved()
         return self
 
@@ -332,12 +335,12 @@ class Artifact(Record, ArtifactReads):
     @property
     def storage_root(self) -> str:
         """The storage root holding the bytes."""
-        return current().settings_for(self._saved().storage_id).root
+        return self._conn().settings_for(self._saved().storage_id).root
 
     @property
     def path(self) -> UPath:
         """Where the bytes are stored, as a ``UPath`` carrying the storage's settings."""
-        return stored_path(current(), self._saved())
+        return stored_path(self._conn(), self._saved())
 
     def _what(self) -> str:
         if self._row is None:
@@ -384,7 +387,7 @@ class Artifact(Record, ArtifactReads):
             Also delete the stored object. Default: ``True`` for objects lamin-io uploaded,
             ``False`` for files registered in place.
         """
-        conn = current()
+        conn = self._conn()
         row = self._saved()
         t = s.artifact
         # checked before anything changes: a storage key that would leave the root is refused

@@ -93,7 +93,10 @@ class Collection(Record):
             return self
         digest = hashlib.sha256("\n".join(a.hash for a in self._members).encode()).hexdigest()
         t = s.collection
-        with current().db.write() as c:
+        conn = current()
+        for record in [*self._members, *([self._revises] if self._revises else [])]:
+            record._conn()  # noqa: SLF001 (rows of this registry only)
+        with conn.db.write() as c:
             row = c.execute(select(t).where(t.c.hash == digest)).one_or_none()
             if row is None:
                 uid = new_uid()
@@ -112,14 +115,14 @@ class Collection(Record):
             elif row.key != self._key:
                 logger.warning("these artifacts already form collection %r (uid %s); "
                                "returning it", row.key, row.uid)
-        self._row = row
+        self._row, self._registry = row, conn.registry
         return self
 
     @property
     def artifacts(self) -> ArtifactSet:
         """The member artifacts, in order."""
         a, ca = s.artifact, s.collection_artifact
-        with current().db.read() as c:
+        with self._conn().db.read() as c:
             rows = c.execute(select(a).join(ca, ca.c.artifact_id == a.c.id)
                              .where(ca.c.collection_id == self._saved().id)
                              .order_by(ca.c.position)).all()
@@ -176,7 +179,7 @@ class Collection(Record):
         """Delete the collection record; its artifacts stay."""
         row = self._saved()
         t = s.collection
-        with current().db.write() as c:
+        with self._conn().db.write() as c:
             c.execute(delete(s.collection_artifact)
                       .where(s.collection_artifact.c.collection_id == row.id))
             c.execute(delete(t).where(t.c.id == row.id))

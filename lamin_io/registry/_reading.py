@@ -21,7 +21,6 @@ from lamin_io.errors import (
     StorageObjectMissingError,
     WriteNotSupportedError,
 )
-from lamin_io.registry._connection import current
 from lamin_io.registry._keys import check_storage_key
 from lamin_io.storage import (
     Manifest,
@@ -83,6 +82,7 @@ class ArtifactReads:
 
     if TYPE_CHECKING:  # provided by Artifact and Record
         def _saved(self) -> Row[Any]: ...
+        def _conn(self) -> Connection: ...
         def _what(self) -> str: ...
         def _open_writable_copy(self, fmt: Format, mode: str, **kwargs: Any) -> Any: ...
         @property
@@ -106,7 +106,7 @@ class ArtifactReads:
         CorruptArtifactError
             A folder lacks a file its manifest lists (never read as fill values).
         """
-        conn = current()
+        conn = self._conn()
         row = self._saved()
         path = stored_path(conn, row)
         with storage_errors(str(path), conn.settings_for(row.storage_id).endpoint_url):
@@ -204,7 +204,7 @@ class ArtifactReads:
             return Path(path.path)
         row = self._saved()
         name = PurePosixPath(row.key).name if row.key else f"{row.uid}{row.suffix}"
-        with storage_errors(str(path), current().settings_for(row.storage_id).endpoint_url):
+        with storage_errors(str(path), self._conn().settings_for(row.storage_id).endpoint_url):
             return cached_copy(path, sha256=row.hash, name=name, manifest=self.manifest,
                                what=self._what(), mute=mute, versions=self._versions())
 

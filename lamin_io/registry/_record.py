@@ -9,7 +9,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Self, TypeVar, overloa
 
 from sqlalchemy import func, select, update
 
-from lamin_io.errors import ArtifactNotFoundError, InvalidArgumentError, MultipleResultsError
+from lamin_io.errors import (
+    ArtifactNotFoundError,
+    InvalidArgumentError,
+    MultipleResultsError,
+    RegistryMismatchError,
+)
 from lamin_io.registry._connection import current
 from lamin_io.registry._query import conditions
 
@@ -18,6 +23,8 @@ if TYPE_CHECKING:
 
     import pandas as pd
     from sqlalchemy import Connection, Row, Table
+
+    from lamin_io.registry._connection import Connection as Registry
 
 __all__ = ["READY", "Record", "RecordSet", "new_uid"]
 
@@ -38,12 +45,29 @@ class Record:
     _fields: ClassVar[tuple[str, ...]]
     _row: Row[Any] | None
     _set: ClassVar[type[RecordSet[Any]]]
+    #: The registry the row was read from or written to (its display URL).
+    _registry: str | None = None
 
     @classmethod
     def _from_row(cls, row: Row[Any]) -> Self:
         obj = cls.__new__(cls)
         obj._row = row
+        obj._registry = current().registry
         return obj
+
+    def _conn(self) -> Registry:
+        """Return the connection, once sure this record is a row of its registry.
+
+        A record read from one registry and used while connected to another would read
+        or change the other's rows of the same ids: refused, until reconnected.
+        """
+        conn = current()
+        if self._row is not None and self._registry not in (None, conn.registry):
+            msg = (f"this {self._kind} ({self._row.uid}) is a record of registry "
+                   f"{self._registry}, but the connection is now to {conn.registry}: "
+                   f"connect to {self._registry} again to use it")
+            raise RegistryMismatchError(msg)
+        return conn
 
     def _saved(self) -> Row[Any]:
         if self._row is None:
@@ -86,7 +110,7 @@ class Record:
     def versions(self) -> RecordSet[Self]:
         """All ready versions of this record's family, oldest first."""
         t = self._table
-        with current().db.read() as conn:
+        with self._conn().db.read() as conn:
             rows = conn.execute(select(t).where(t.c.family_uid == self._saved().family_uid,
                                                 t.c.status == READY)
                                 .order_by(t.c.version_index)).all()
@@ -106,7 +130,7 @@ class Record:
         if self._row is None:
             return
         t = self._table
-        with current().db.read() as conn:
+        with self._conn().db.read() as conn:
             row = conn.execute(select(t).where(t.c.id == self._row.id)).one_or_none()
         if row is not None:
             self._row = row
