@@ -124,8 +124,14 @@ def save(path: str, key: str | None, description: str | None, revises: str | Non
 @cli.command("ls", epilog=_EPILOG)
 @click.argument("prefix", required=False, default="")
 @click.option("--all-versions", is_flag=True, help="Show every version, not only the latest.")
+@click.option("--order-by", "order_by", multiple=True,
+              help="A field to sort by, '-' first for descending (repeat; e.g. -size).")
+@click.option("--limit", type=click.IntRange(min=1), help="Show at most this many.")
+@click.option("--page", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --limit: which page of that many.")
 @_run
-def ls(prefix: str, all_versions: bool) -> None:  # noqa: FBT001
+def ls(prefix: str, all_versions: bool, order_by: tuple[str, ...], limit: int | None,  # noqa: FBT001
+       page: int) -> None:
     """List artifacts whose key starts with PREFIX."""
     from rich.console import Console
     from rich.table import Table
@@ -136,7 +142,11 @@ def ls(prefix: str, all_versions: bool) -> None:  # noqa: FBT001
     lookups: dict[str, Any] = {"key__startswith": prefix} if prefix else {}
     if not all_versions:
         lookups["is_latest"] = True
-    found = Artifact.filter(**lookups)
+    if page > 1 and limit is None:
+        msg = "--page needs --limit"
+        raise click.UsageError(msg)
+    found = Artifact.filter(order_by=list(order_by) or None, limit=limit,
+                            offset=(page - 1) * (limit or 0), **lookups)
     table = Table("key", "version", "size", "suffix", "uid", "created", box=None)
     for a in found:
         table.add_row(a.key or "-", a.version, format_size(a.size), a.suffix or "-", a.uid,

@@ -81,3 +81,22 @@ def test_cli_delete_reports_the_version_and_revises_another_key(cli_env, tmp_pat
     rows = [line.split() for line in run(cli_env, "ls", "--all-versions").stdout.splitlines()
             if "t.csv" in line]
     assert [row[:2] for row in rows] == [["old/t.csv", "2"]]  # the one version left
+
+
+def test_cli_ls_orders_and_pages(cli_env, tmp_path):
+    run(cli_env, "connect", "--registry", str(tmp_path / "r.db"),
+        "--storage", str(tmp_path / "store"))
+    for name, size in (("a.csv", 30), ("b.csv", 10), ("c.csv", 20)):
+        run(cli_env, "save", str(write_bytes(tmp_path / name, b"x" * size)), "--key", name)
+
+    def listed(*args):
+        lines = run(cli_env, "ls", *args).stdout.splitlines()[1:]  # (after the header)
+        return [line.split()[0] for line in lines if line.strip()]
+
+    assert listed("--order-by", "-size") == ["a.csv", "c.csv", "b.csv"]
+    assert listed("--order-by", "size", "--limit", "2") == ["b.csv", "c.csv"]
+    assert listed("--order-by", "size", "--limit", "2", "--page", "2") == ["a.csv"]
+    err = run(cli_env, "ls", "--page", "2", check_rc=2).stderr
+    assert "--page needs --limit" in err
+    err = run(cli_env, "ls", "--order-by", "colour", check_rc=1).stderr
+    assert err.startswith("error: cannot order by 'colour'")

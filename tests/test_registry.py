@@ -154,6 +154,25 @@ def test_filter_lookups(conn_any_db, tmp_path):
         ln.Artifact.get(suffix=".csv")
 
 
+def test_ordering_and_pages(conn_any_db, tmp_path):
+    sizes = {"a.csv": 30, "b.csv": 10, "c.csv": 20, "d.csv": 10}
+    for name, size in sizes.items():
+        ln.Artifact(write_bytes(tmp_path / name, name[0].encode() * size), key=name).save()
+    keys = lambda found: [a.key for a in found]  # noqa: E731
+    assert keys(ln.Artifact.filter()) == ["a.csv", "b.csv", "c.csv", "d.csv"]  # as saved
+    assert keys(ln.Artifact.filter(order_by="size")) == ["b.csv", "d.csv", "c.csv", "a.csv"]
+    assert keys(ln.Artifact.filter(order_by=["-size", "-key"])) == [
+        "a.csv", "c.csv", "d.csv", "b.csv"]
+    assert keys(ln.Artifact.filter(order_by="-created_at", limit=2)) == ["d.csv", "c.csv"]
+    pages = [keys(ln.Artifact.filter(order_by="key", limit=3, offset=o)) for o in (0, 3, 6)]
+    assert pages == [["a.csv", "b.csv", "c.csv"], ["d.csv"], []]
+    assert keys(ln.Artifact.filter(size=10, order_by="-key", limit=1)) == ["d.csv"]
+    with pytest.raises(errors.InvalidArgumentError, match="cannot order by 'colour'"):
+        ln.Artifact.filter(order_by="colour")
+    with pytest.raises(errors.InvalidArgumentError, match="limit and offset"):
+        ln.Artifact.filter(limit=-1)
+
+
 def test_in_place_registration_does_not_copy(conn, tmp_path):
     root = conn.root
     target = root / "raw" / "in_place.csv"

@@ -10,7 +10,7 @@ from lamin_io.errors import InvalidArgumentError
 if TYPE_CHECKING:
     from sqlalchemy import ColumnElement, Table
 
-__all__ = ["conditions"]
+__all__ = ["conditions", "ordering"]
 
 _OPS = ("exact", "iexact", "contains", "icontains", "startswith", "endswith", "gt", "gte",
         "lt", "lte", "in", "isnull")
@@ -18,6 +18,25 @@ _OPS = ("exact", "iexact", "contains", "icontains", "startswith", "endswith", "g
 
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def ordering(table: Table, fields: tuple[str, ...], order_by: str | Iterable[str] | None
+             ) -> list[Any]:
+    """Translate ``order_by`` (``"size"``, ``"-created_at"``, or a list) into SQL order terms.
+
+    A leading ``-`` sorts descending; ties, and no ``order_by``, go by insertion (id).
+    """
+    names = [] if order_by is None else [order_by] if isinstance(order_by, str) \
+        else list(order_by)
+    out = []
+    for name in names:
+        field = name.removeprefix("-") if isinstance(name, str) else None
+        if field not in fields:
+            msg = f"cannot order by {name!r}; fields (a leading - for descending): " \
+                  f"{', '.join(fields)}"
+            raise InvalidArgumentError(msg)
+        out.append(table.c[field].desc() if name.startswith("-") else table.c[field].asc())
+    return [*out, table.c.id]
 
 
 def conditions(table: Table, fields: tuple[str, ...],

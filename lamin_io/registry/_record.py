@@ -16,7 +16,7 @@ from lamin_io.errors import (
     RegistryMismatchError,
 )
 from lamin_io.registry._connection import current
-from lamin_io.registry._query import conditions
+from lamin_io.registry._query import conditions, ordering
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -138,23 +138,35 @@ class Record:
     # -- queries ---------------------------------------------------------------------------
 
     @classmethod
-    def _select(cls, lookups: dict[str, Any]) -> list[Self]:
+    def _select(cls, lookups: dict[str, Any], order_by: str | Sequence[str] | None = None,
+                limit: int | None = None, offset: int = 0) -> list[Self]:
         t = cls._table
-        stmt = select(t).where(t.c.status == READY,
-                               *conditions(t, cls._fields, lookups)).order_by(t.c.id)
+        if (limit is not None and (not isinstance(limit, int) or limit < 0)) or (
+                not isinstance(offset, int) or offset < 0):
+            msg = f"limit and offset must be whole numbers 0 or more, got {limit}, {offset}"
+            raise InvalidArgumentError(msg)
+        stmt = (select(t).where(t.c.status == READY, *conditions(t, cls._fields, lookups))
+                .order_by(*ordering(t, cls._fields, order_by)).offset(offset or None)
+                .limit(limit))
         with current().db.read() as conn:
             return [cls._from_row(r) for r in conn.execute(stmt).all()]
 
     @classmethod
-    def filter(cls, **lookups: Any) -> RecordSet[Self]:
+    def filter(cls, *, order_by: str | Sequence[str] | None = None, limit: int | None = None,
+               offset: int = 0, **lookups: Any) -> RecordSet[Self]:
         """Return the records matching Django-style lookups.
+
+        ``order_by`` names fields (a leading ``-``: descending; default: the order they
+        were saved in); ``limit`` and ``offset`` take a page of the result.
 
         Examples
         --------
         >>> Artifact.filter(key__startswith="proj/", suffix=".h5ad", is_latest=True)
         ... # doctest: +SKIP
+        >>> Artifact.filter(size__gt=10**9, order_by="-created_at", limit=20, offset=40)
+        ... # doctest: +SKIP
         """
-        return cls._set(cls._select(lookups))
+        return cls._set(cls._select(lookups, order_by, limit, offset))
 
     @classmethod
     def get(cls, uid: str | None = None, *, key: str | None = None,
