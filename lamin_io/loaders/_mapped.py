@@ -622,11 +622,8 @@ class Batch(Sequence[dict[str, Any]]):
         """
         rows = np.asarray(rows, dtype=np.int64)
         out = object.__new__(Batch)
+        out.__dict__.update(self.__dict__)  # (what all rows share; the rest is made below)
         out.store_idx = self.store_idx[rows]
-        out._keys, out._fill, out._dtype = self._keys, self._fill, self._dtype
-        out._n_vars = self._n_vars
-        out._fills = self._fills
-        out._widths = self._widths
         out._dense, out._items = {}, [None] * len(rows)
         out._parts, out._present, out._part_of, out._offset = {}, {}, {}, {}
         for k in self._keys:

@@ -200,6 +200,7 @@ class _Column:
             missing = missing or bool((codes < 0).any())
         self.numeric = bool(kinds) and all(k is not None and k.kind in "biuf" for k in kinds)
         self.categories: pd.Index | None = None
+        self._table: tuple[int, np.ndarray] | None = None  # (file, its lookup): the last one
         if self.numeric:
             dtype = np.result_type(*kinds)
             self.dtype = np.result_type(dtype, np.float32) if missing else dtype
@@ -218,11 +219,14 @@ class _Column:
             return np.full(len(rows), np.nan if self.numeric else -1, dtype=self.dtype)
         codes, categories = ds._column(s, self.key)  # noqa: SLF001
         codes = codes[rows].astype(np.int64)
-        if self.numeric:
-            table = np.asarray(categories, dtype=self.dtype)
-        else:
-            assert self.categories is not None  # noqa: S101
-            table = self.categories.get_indexer(categories).astype(np.int32)
+        if self._table is None or self._table[0] != s:  # (once a file, not once a slab)
+            if self.numeric:
+                table = np.asarray(categories, dtype=self.dtype)
+            else:
+                assert self.categories is not None  # noqa: S101
+                table = self.categories.get_indexer(categories).astype(np.int32)
+            self._table = (s, table)
+        table = self._table[1]
         out = table[np.maximum(codes, 0)] if len(table) else np.zeros(len(codes), self.dtype)
         if (codes < 0).any():  # (only where the column has missing values: then float)
             out[codes < 0] = np.nan if self.numeric else -1

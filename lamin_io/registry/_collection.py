@@ -122,11 +122,12 @@ class Collection(Record):
     def artifacts(self) -> ArtifactSet:
         """The member artifacts, in order."""
         a, ca = s.artifact, s.collection_artifact
-        with self._conn().db.read() as c:
+        registry = self._conn()
+        with registry.db.read() as c:
             rows = c.execute(select(a).join(ca, ca.c.artifact_id == a.c.id)
                              .where(ca.c.collection_id == self._saved().id)
                              .order_by(ca.c.position)).all()
-        return ArtifactSet([Artifact._from_row(r) for r in rows])
+        return ArtifactSet([Artifact._from_row(r, registry.registry) for r in rows])
 
     def cache(self, *, mute: bool = False) -> list[Path]:
         """Return local paths of every member, in order (downloading S3 objects once)."""

@@ -49,10 +49,11 @@ class Record:
     _registry: str | None = None
 
     @classmethod
-    def _from_row(cls, row: Row[Any]) -> Self:
+    def _from_row(cls, row: Row[Any], registry: str | None = None) -> Self:
+        """Return the record of a row read from ``registry`` (default: the current one)."""
         obj = cls.__new__(cls)
         obj._row = row
-        obj._registry = current().registry
+        obj._registry = registry if registry is not None else current().registry
         return obj
 
     def _conn(self) -> Registry:
@@ -110,11 +111,12 @@ class Record:
     def versions(self) -> RecordSet[Self]:
         """All ready versions of this record's family, oldest first."""
         t = self._table
-        with self._conn().db.read() as conn:
+        registry = self._conn()
+        with registry.db.read() as conn:
             rows = conn.execute(select(t).where(t.c.family_uid == self._saved().family_uid,
                                                 t.c.status == READY)
                                 .order_by(t.c.version_index)).all()
-        return self._set([type(self)._from_row(r) for r in rows])
+        return self._set([type(self)._from_row(r, registry.registry) for r in rows])
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Record) or other._table is not self._table:
@@ -148,8 +150,9 @@ class Record:
         stmt = (select(t).where(t.c.status == READY, *conditions(t, cls._fields, lookups))
                 .order_by(*ordering(t, cls._fields, order_by)).offset(offset or None)
                 .limit(limit))
-        with current().db.read() as conn:
-            return [cls._from_row(r) for r in conn.execute(stmt).all()]
+        registry = current()
+        with registry.db.read() as conn:
+            return [cls._from_row(r, registry.registry) for r in conn.execute(stmt).all()]
 
     @classmethod
     def filter(cls, *, order_by: str | Sequence[str] | None = None, limit: int | None = None,
