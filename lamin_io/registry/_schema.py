@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy import Connection
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 metadata = MetaData()
 
@@ -79,11 +79,40 @@ artifact = Table(
     Column("n_observations", BigInteger, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("lease_until", DateTime(timezone=True), nullable=True),
+    Column("run_id", Integer, ForeignKey("run.id"), nullable=True),
     UniqueConstraint("family_uid", "version_index"),
     UniqueConstraint("family_uid", "version"),
     UniqueConstraint("storage_id", "storage_key"),
     Index("ix_artifact_key", "key"),
     Index("ix_artifact_family", "family_uid"),
+)
+
+transform = Table(
+    "transform", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("uid", String(16), nullable=False, unique=True),
+    Column("name", Text, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    Column("reference", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("name", "hash"),
+)
+
+run = Table(
+    "run", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("uid", String(16), nullable=False, unique=True),
+    Column("transform_id", Integer, ForeignKey("transform.id"), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Column("user", Text, nullable=True),
+    Column("host", Text, nullable=True),
+    Column("params", Text, nullable=True),
+    Column("error", Text, nullable=True),
+    Index("ix_run_transform", "transform_id"),
 )
 
 collection = Table(
@@ -99,6 +128,7 @@ collection = Table(
     Column("version_index", Integer, nullable=False),
     Column("is_latest", Boolean, nullable=False, default=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("run_id", Integer, ForeignKey("run.id"), nullable=True),
     UniqueConstraint("family_uid", "version_index"),
     UniqueConstraint("family_uid", "version"),
     Index("ix_collection_key", "key"),
@@ -111,6 +141,22 @@ collection_artifact = Table(
     Column("position", Integer, primary_key=True),
     Column("artifact_id", Integer, ForeignKey("artifact.id"), nullable=False),
     Index("ix_collection_artifact_artifact", "artifact_id"),
+)
+
+
+run_input = Table(
+    "run_input", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", Integer, ForeignKey("run.id", ondelete="CASCADE"), nullable=False),
+    Column("artifact_id", Integer, ForeignKey("artifact.id", ondelete="CASCADE"), nullable=True),
+    Column("collection_id", Integer, ForeignKey("collection.id", ondelete="CASCADE"),
+           nullable=True),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    # one of the two is set; NULLs never collide, so each pair is unique on its own
+    UniqueConstraint("run_id", "artifact_id"),
+    UniqueConstraint("run_id", "collection_id"),
+    Index("ix_run_input_artifact", "artifact_id"),
+    Index("ix_run_input_collection", "collection_id"),
 )
 
 
@@ -129,6 +175,13 @@ def _v3_to_v4(conn: Connection) -> None:
                       "ALTER TABLE artifact ADD COLUMN lease_until DATETIME"))
 
 
+def _v4_to_v5(conn: Connection) -> None:
+    for table in (transform, run, run_input):
+        table.create(conn)
+    for name in ("artifact", "collection"):
+        conn.execute(text(f"ALTER TABLE {name} ADD COLUMN run_id INTEGER REFERENCES run(id)"))
+
+
 #: ``MIGRATIONS[n]`` upgrades a registry from schema ``n`` to ``n + 1``.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3,
-                                                       3: _v3_to_v4}
+                                                       3: _v3_to_v4, 4: _v4_to_v5}
