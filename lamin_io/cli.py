@@ -8,8 +8,10 @@ or locked (retry).
 from __future__ import annotations
 
 import logging
+import re
 import sys
-from typing import TYPE_CHECKING, Any
+from datetime import UTC
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import click
 
@@ -17,6 +19,7 @@ from lamin_io import errors
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from datetime import datetime
 
     from lamin_io.registry import Artifact
 
@@ -30,7 +33,8 @@ def _exit_code(exc: errors.LaminIOError) -> int:
     if isinstance(exc, errors.ArtifactNotFoundError | errors.PathNotFoundError
                   | errors.BucketNotFoundError):
         return EXIT_NOT_FOUND
-    if isinstance(exc, errors.StorageUnreachableError | errors.RegistryLockedError
+    if isinstance(exc, errors.StorageUnreachableError | errors.StorageServiceError
+                  | errors.RegistryLockedError
                   | errors.RegistryUnreachableError):
         return EXIT_RETRY
     return EXIT_ERROR
@@ -49,6 +53,29 @@ def _run(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(_exit_code(exc))
 
     return wrapper
+
+
+class _Size(click.ParamType):
+    """A size in bytes, or with a unit: ``10MB``, ``1.5 GB`` (powers of 1000), ``2GiB``."""
+
+    name = "size"
+    _UNITS: ClassVar[dict[str, int]] = {
+        "": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+        "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        unit = match.group(2).lower() if match else ""
+        if match is None or unit not in self._UNITS:
+            self.fail(f"{value!r} is no size: write bytes (1000000) or with a unit (10MB, "
+                      f"1.5GB, 2GiB)", param, ctx)
+        return int(float(match.group(1)) * self._UNITS[unit])
+
+
+_SIZE = _Size()
 
 
 def _get(key: str, version: str | None) -> Artifact:
@@ -124,14 +151,26 @@ def save(path: str, key: str | None, description: str | None, revises: str | Non
 @cli.command("ls", epilog=_EPILOG)
 @click.argument("prefix", required=False, default="")
 @click.option("--all-versions", is_flag=True, help="Show every version, not only the latest.")
+@click.option("--description", "description", help="Only those whose description contains "
+              "this text.")
+@click.option("--suffix", help="Only this suffix, e.g. .h5ad.")
+@click.option("--min-size", type=_SIZE, help="At least this size: bytes, or 10MB, 1.5GB.")
+@click.option("--max-size", type=_SIZE, help="At most this size.")
+@click.option("--since", type=click.DateTime(), help="Created at or after (2026-01-31, or "
+              "with a time; UTC).")
+@click.option("--until", type=click.DateTime(), help="Created before this time (UTC).")
+@click.option("--run", "run_uid", help="Only those saved by this run (uid).")
+@click.option("--transform", help="Only those saved by a run of this transform (name or uid).")
 @click.option("--order-by", "order_by", multiple=True,
               help="A field to sort by, '-' first for descending (repeat; e.g. -size).")
 @click.option("--limit", type=click.IntRange(min=1), help="Show at most this many.")
 @click.option("--page", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --limit: which page of that many.")
 @_run
-def ls(prefix: str, all_versions: bool, order_by: tuple[str, ...], limit: int | None,  # noqa: FBT001
-       page: int) -> None:
+def ls(prefix: str, all_versions: bool, description: str | None, suffix: str | None,  # noqa: FBT001, PLR0913
+       min_size: int | None, max_size: int | None, since: datetime | None,
+       until: datetime | None, run_uid: str | None, transform: str | None,
+       order_by: tuple[str, ...], limit: int | None, page: int) -> None:
     """List artifacts whose key starts with PREFIX."""
     from rich.console import Console
     from rich.table import Table
@@ -142,6 +181,11 @@ def ls(prefix: str, all_versions: bool, order_by: tuple[str, ...], limit: int | 
     lookups: dict[str, Any] = {"key__startswith": prefix} if prefix else {}
     if not all_versions:
         lookups["is_latest"] = True
+    chosen = {"description__contains": description, "suffix": suffix, "size__gte": min_size,
+              "size__lte": max_size, "run": run_uid, "transform": transform,
+              "created_at__gte": None if since is None else since.replace(tzinfo=UTC),
+              "created_at__lt": None if until is None else until.replace(tzinfo=UTC)}
+    lookups.update({k: v for k, v in chosen.items() if v is not None})
     if page > 1 and limit is None:
         msg = "--page needs --limit"
         raise click.UsageError(msg)
@@ -153,6 +197,39 @@ def ls(prefix: str, all_versions: bool, order_by: tuple[str, ...], limit: int | 
                       f"{a.created_at:%Y-%m-%d %H:%M}")
     Console(width=200).print(table)
     click.echo(f"{len(found)} artifact(s)", err=True)
+
+
+@cli.command(epilog=_EPILOG)
+@click.argument("key")
+@click.option("--version", "version", help="Version label (default: latest).")
+@click.option("--collection", "is_collection", is_flag=True,
+              help="KEY names a collection (default: an artifact, else a collection).")
+@click.option("--depth", type=click.IntRange(min=0), help="How many runs upstream to follow.")
+@click.option("--image", type=click.Path(dir_okay=False),
+              help="Also draw the graph into this .svg/.png/.pdf/.dot file (graphviz).")
+@_run
+def lineage(key: str, version: str | None, is_collection: bool, depth: int | None,  # noqa: FBT001
+            image: str | None) -> None:
+    """Show where the artifact (or collection) KEY came from: runs, transforms, inputs."""
+    from lamin_io.errors import ArtifactNotFoundError
+    from lamin_io.registry import Collection
+
+    record: Any
+    if is_collection:
+        record = Collection.get(key=key, version=version)
+    else:
+        try:
+            record = _get(key, version)
+        except ArtifactNotFoundError:
+            try:
+                record = Collection.get(key=key, version=version)
+            except ArtifactNotFoundError:
+                msg = (f"no artifact or collection has key (or uid) {key!r}; list them with "
+                       f"`lamin-io ls`")
+                raise ArtifactNotFoundError(msg) from None
+    record.view_lineage(image=image, depth=depth)
+    if image:
+        click.echo(f"drew {image}", err=True)
 
 
 @cli.command(epilog=_EPILOG)
@@ -234,6 +311,59 @@ def preshuffle(collection: str, key: str, seed: int, obs_keys: tuple[str, ...],
         key, seed=seed, obs_keys=list(obs_keys) or None, shard_bytes=shard_mb * 2**20,
         tmp_dir=tmp_dir, mute=mute)
     click.echo(f"{shuffled!r}: {len(shuffled.artifacts)} shard(s)")
+
+
+@cli.command(epilog=_EPILOG)
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--mute", is_flag=True, help="No progress bars.")
+@_run
+def export(directory: str, mute: bool) -> None:  # noqa: FBT001
+    """Write the registry to DIRECTORY: one parquet file per table and a manifest.
+
+    Read from one consistent snapshot while others go on saving; saves in flight are left
+    out. The bytes stay in storage: the records point at them by storage root and key.
+    """
+    from lamin_io.registry import export_registry
+
+    click.echo(str(export_registry(directory, mute=mute)))
+
+
+def _storage_map(entries: tuple[str, ...]) -> dict[str, str]:
+    moves = {}
+    for entry in entries:
+        old, sep, new = entry.partition("=")
+        if not sep or not old or not new:
+            msg = f"--storage-map takes OLD=NEW (two storage roots), got {entry!r}"
+            raise click.UsageError(msg)
+        moves[old] = new
+    return moves
+
+
+@cli.command("import", epilog=_EPILOG)
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--if-exists", type=click.Choice(["fail", "replace", "append"]), default="fail",
+              show_default=True, help="When the registry holds records: refuse, delete them "
+              "first, or merge (same uid and content: skipped; other content: refused).")
+@click.option("--dry-run", is_flag=True, help="Check and import, then roll back: only report.")
+@click.option("--storage-map", "storage_map", multiple=True, metavar="OLD=NEW",
+              help="Re-point records of storage root OLD to NEW, where the bytes were moved "
+              "(repeat; split at the first '=').")
+@click.option("--mute", is_flag=True, help="No progress bars.")
+@_run
+def import_(directory: str, if_exists: str, dry_run: bool, storage_map: tuple[str, ...],  # noqa: FBT001
+            mute: bool) -> None:  # noqa: FBT001
+    """Load the export in DIRECTORY into the registry, in one transaction.
+
+    The export is checked whole first (a damaged or newer one writes nothing); ids are
+    re-mapped, and counts and checksums compared after loading.
+    """
+    from lamin_io.registry import import_registry
+
+    report = import_registry(directory, if_exists, storage_map=_storage_map(storage_map),
+                             dry_run=dry_run, mute=mute)
+    for line in report.renumbered:
+        click.echo(("would place " if dry_run else "placed ") + line)
+    click.echo(str(report))
 
 
 def main() -> None:

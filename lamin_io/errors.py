@@ -14,6 +14,8 @@ __all__ = [
     "AccessorClosedError",
     "BucketNotFoundError",
     "CredentialsError",
+    "ExportError",
+    "ImportConflictError",
     "IndexOutOfRangeError",
     "InvalidArgumentError",
     "InvalidKeyError",
@@ -26,6 +28,7 @@ __all__ = [
     "RegistryError",
     "RegistryLockedError",
     "RegistryMismatchError",
+    "RegistryPermissionError",
     "RegistryUnreachableError",
     "SaveInterruptedError",
     "SchemaVersionError",
@@ -33,6 +36,8 @@ __all__ = [
     "StorageError",
     "StorageModifiedError",
     "StorageObjectMissingError",
+    "StoragePermissionError",
+    "StorageServiceError",
     "StorageUnreachableError",
     "UnsupportedFormatError",
     "UnsupportedLayoutError",
@@ -99,6 +104,10 @@ class RegistryUnreachableError(RegistryError, ConnectionError):
     """The registry's database server did not answer (refused, unknown host, timed out)."""
 
 
+class RegistryPermissionError(RegistryError, PermissionError):
+    """The registry's database refused an operation to this role (a reader saving, say)."""
+
+
 class CorruptRegistryError(RegistryError):
     """A registry row holds a value lamin-io never writes (edited outside lamin-io)."""
 
@@ -108,7 +117,24 @@ class SaveInterruptedError(RegistryError):
 
 
 class SchemaVersionError(RegistryError):
-    """The registry was written by a newer lamin-io than the one running."""
+    """The registry (or a registry export) was written by a newer lamin-io than the one running."""
+
+
+class ExportError(LaminIOError, ValueError):
+    """A registry export is damaged or incomplete, or its folder cannot be written.
+
+    Damaged: its manifest is missing or unreadable, a table's parquet file is missing or
+    truncated, or its rows do not match the manifest's count or checksum. Nothing is
+    imported from it.
+    """
+
+
+class ImportConflictError(RegistryError, ValueError):
+    """Importing an export would change what the target registry holds.
+
+    The target is not empty (``if_exists="fail"``), or a record of the export is in it with
+    other content (``if_exists="append"``). Nothing is imported.
+    """
 
 
 class StorageError(LaminIOError, OSError):
@@ -117,6 +143,10 @@ class StorageError(LaminIOError, OSError):
 
 class StorageUnreachableError(StorageError, ConnectionError):
     """The storage endpoint did not answer after bounded retries."""
+
+
+class StorageServiceError(StorageError, ConnectionError):
+    """The storage service kept answering with a server error (S3's 5xx) after retries."""
 
 
 class BucketNotFoundError(StorageError, FileNotFoundError):
@@ -132,6 +162,14 @@ class CredentialsError(StorageError, PermissionError):
 
 class StorageObjectMissingError(StorageError, FileNotFoundError):
     """A registered artifact's stored object is gone from storage."""
+
+
+class StoragePermissionError(StorageError, PermissionError):
+    """The object store refused a request (S3's 403 Forbidden).
+
+    The credentials are not valid (a wrong or expired key), or they lack a permission the
+    operation needs (see "For a team" in the README).
+    """
 
 
 class StorageModifiedError(StorageError):

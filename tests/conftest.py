@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +65,46 @@ def s3_endpoint(s3_server: Any) -> str:
     return str(s3_server.endpoint)
 
 
+#: An S3 server that checks each request's signature against the keys of its IAM users
+#: (moto's IAM authentication, from the fifth request on: before it, the bucket, and a user
+#: with its policy and key). moto checks policies by API operation names (``s3:HeadObject``)
+#: rather than AWS's IAM actions (``s3:GetObject``), so the user may do anything: what is
+#: tested is that a wrong key is refused, not the README's list of actions.
+AUTH_SERVER = """\
+import json, os, sys
+os.environ["INITIAL_NO_AUTH_ACTION_COUNT"] = "4"
+import boto3
+from lamin_io.testing import S3Server
+with S3Server(sys.argv[1]) as server:  # 1: the bucket
+    iam = boto3.client("iam", endpoint_url=server.endpoint, region_name="us-east-1")
+    iam.create_user(UserName="member")  # 2
+    iam.put_user_policy(UserName="member", PolicyName="all", PolicyDocument=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))  # 3
+    key = iam.create_access_key(UserName="member")["AccessKey"]  # 4
+    print(json.dumps({"endpoint": server.endpoint, "key": key["AccessKeyId"],
+                      "secret": key["SecretAccessKey"]}), flush=True)
+    sys.stdin.read()  # until the test closes it
+"""
+
+
+@pytest.fixture(scope="session")
+def auth_server() -> Iterator[dict[str, Any]]:
+    """:data:`AUTH_SERVER` in a process of its own (moto's authentication is per process)."""
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    process = subprocess.Popen([sys.executable, "-c", AUTH_SERVER, "team-bucket"], env=env,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert process.stdin is not None
+    assert process.stdout is not None
+    try:
+        info = json.loads(process.stdout.readline())
+        yield {"bucket": "team-bucket", **info}
+    finally:
+        process.stdin.close()
+        process.wait(timeout=30)
+
+
 @pytest.fixture(scope="session")
 def anndata_archives(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """anndata's archive of files written by old versions (see ``anndata_archives.py``).
@@ -104,8 +147,9 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]
     monkeypatch.setenv("LAMIN_IO_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("LAMIN_IO_CONFIG_DIR", str(tmp_path / "config"))
     yield
-    from lamin_io.registry import disconnect
+    from lamin_io.registry import _run, disconnect
 
+    _run._active = None  # (a run a failed test left active must not outlive it)
     disconnect()
 
 
@@ -184,6 +228,35 @@ def grouped_h5ad(path: Path, n_obs: int, n_vars: int, groups: str, seed: int) ->
     adata = ad.AnnData(x, obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(n_vars)]))
     adata.write_h5ad(path)
     return adata
+
+
+#: The artifact columns each registry schema version added.
+SCHEMA_ADDED_COLUMNS = {2: "fingerprint", 3: "n_observations", 4: "lease_until", 5: "run_id"}
+#: The tables each registry schema version added.
+SCHEMA_ADDED_TABLES = {5: ("transform", "run", "run_input")}
+
+
+def create_old_registry(registry: str | Path, version: int) -> None:
+    """Write an empty registry as schema ``version`` laid it out (today's minus later parts)."""
+    from sqlalchemy import Column, MetaData, Table, create_engine
+
+    from lamin_io.registry import _schema as s
+    from lamin_io.registry._db import normalize_url
+
+    dropped_columns = {c for v, c in SCHEMA_ADDED_COLUMNS.items() if v > version}
+    dropped_tables = {t for v, ts in SCHEMA_ADDED_TABLES.items() if v > version for t in ts}
+    old = MetaData()
+    for table in s.metadata.sorted_tables:
+        if table.name in dropped_tables:
+            continue
+        columns = [Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
+                   for c in table.columns if c.name not in dropped_columns]
+        Table(table.name, old, *columns)
+    engine = create_engine(normalize_url(registry))
+    old.create_all(engine)
+    with engine.begin() as c:
+        c.execute(s.meta.insert().values(name="schema_version", value=str(version)))
+    engine.dispose()
 
 
 def write_bytes(path: Path, data: bytes) -> Path:

@@ -100,3 +100,47 @@ def test_cli_ls_orders_and_pages(cli_env, tmp_path):
     assert "--page needs --limit" in err
     err = run(cli_env, "ls", "--order-by", "colour", check_rc=1).stderr
     assert err.startswith("error: cannot order by 'colour'")
+
+
+def test_cli_ls_filters_and_lineage(cli_env, tmp_path):
+    import lamin_io as ln
+
+    registry, storage = tmp_path / "r.db", tmp_path / "store"
+    run(cli_env, "connect", "--registry", str(registry), "--storage", str(storage))
+    ln.connect(registry, storage)
+    raw = ln.Artifact(write_bytes(tmp_path / "raw.csv", b"a\n" + b"1\n" * 5000),
+                      key="raw.csv", description="PBMC counts, raw").save(mute=True)
+    with ln.track(name="clean-step") as step:
+        raw.load()
+        ln.Artifact(write_bytes(tmp_path / "clean.csv", b"a\n2\n"), key="clean.csv",
+                    description="PBMC counts, clean").save(mute=True)
+        ln.Artifact(write_bytes(tmp_path / "notes.txt", b"notes"), key="notes.txt").save()
+    ln.disconnect()
+
+    def listed(*args):
+        lines = run(cli_env, "ls", *args).stdout.splitlines()[1:]  # (after the header)
+        return sorted(line.split()[0] for line in lines if line.strip())
+
+    assert listed("--description", "PBMC") == ["clean.csv", "raw.csv"]
+    assert listed("--description", "raw") == ["raw.csv"]
+    assert listed("--suffix", ".txt") == ["notes.txt"]
+    assert listed("--min-size", "10kB") == ["raw.csv"]
+    assert listed("--max-size", "0.01MB") == ["clean.csv", "notes.txt"]
+    assert listed("--since", "2000-01-01") == ["clean.csv", "notes.txt", "raw.csv"]
+    assert listed("--until", "2000-01-01") == []
+    assert listed("--transform", "clean-step") == ["clean.csv", "notes.txt"]
+    assert listed("--run", step.uid, "--suffix", ".csv") == ["clean.csv"]
+    err = run(cli_env, "ls", "--min-size", "ten", check_rc=2).stderr
+    assert "'ten' is no size" in err
+
+    out = run(cli_env, "lineage", "clean.csv").stdout.splitlines()
+    assert out[0].startswith("artifact clean.csv (v1, uid ")
+    assert f"run {step.uid} · script clean-step" in out[1]
+    assert out[2].endswith(f"artifact raw.csv (v1, uid {raw.uid})")
+    assert out[3].endswith("(saved outside a tracked run)")
+    assert "read by:" in run(cli_env, "lineage", "raw.csv").stdout
+    dot = tmp_path / "g.dot"
+    run(cli_env, "lineage", "clean.csv", "--image", str(dot))
+    assert raw.uid in dot.read_text()
+    err = run(cli_env, "lineage", "missing.csv", check_rc=3).stderr
+    assert err.startswith("error: no artifact or collection has key")

@@ -63,16 +63,9 @@ print(json.dumps({
 
 def forget_clients() -> None:
     """Drop cached filesystems, clients and botocore sessions (no credentials leak across)."""
-    from fsspec import get_filesystem_class
+    from lamin_io.storage import reset_clients
 
-    from lamin_io.storage._engines import _aws_session, _s3_filesystem
-    from lamin_io.storage._pinned import _client, _signed_gets
-
-    get_filesystem_class("s3").clear_instance_cache()
-    _aws_session.cache_clear()
-    _s3_filesystem.cache_clear()
-    _client.cache_clear()
-    _signed_gets.cache_clear()
+    reset_clients()
 
 
 class RotatingCredentials:

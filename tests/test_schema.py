@@ -4,33 +4,17 @@ from __future__ import annotations
 
 import sqlite3
 
-from sqlalchemy import Column, MetaData, Table, create_engine, select
+from conftest import SCHEMA_ADDED_COLUMNS, create_old_registry
+from sqlalchemy import select
 
 import lamin_io as ln
 from lamin_io.registry import _schema as s
 
-#: The artifact columns each schema version added, newest last.
-_ADDED = {2: "fingerprint", 3: "n_observations", 4: "lease_until", 5: "run_id"}
-#: The tables each schema version added.
-_NEW_TABLES = {5: ("transform", "run", "run_input")}
+_ADDED = SCHEMA_ADDED_COLUMNS
 
 
 def _create_old(db: str, version: int) -> None:
-    """Write a registry as schema ``version`` laid it out: today's tables minus later parts."""
-    dropped_columns = {c for v, c in _ADDED.items() if v > version}
-    dropped_tables = {t for v, ts in _NEW_TABLES.items() if v > version for t in ts}
-    old = MetaData()
-    for table in s.metadata.sorted_tables:
-        if table.name in dropped_tables:
-            continue
-        columns = [Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
-                   for c in table.columns if c.name not in dropped_columns]
-        Table(table.name, old, *columns)
-    engine = create_engine(f"sqlite:///{db}")
-    old.create_all(engine)
-    engine.dispose()
-    with sqlite3.connect(db) as c:
-        c.execute(f"INSERT INTO lamin_io_meta VALUES ('schema_version', '{version}')")
+    create_old_registry(db, version)
 
 
 def _create_v1(db: str) -> None:

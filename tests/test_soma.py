@@ -417,3 +417,14 @@ def test_secrets_stay_out_of_errors_and_logs(s3_endpoint: str,
             ln.open(url, mode, storage_options=options)
         assert "s3cr3t" not in str(info.value)
     assert "s3cr3t" not in caplog.text
+
+
+def test_append_is_one_input_and_one_output_of_the_run(conn, adatas) -> None:
+    a1, a2 = adatas
+    v1 = ln.save_tiledbsoma_experiment([a1], key="atlas/pbmc.tiledbsoma")
+    with ln.track(name="append-cells") as run:
+        v2 = ln.save_tiledbsoma_experiment([a2], revises=v1)
+    assert [r.uid for r in run.inputs] == [v1.uid]  # the copy appended to: one read
+    assert [r.uid for r in run.outputs] == [v2.uid]
+    assert v2.run == run
+    assert v1.run is None

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import delete, select, update
 
+from lamin_io._faults import kill_point
 from lamin_io.errors import (
     InvalidArgumentError,
     InvalidKeyError,
@@ -32,20 +33,26 @@ from lamin_io.errors import (
 )
 from lamin_io.registry import _schema as s
 from lamin_io.registry._connection import Connection, current
-from lamin_io.registry._keys import RESERVED_PREFIX, object_key, validate_key
+from lamin_io.registry._keys import (
+    RESERVED_PREFIX,
+    check_key_length,
+    object_key,
+    validate_key,
+)
 from lamin_io.registry._lease import Lease, lease_end, lease_seconds
 from lamin_io.registry._reading import ArtifactReads, format_size, manifest_of, stored_path
 from lamin_io.registry._record import (
     DELETING,
     PENDING,
     READY,
-    Record,
     RecordSet,
+    Versioned,
     family_of,
     new_uid,
     next_version,
     refresh_latest,
 )
+from lamin_io.registry._run import record_input, run_id_for_save
 from lamin_io.storage import (
     Manifest,
     fingerprint,
@@ -76,7 +83,7 @@ def _pending_wait() -> float:
     return float(os.environ.get("LAMIN_IO_PENDING_WAIT", "600"))
 
 
-class Artifact(Record, ArtifactReads):
+class Artifact(Versioned, ArtifactReads):
     """A file or folder in the registry.
 
     Parameters
@@ -164,6 +171,8 @@ class Artifact(Record, ArtifactReads):
         key = self._key
         if key is None and located is not None:
             key = validate_key(located[1], suffix=self._suffix)
+        if key is not None:
+            check_key_length(key, conn.settings.root)
         with storage_errors(str(source), conn.settings.endpoint_url):
             digest, size, manifest = hash_path(source, mute=mute)
         n_observations = _count_observations(source, self._suffix)
@@ -251,6 +260,7 @@ class Artifact(Record, ArtifactReads):
                 "n_observations": n_observations,
                 "created_at": datetime.now(UTC),
                 "lease_until": None if in_place else lease_end(),
+                "run_id": run_id_for_save(conn.registry),
             }
             c.execute(t.insert().values(**values))
             if in_place:
@@ -273,10 +283,12 @@ class Artifact(Record, ArtifactReads):
                 _quietly(f"removing the partial upload {dest}", remove, dest)
             _quietly(f"dropping the pending record {row.uid}", _delete_row, conn, row.id)
             raise
+        kill_point("after-upload")
         try:
             with conn.db.write() as c:
                 published = c.execute(update(t).where(t.c.id == row.id, t.c.status == PENDING)
                                       .values(status=READY, fingerprint=fp, lease_until=None))
+                kill_point("commit")
                 if published.rowcount == 0:
                     msg = (f"saving {self._source} failed: its pending record (uid {row.uid}) "
                            f"was removed by `lamin-io gc` while the bytes uploaded (its lease "
@@ -404,6 +416,7 @@ class Artifact(Record, ArtifactReads):
                 raise RegistryError(msg)
             c.execute(update(t).where(t.c.id == row.id).values(status=DELETING, is_latest=False))
             refresh_latest(c, t, row.family_uid)
+        kill_point("delete")
         if path is not None:
             try:
                 with storage_errors(str(path), conn.settings_for(row.storage_id).endpoint_url):
@@ -445,6 +458,9 @@ class Artifact(Record, ArtifactReads):
             + ("" if row.managed else "  (registered in place)"),
             f"  created_at   {row.created_at:%Y-%m-%d %H:%M:%S}",
         ]
+        run = self.run
+        if run is not None:
+            lines.append(f"  run          {run.uid} ({run.transform.name}, {run.status})")
         if row.description:
             lines.append(f"  description  {row.description}")
         text = "\n".join(lines)
@@ -463,11 +479,12 @@ class Artifact(Record, ArtifactReads):
 class ArtifactSet(RecordSet[Artifact]):
     """A list-like result of :meth:`Artifact.filter`."""
 
-    def cache(self, *, mute: bool = False) -> list[Path]:
-        """Return local paths of every artifact, in order."""
-        return [a.cache(mute=mute) for a in self]
+    def cache(self, *, mute: bool = False, is_run_input: bool | None = None) -> list[Path]:
+        """Return local paths of every artifact, in order (each one a run input)."""
+        return [a.cache(mute=mute, is_run_input=is_run_input) for a in self]
 
-    def open(self, *, engine: str = "pyarrow", **kwargs: Any) -> Any:
+    def open(self, *, engine: str = "pyarrow", is_run_input: bool | None = None,
+             **kwargs: Any) -> Any:
         """Open all artifacts (table files and folders) as one table, lazily.
 
         ``engine="pyarrow"`` (default) returns one ``pyarrow.dataset.Dataset``;
@@ -487,8 +504,11 @@ class ArtifactSet(RecordSet[Artifact]):
         if not self:
             msg = "no artifacts to open: the query matched nothing"
             raise InvalidArgumentError(msg)
-        return open_many([a.verify() for a in self], engine=engine,
-                         after_scan=lambda: [a.verify() for a in self], **kwargs)
+        opened = open_many([a.verify() for a in self], engine=engine,
+                           after_scan=lambda: [a.verify() for a in self], **kwargs)
+        for artifact in self:
+            record_input(artifact, is_run_input=is_run_input)
+        return opened
 
     def mapped(self, layers_keys: str | list[str] | None = None,
                obs_keys: str | list[str] | None = None,
@@ -512,7 +532,7 @@ class ArtifactSet(RecordSet[Artifact]):
         from lamin_io.loaders._mapped import _digest
 
         kept = anndata_members(list(self))
-        paths = [a.verify() if stream else a.cache() for a in kept]
+        paths = [a.verify() if stream else a._local_copy(mute=False) for a in kept]  # noqa: SLF001
         versions = [a._versions() if stream else None for a in kept]  # noqa: SLF001
         # the samplers' order follows the content, not the paths
         kwargs.setdefault("order_key", _digest("".join(a.hash for a in kept)))
@@ -520,7 +540,7 @@ class ArtifactSet(RecordSet[Artifact]):
                                   encode_labels, unknown_label, cache_categories, parallel,
                                   dtype, versions=versions, **kwargs)
         for artifact in kept:
-            artifact._read_as_input(is_run_input=is_run_input)  # noqa: SLF001
+            record_input(artifact, is_run_input=is_run_input)
         return mapped
 
     def loader(self, batch_size: int = 256, **kwargs: Any) -> BlockLoader:

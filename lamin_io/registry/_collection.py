@@ -16,13 +16,14 @@ from lamin_io.registry._connection import current
 from lamin_io.registry._keys import validate_key
 from lamin_io.registry._record import (
     READY,
-    Record,
     RecordSet,
+    Versioned,
     family_of,
     new_uid,
     next_version,
     refresh_latest,
 )
+from lamin_io.registry._run import record_input, run_id_for_save
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -35,7 +36,7 @@ __all__ = ["Collection", "preshuffle_artifacts"]
 logger = logging.getLogger(__name__)
 
 
-class Collection(Record):
+class Collection(Versioned):
     """An ordered group of saved artifacts.
 
     Parameters
@@ -105,7 +106,8 @@ class Collection(Record):
                 res = c.execute(t.insert().values(
                     uid=uid, key=self._key, description=self._description, hash=digest,
                     status=READY, family_uid=family, version=label, version_index=index,
-                    is_latest=False, created_at=datetime.now(UTC)))
+                    is_latest=False, created_at=datetime.now(UTC),
+                    run_id=run_id_for_save(conn.registry)))
                 cid = int(res.inserted_primary_key[0])  # type: ignore[index]
                 c.execute(s.collection_artifact.insert(), [
                     {"collection_id": cid, "position": i, "artifact_id": a._saved().id}
@@ -129,13 +131,20 @@ class Collection(Record):
                              .order_by(ca.c.position)).all()
         return ArtifactSet([Artifact._from_row(r, registry.registry) for r in rows])
 
-    def cache(self, *, mute: bool = False) -> list[Path]:
-        """Return local paths of every member, in order (downloading S3 objects once)."""
-        return self.artifacts.cache(mute=mute)
+    # A collection read is one input of the active run: the collection, not each member.
 
-    def open(self, *, engine: str = "pyarrow", **kwargs: Any) -> Any:
+    def cache(self, *, mute: bool = False, is_run_input: bool | None = None) -> list[Path]:
+        """Return local paths of every member, in order (downloading S3 objects once)."""
+        paths = self.artifacts.cache(mute=mute, is_run_input=False)
+        record_input(self, is_run_input=is_run_input)
+        return paths
+
+    def open(self, *, engine: str = "pyarrow", is_run_input: bool | None = None,
+             **kwargs: Any) -> Any:
         """Open all member artifacts as one dataset (see :meth:`ArtifactSet.open`)."""
-        return self.artifacts.open(engine=engine, **kwargs)
+        opened = self.artifacts.open(engine=engine, is_run_input=False, **kwargs)
+        record_input(self, is_run_input=is_run_input)
+        return opened
 
     def mapped(self, *args: Any, **kwargs: Any) -> MappedCollection:
         """Return a :class:`~lamin_io.loaders.MappedCollection` over the members, in order.
@@ -149,7 +158,11 @@ class Collection(Record):
         >>> with collection.mapped(obs_keys=["cell_type"]) as ds:            # doctest: +SKIP
         ...     loader = DataLoader(ds, batch_size=256, shuffle=True, num_workers=2)
         """
-        return self.artifacts.mapped(*args, **kwargs)
+        is_run_input = kwargs.pop("is_run_input", None)
+        kwargs["is_run_input"] = False  # (the collection is the input, not each member)
+        mapped = self.artifacts.mapped(*args, **kwargs)
+        record_input(self, is_run_input=is_run_input)
+        return mapped
 
     def loader(self, batch_size: int = 256, **kwargs: Any) -> BlockLoader:
         """Return a :class:`~lamin_io.loaders.BlockLoader` over the members, in order.
@@ -162,7 +175,10 @@ class Collection(Record):
         ...     for batch in loader:                                      # doctest: +SKIP
         ...         x, y = batch["X"], batch["cell_type"]
         """
-        return self.artifacts.loader(batch_size, **kwargs)
+        is_run_input = kwargs.pop("is_run_input", None)
+        loader = self.artifacts.loader(batch_size, is_run_input=False, **kwargs)
+        record_input(self, is_run_input=is_run_input)
+        return loader
 
     def preshuffle(self, key: str, **kwargs: Any) -> Collection:
         """Rewrite the members' cells in a random order as zarr shards, a new collection.
@@ -174,7 +190,10 @@ class Collection(Record):
         >>> shuffled = collection.preshuffle("atlas-shuffled")            # doctest: +SKIP
         >>> loader = shuffled.loader(batch_size=256, block_size=64, obs_keys=["cell_type"])
         """
-        return preshuffle_artifacts(self.artifacts, key, **kwargs)
+        is_run_input = kwargs.pop("is_run_input", None)
+        shuffled = preshuffle_artifacts(self.artifacts, key, is_run_input=False, **kwargs)
+        record_input(self, is_run_input=is_run_input)
+        return shuffled
 
     def delete(self) -> None:
         """Delete the collection record; its artifacts stay."""
@@ -227,7 +246,7 @@ def preshuffle_artifacts(artifacts: Iterable[Artifact], key: str, *,
                          description: str | None = None, obs_filter: dict[str, Any] | None = None,
                          join: str = "inner", layer: str | None = None,
                          tmp_dir: str | Path | None = None, mute: bool = False,
-                         **kwargs: Any) -> Collection:
+                         is_run_input: bool | None = None, **kwargs: Any) -> Collection:
     """Preshuffle AnnData artifacts into shards saved as artifacts and the collection ``key``.
 
     The shards (``{key}/part-00000.zarr``, ...) are written by
@@ -255,7 +274,7 @@ def preshuffle_artifacts(artifacts: Iterable[Artifact], key: str, *,
         shutil.rmtree(path, ignore_errors=True)
 
     ds = ArtifactSet(members).mapped(layers_keys=layer, obs_filter=obs_filter, join=join,
-                                     stream=True)
+                                     stream=True, is_run_input=is_run_input)
     try:
         preshuffle(ds, None, names=names, tag=key, on_shard=save, tmp_dir=tmp_dir,
                    mute=mute, **kwargs)

@@ -3,6 +3,10 @@
 Resolution order when :func:`connect` is called without arguments: the environment
 variables ``LAMIN_IO_REGISTRY`` / ``LAMIN_IO_STORAGE``, then the settings saved by
 ``lamin-io connect``, then an embedded default under the user's data directory.
+
+:func:`connect` and :func:`disconnect` reset every cached filesystem and storage client
+(:func:`lamin_io.storage.reset_clients`): after switching registries or credentials,
+nothing made for the previous ones is reused.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from lamin_io.storage import (
     StorageSettings,
     make_local_dir,
     relative_key,
+    reset_clients,
     resolve_endpoint,
     to_upath,
     without_credentials,
@@ -40,6 +45,14 @@ logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _current: Connection | None = None
+
+
+def _new_lock_after_fork() -> None:
+    global _lock
+    _lock = threading.Lock()  # a thread of the parent may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 def data_dir() -> Path:
@@ -91,8 +104,12 @@ class Connection:
 
     @property
     def registry(self) -> str:
-        """The registry URL, password hidden."""
-        return self.db.display
+        """Which registry this is: its URL without user, password or options.
+
+        Records remember it; the same database reached as another user (a reader's and a
+        writer's role) is the same registry.
+        """
+        return self.db.identity
 
     @property
     def root(self) -> UPath:
@@ -100,20 +117,32 @@ class Connection:
         return to_upath(self.settings.root, self.settings.fsspec_options())
 
     def _register_root(self, settings: StorageSettings) -> int:
+        """Return the root's registry id, registering it or updating its settings if needed.
+
+        A root registered with these settings is only read: a role that may only read the
+        registry connects too.
+        """
         if not settings.is_remote:
             make_local_dir(Path(settings.root), f"storage root {settings.root}")
-        with self.db.write() as conn:
-            row = conn.execute(select(s.storage.c.id).where(s.storage.c.root == settings.root))
-            found = row.scalar_one_or_none()
-            if found is not None:
-                conn.execute(s.storage.update().where(s.storage.c.id == found)
-                             .values(settings=json.dumps(settings.public_dict())))
-                storage_id = int(found)
-            else:
-                res = conn.execute(s.storage.insert().values(
-                    root=settings.root, settings=json.dumps(settings.public_dict()),
-                    created_at=datetime.now(UTC)))
-                storage_id = int(res.inserted_primary_key[0])  # type: ignore[index]
+        public = settings.public_dict()
+        find = select(s.storage.c.id, s.storage.c.settings).where(
+            s.storage.c.root == settings.root)
+        with self.db.read() as conn:
+            found = conn.execute(find).one_or_none()
+        if found is not None and json.loads(found.settings) == public:
+            storage_id = int(found.id)
+        else:
+            with self.db.write() as conn:
+                found = conn.execute(find).one_or_none()  # again, under the write lock
+                if found is None:
+                    res = conn.execute(s.storage.insert().values(
+                        root=settings.root, settings=json.dumps(public),
+                        created_at=datetime.now(UTC)))
+                    storage_id = int(res.inserted_primary_key[0])  # type: ignore[index]
+                else:
+                    conn.execute(s.storage.update().where(s.storage.c.id == found.id)
+                                 .values(settings=json.dumps(public)))
+                    storage_id = int(found.id)
         self._roots[storage_id] = settings
         return storage_id
 
@@ -255,6 +284,7 @@ def connect(
     region: str | None = None,
     storage_options: StorageOptions | dict[str, Any] | None = None,
     busy_timeout: float = 30.0,
+    pool_size: int | None = None,
 ) -> Connection:
     """Connect to a registry and a default storage root, and make them current.
 
@@ -277,6 +307,17 @@ def connect(
         Further s3fs options (credentials here stay in memory only).
     busy_timeout
         Seconds to wait for another writer's lock before :class:`RegistryLockedError`.
+    pool_size
+        PostgreSQL connections this process keeps open (default: ``LAMIN_IO_POOL_SIZE``,
+        else 2); up to 8 more open while more threads need one at once. Pooled
+        connections are pinged before use and replaced after 30 minutes; a server that
+        does not answer fails after 10 s (``connect_timeout`` in the URL overrides).
+        A forked process (a DataLoader worker) opens its own. SQLite ignores it.
+
+    Every cached filesystem and storage client is reset
+    (:func:`lamin_io.storage.reset_clients`): the previous connection's credentials are
+    never reused. The PostgreSQL password comes from the URL, ``PGPASSWORD`` or
+    ``~/.pgpass``; only ``lamin-io connect`` saves settings, never a password.
 
     Returns
     -------
@@ -306,7 +347,7 @@ def connect(
         root=root,
         endpoint_url=resolve_endpoint(endpoint_url) if "://" in root else None,
         anon=anon, region=region, options=dict(storage_options or {}))
-    db = Database(os.fspath(registry), busy_timeout=busy_timeout)
+    db = Database(os.fspath(registry), busy_timeout=busy_timeout, pool_size=pool_size)
     try:
         conn = Connection(db, settings)
     except BaseException:
@@ -316,6 +357,7 @@ def connect(
         if _current is not None:
             _current.close()
         _current = conn
+        reset_clients()
     logger.info("connected to %s with storage %s", conn.registry, root)
     return conn
 
@@ -328,9 +370,13 @@ def current() -> Connection:
 
 
 def disconnect() -> None:
-    """Close the current connection; the next registry call connects to the defaults."""
+    """Close the current connection; the next registry call connects to the defaults.
+
+    Every cached filesystem and storage client is reset too (see :func:`connect`).
+    """
     global _current
     with _lock:
         if _current is not None:
             _current.close()
         _current = None
+        reset_clients()

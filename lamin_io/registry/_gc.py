@@ -15,7 +15,7 @@ from lamin_io.registry._connection import current
 from lamin_io.registry._keys import RESERVED_PREFIX
 from lamin_io.registry._reading import stored_path
 from lamin_io.registry._record import DELETING, PENDING, refresh_latest
-from lamin_io.storage import remove, storage_errors, to_upath
+from lamin_io.storage import abort_upload, open_uploads, remove, storage_errors, to_upath
 
 if TYPE_CHECKING:
     from upath import UPath
@@ -31,10 +31,13 @@ class GcReport:
 
     records: list[str] = field(default_factory=list)
     objects: list[str] = field(default_factory=list)
+    #: Unfinished S3 multipart uploads aborted (a save killed mid-upload leaves one).
+    uploads: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         return (f"{len(self.records)} unfinished record(s), "
-                f"{len(self.objects)} orphan object(s)")
+                f"{len(self.objects)} orphan object(s), "
+                f"{len(self.uploads)} unfinished upload(s)")
 
 
 def _age_seconds(info: dict[str, Any]) -> float:
@@ -54,7 +57,9 @@ def gc(*, older_than: float = 3600.0, dry_run: bool = False) -> GcReport:
       partial objects;
     * records stuck in *deleting* (a delete that never finished), with their objects;
     * objects under ``<root>/.lamin-io/objects/`` that no record points to, older than
-      ``older_than`` seconds.
+      ``older_than`` seconds;
+    * unfinished S3 multipart uploads there, older than ``older_than`` seconds, unless a
+      running save (a pending record with a live lease) owns them.
 
     Parameters
     ----------
@@ -113,8 +118,38 @@ def gc(*, older_than: float = 3600.0, dry_run: bool = False) -> GcReport:
         if not dry_run:
             with storage_errors(key, conn.settings.endpoint_url):
                 remove(to_upath(f"{conn.settings.root}/{key}", conn.settings.fsspec_options()))
+    _abort_uploads(objects_dir, conn.settings.endpoint_url, older_than=older_than,
+                   dry_run=dry_run, report=report)
     logger.info("gc: %s", report)
     return report
+
+
+def _abort_uploads(objects_dir: UPath, endpoint: str | None, *, older_than: float,
+                   dry_run: bool, report: GcReport) -> None:
+    """Abort the multipart uploads no running save owns (see :func:`gc`)."""
+    t = s.artifact
+    conn = current()
+    with storage_errors(str(objects_dir), endpoint):
+        uploads = open_uploads(objects_dir)
+    if not uploads:
+        return
+    now = datetime.now(UTC)
+    lease_now = now.replace(tzinfo=None) if conn.db.dialect == "sqlite" else now
+    with conn.db.read() as c:  # the objects of saves still running: not ours to abort
+        running = set(c.execute(select(t.c.storage_key).where(
+            t.c.storage_id == conn.storage_id, t.c.status == PENDING,
+            t.c.lease_until.is_not(None), t.c.lease_until >= lease_now)).scalars())
+    base = objects_dir.path.rstrip("/")
+    root_prefix = base[: -len(f"{RESERVED_PREFIX}/objects")]
+    for path, upload_id, started in uploads:
+        key = path[len(root_prefix):]
+        owned = any(key == k or key.startswith(f"{k}/") for k in running)
+        if owned or (now - started.astimezone(UTC)).total_seconds() < older_than:
+            continue
+        report.uploads.append(key)
+        if not dry_run:
+            with storage_errors(path, endpoint):
+                abort_upload(objects_dir, path, upload_id)
 
 
 def _listing(directory: UPath) -> dict[str, dict[str, Any]]:

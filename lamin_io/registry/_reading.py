@@ -22,6 +22,7 @@ from lamin_io.errors import (
     WriteNotSupportedError,
 )
 from lamin_io.registry._keys import check_storage_key
+from lamin_io.registry._run import record_input
 from lamin_io.storage import (
     Manifest,
     cached_copy,
@@ -189,7 +190,8 @@ class ArtifactReads:
         mute
             Hide progress bars.
         is_run_input
-            Accepted as lamindb does; lineage is not recorded yet (see :meth:`_read_as_input`).
+            ``False``: do not record this read as an input of the active run (see
+            :func:`lamin_io.track`); ``True``: warn when no run is active.
         """
         local = self._local_copy(mute=mute)
         self._read_as_input(is_run_input=is_run_input)
@@ -236,15 +238,12 @@ class ArtifactReads:
             return int(source.fs.du(source.path, total=True))
 
     def _read_as_input(self, *, is_run_input: bool | None) -> None:
-        """Record that this artifact was read: the hook lineage will fill.
+        """Record this read as an input of the active run (see :func:`track`).
 
-        Lineage is not recorded yet. When it is, it belongs here, for saved artifacts only:
-        an unsaved artifact has no record to link to, and reading it writes nothing to the
-        registry (``is_run_input`` then has no effect, as in lamindb).
+        Only saved artifacts: an unsaved one has no record to link to, and reading it
+        writes nothing to the registry (``is_run_input`` then has no effect, as in lamindb).
         """
-        if self._row is None:
-            return  # never a run input before it is saved
-        # lineage: link self._row to the active run here, unless is_run_input is False
+        record_input(self, is_run_input=is_run_input)  # type: ignore[arg-type]
 
     def load(self, *, mute: bool = False, is_run_input: bool | None = None,
              **kwargs: Any) -> Any:
@@ -263,7 +262,7 @@ class ArtifactReads:
         mute
             Hide progress bars of a download.
         is_run_input
-            Accepted as lamindb does; lineage is not recorded yet.
+            ``False``: not an input of the active run (see :func:`lamin_io.track`).
         **kwargs
             Passed to the format's reader.
 
@@ -308,7 +307,7 @@ class ArtifactReads:
         mode
             ``"r"``, or a write mode the format takes.
         is_run_input
-            Accepted as lamindb does; lineage is not recorded yet.
+            ``False``: not an input of the active run (see :func:`lamin_io.track`).
         **kwargs
             Passed to the format's opener (``engine=`` for tables, ...).
         """

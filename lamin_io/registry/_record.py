@@ -15,18 +15,21 @@ from lamin_io.errors import (
     MultipleResultsError,
     RegistryMismatchError,
 )
+from lamin_io.registry import _schema as s
 from lamin_io.registry._connection import current
 from lamin_io.registry._query import conditions, ordering
 
 if TYPE_CHECKING:
+    import os
     from datetime import datetime
 
     import pandas as pd
     from sqlalchemy import Connection, Row, Table
 
     from lamin_io.registry._connection import Connection as Registry
+    from lamin_io.registry._run import Run, Transform
 
-__all__ = ["READY", "Record", "RecordSet", "new_uid"]
+__all__ = ["READY", "Record", "RecordSet", "Versioned", "new_uid"]
 
 READY, PENDING, DELETING = "ready", "pending", "deleting"
 _ALPHABET = string.ascii_letters + string.digits
@@ -38,7 +41,7 @@ def new_uid() -> str:
 
 
 class Record:
-    """Base of :class:`Artifact` and :class:`Collection`: one ready row of a table."""
+    """Base of every record (artifacts, collections, runs, transforms): one row of a table."""
 
     _table: ClassVar[Table]
     _kind: ClassVar[str]
@@ -82,41 +85,9 @@ class Record:
         return str(self._saved().uid)
 
     @property
-    def key(self) -> str | None:
-        """The key, a relative path such as ``"project/pbmc.h5ad"``."""
-        return self._saved().key
-
-    @property
-    def description(self) -> str | None:
-        """Free text given at save."""
-        return self._saved().description
-
-    @property
-    def version(self) -> str:
-        """Version label within the family (``"1"``, ``"2"``, ... unless given)."""
-        return str(self._saved().version)
-
-    @property
-    def is_latest(self) -> bool:
-        """Whether this is the newest version of its family."""
-        self._refresh()
-        return bool(self._saved().is_latest)
-
-    @property
     def created_at(self) -> datetime:
         """When the record was written (UTC)."""
         return self._saved().created_at
-
-    @property
-    def versions(self) -> RecordSet[Self]:
-        """All ready versions of this record's family, oldest first."""
-        t = self._table
-        registry = self._conn()
-        with registry.db.read() as conn:
-            rows = conn.execute(select(t).where(t.c.family_uid == self._saved().family_uid,
-                                                t.c.status == READY)
-                                .order_by(t.c.version_index)).all()
-        return self._set([type(self)._from_row(r, registry.registry) for r in rows])
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Record) or other._table is not self._table:
@@ -140,6 +111,16 @@ class Record:
     # -- queries ---------------------------------------------------------------------------
 
     @classmethod
+    def _visible(cls) -> list[Any]:
+        """Return the conditions a row meets to be shown: ready (no save or delete in flight)."""
+        return [cls._table.c.status == READY]
+
+    @classmethod
+    def _related(cls, lookups: dict[str, Any]) -> list[Any]:
+        """Turn lookups on related records (popped from ``lookups``) into conditions."""
+        return []
+
+    @classmethod
     def _select(cls, lookups: dict[str, Any], order_by: str | Sequence[str] | None = None,
                 limit: int | None = None, offset: int = 0) -> list[Self]:
         t = cls._table
@@ -147,7 +128,8 @@ class Record:
                 not isinstance(offset, int) or offset < 0):
             msg = f"limit and offset must be whole numbers 0 or more, got {limit}, {offset}"
             raise InvalidArgumentError(msg)
-        stmt = (select(t).where(t.c.status == READY, *conditions(t, cls._fields, lookups))
+        where = [*cls._visible(), *cls._related(lookups), *conditions(t, cls._fields, lookups)]
+        stmt = (select(t).where(*where)
                 .order_by(*ordering(t, cls._fields, order_by)).offset(offset or None)
                 .limit(limit))
         registry = current()
@@ -197,7 +179,7 @@ class Record:
             shown = ", ".join(f"{k}={v!r}" for k, v in lookups.items())
             msg = f"no {cls._kind} matches {shown}; list what exists with `lamin-io ls`"
             raise ArtifactNotFoundError(msg)
-        if len(found) > 1 and version is None and uid is None:
+        if len(found) > 1 and version is None and uid is None and "is_latest" in cls._fields:
             latest = [r for r in found if r._saved().is_latest]
             families = {r._saved().family_uid for r in found}
             if len(families) == 1 and latest:
@@ -208,6 +190,104 @@ class Record:
                    f"narrow the query (uid=, version=)")
             raise MultipleResultsError(msg)
         return found[-1]
+
+
+class Versioned(Record):
+    """A record with a key and versions in a family: artifacts and collections."""
+
+    @property
+    def key(self) -> str | None:
+        """The key, a relative path such as ``"project/pbmc.h5ad"``."""
+        return self._saved().key
+
+    @property
+    def description(self) -> str | None:
+        """Free text given at save."""
+        return self._saved().description
+
+    @property
+    def version(self) -> str:
+        """Version label within the family (``"1"``, ``"2"``, ... unless given)."""
+        return str(self._saved().version)
+
+    @property
+    def is_latest(self) -> bool:
+        """Whether this is the newest version of its family."""
+        self._refresh()
+        return bool(self._saved().is_latest)
+
+    @property
+    def versions(self) -> RecordSet[Self]:
+        """All ready versions of this record's family, oldest first."""
+        t = self._table
+        registry = self._conn()
+        with registry.db.read() as conn:
+            rows = conn.execute(select(t).where(t.c.family_uid == self._saved().family_uid,
+                                                t.c.status == READY)
+                                .order_by(t.c.version_index)).all()
+        return self._set([type(self)._from_row(r, registry.registry) for r in rows])
+
+    @property
+    def run(self) -> Run | None:
+        """The run that saved this record (``None``: saved outside a tracked run)."""
+        from lamin_io.registry._run import Run
+
+        self._refresh()
+        run_id = self._saved().run_id
+        if run_id is None:
+            return None
+        registry = self._conn()
+        with registry.db.read() as c:
+            row = c.execute(select(s.run).where(s.run.c.id == run_id)).one()
+        return Run._from_row(row, registry.registry)
+
+    @property
+    def transform(self) -> Transform | None:
+        """The transform of the run that saved this record, if any."""
+        run = self.run
+        return None if run is None else run.transform
+
+    def view_lineage(self, *, image: str | os.PathLike[str] | None = None,
+                     depth: int | None = None) -> str:
+        """Print and return where this record came from, as a text tree.
+
+        Each level is the run that saved a record (its transform, user, time and status)
+        and under it the run's inputs, followed upstream in turn; a run already shown is
+        not expanded again. The last lines list the runs that read this record.
+
+        Parameters
+        ----------
+        image
+            Also draw the graph with graphviz into this file (``.svg``, ``.png``, ``.pdf``;
+            needs ``pip install 'lamin-io[lineage]'`` and graphviz's ``dot`` program).
+        depth
+            How many runs upstream to follow (default: all).
+        """
+        from lamin_io.registry._lineage import view_lineage
+
+        return view_lineage(self, image=image, depth=depth)
+
+    @classmethod
+    def _related(cls, lookups: dict[str, Any]) -> list[Any]:
+        """``run=`` (a Run or its uid) and ``transform=`` (a Transform, its uid or name).
+
+        They select the records saved by that run, or by any run of that transform.
+        """
+        out = []
+        t = cls._table
+        if "run" in lookups:
+            value = lookups.pop("run")
+            uid = getattr(value, "uid", value)
+            out.append(t.c.run_id.in_(select(s.run.c.id).where(s.run.c.uid == uid)))
+        if "transform" in lookups:
+            value = lookups.pop("transform")
+            if hasattr(value, "uid"):
+                which = s.transform.c.uid == value.uid
+            else:
+                which = (s.transform.c.uid == value) | (s.transform.c.name == value)
+            runs = select(s.run.c.id).join(s.transform, s.run.c.transform_id == s.transform.c.id)
+            out.append(t.c.run_id.in_(runs.where(which)))
+        return out
 
 
 def next_version(conn: Connection, table: Table, family_uid: str,

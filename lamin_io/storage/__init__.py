@@ -18,6 +18,7 @@ from lamin_io.storage._filesystem import (
     error_codes,
     missing_path,
     refresh_if_credentials_changed,
+    reset_clients,
     storage_errors,
 )
 from lamin_io.storage._hashing import Manifest, hash_path, manifest_hash
@@ -36,9 +37,22 @@ from lamin_io.storage._paths import (
     to_upath,
 )
 from lamin_io.storage._progress import ProgressCallback
-from lamin_io.storage._transfer import download, fingerprint, folder_states, remove, upload
+from lamin_io.storage._redact import protect_logs, redact
+from lamin_io.storage._transfer import (
+    abort_upload,
+    download,
+    fingerprint,
+    folder_states,
+    open_uploads,
+    remove,
+    upload,
+)
 
 __all__ = [
+    "protect_logs",
+    "redact",
+    "abort_upload",
+    "open_uploads",
     "POLARS_CREDENTIALS_TTL",
     "AwsCredentialProvider",
     "Manifest",
@@ -65,6 +79,7 @@ __all__ = [
     "refresh_if_credentials_changed",
     "relative_key",
     "remove",
+    "reset_clients",
     "resolve_endpoint",
     "s3_access",
     "storage_errors",

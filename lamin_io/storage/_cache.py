@@ -3,20 +3,29 @@
 Layout: ``<cache dir>/<sha256>/<name>`` plus a ``.stat.json`` sidecar recording the size and
 modification times seen right after the verified download. A copy whose files no longer
 match the sidecar (missing, edited, truncated) is fetched again.
+
+One entry is filled by one caller at a time: threads of a process and processes sharing
+the cache wait for the first download of the same content (a lock per entry: a thread
+lock, and ``flock`` on ``<sha256>/.lock`` where the platform has it) instead of
+downloading it again and swapping it under a reader's feet.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lamin_io.storage._transfer import download, download_hashed
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from upath import UPath
 
     from lamin_io.storage._hashing import Manifest
@@ -24,6 +33,29 @@ if TYPE_CHECKING:
 __all__ = ["cache_dir", "cached_copy", "cached_download"]
 
 SIDECAR = ".stat.json"
+LOCK = ".lock"
+
+_locks_guard = threading.Lock()
+_locks: dict[Path, threading.Lock] = {}
+
+
+@contextlib.contextmanager
+def _entry_lock(entry: Path) -> Iterator[None]:
+    """Hold the lock of one cache entry (a ``<sha256>`` folder) in this process and others."""
+    entry.mkdir(parents=True, exist_ok=True)
+    with _locks_guard:
+        lock = _locks.setdefault(entry, threading.Lock())
+    with lock, open(entry / LOCK, "a") as handle:  # noqa: PTH123
+        try:
+            import fcntl
+        except ImportError:  # (no flock: threads of this process are still serialized)
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def cache_dir() -> Path:
@@ -70,10 +102,12 @@ def cached_copy(src: UPath, *, sha256: str, name: str, manifest: Manifest | None
     local = cache_dir() / sha256 / name
     if _is_valid(local):
         return local
-    local.parent.mkdir(parents=True, exist_ok=True)
-    download(src, local, sha256=None if manifest else sha256, manifest=manifest,
-             what=what, mute=mute, versions=versions)
-    _remember(local)
+    with _entry_lock(local.parent):
+        if _is_valid(local):  # (another thread or process fetched it meanwhile)
+            return local
+        download(src, local, sha256=None if manifest else sha256, manifest=manifest,
+                 what=what, mute=mute, versions=versions)
+        _remember(local)
     return local
 
 
@@ -90,12 +124,12 @@ def cached_download(src: UPath, *, name: str, what: str, mute: bool = False) -> 
     try:
         digest, _ = download_hashed(src, staging / name, what=what, mute=mute)
         local = root / digest / name
-        if not _is_valid(local):
-            local.parent.mkdir(parents=True, exist_ok=True)
-            if local.is_dir():
-                shutil.rmtree(local)
-            os.replace(staging / name, local)
-            _remember(local)
+        with _entry_lock(local.parent):
+            if not _is_valid(local):
+                if local.is_dir():
+                    shutil.rmtree(local)
+                os.replace(staging / name, local)
+                _remember(local)
         return local
     finally:
         shutil.rmtree(staging, ignore_errors=True)

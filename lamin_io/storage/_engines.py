@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from lamin_io.storage._filesystem import credentials_error
 from lamin_io.storage._options import credential_fingerprint, mask, resolve_endpoint
 from lamin_io.storage._paths import is_local
+from lamin_io.storage._redact import protect_logs
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -50,10 +51,15 @@ POLARS_CREDENTIALS_TTL = 5
 CredentialSource = Literal["anonymous", "given", "chain", "role", "frozen"]
 
 
-def _forget_clients_after_fork() -> None:
-    global _session_lock
+def forget_clients() -> None:
+    """Drop the cached botocore sessions and pyarrow S3 clients (see ``reset_clients``)."""
     _s3_filesystem.cache_clear()
     _aws_session.cache_clear()
+
+
+def _forget_clients_after_fork() -> None:
+    global _session_lock
+    forget_clients()
     _session_lock = threading.Lock()  # a thread of the parent may have held it at the fork
 
 
@@ -73,7 +79,9 @@ def _aws_session(profile: str | None, fingerprint: str) -> Any:
     """
     import botocore.session
 
-    return botocore.session.Session(profile=profile)
+    session = botocore.session.Session(profile=profile)
+    protect_logs()  # (botocore's loggers exist now)
+    return session
 
 
 @dataclass(frozen=True)
@@ -396,6 +404,7 @@ def _s3_filesystem(access: S3Access, sources: str) -> pyarrow.fs.S3FileSystem:
     elif access.key is not None:  # given, or frozen: the chain ("chain") is pyarrow's own
         options.update(access_key=access.key, secret_key=access.secret,
                        session_token=access.token)
+        protect_logs([access.secret, access.token])
     if access.max_attempts is not None:
         options["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(
             max_attempts=access.max_attempts)

@@ -1,4 +1,10 @@
-"""Filesystem instances, their reset on credential change, and storage error translation."""
+"""Filesystem instances and clients, their reset, and storage error translation.
+
+:func:`reset_clients` is the one place that forgets every filesystem and client this
+process keeps (fsspec's instance caches, pyarrow's S3 clients, botocore clients and
+sessions): :func:`lamin_io.connect` and :func:`lamin_io.disconnect` call it, so switching
+credentials or registries never reuses a client made for the previous ones.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,8 @@ from lamin_io.errors import (
     CredentialsError,
     PathNotFoundError,
     StorageObjectMissingError,
+    StoragePermissionError,
+    StorageServiceError,
     StorageUnreachableError,
 )
 from lamin_io.storage._options import credential_fingerprint
@@ -28,6 +36,7 @@ __all__ = [
     "error_codes",
     "missing_path",
     "refresh_if_credentials_changed",
+    "reset_clients",
     "storage_errors",
 ]
 
@@ -51,6 +60,27 @@ def refresh_if_credentials_changed(protocol: str) -> None:
         get_filesystem_class(protocol).clear_instance_cache()
 
 
+def reset_clients() -> None:
+    """Forget every cached filesystem and client of this process.
+
+    fsspec's instance caches (every filesystem class imported: s3fs with its listings and
+    aiobotocore clients, ...), pyarrow's S3 clients, the botocore clients and sessions of
+    pinned reads: the next access builds new ones from the settings and credentials given
+    then. Objects opened before keep the clients they hold. Local cached copies of
+    artifacts are content, checked against their records, and stay.
+    """
+    from fsspec.registry import registry
+
+    from lamin_io.storage import _engines, _pinned
+
+    for cls in set(registry.values()):
+        cls.clear_instance_cache()
+    _engines.forget_clients()
+    _pinned.forget_clients()
+    with _lock:
+        _seen.clear()
+
+
 _UNREACHABLE_NAMES = frozenset({
     "EndpointConnectionError",
     "ConnectTimeoutError",
@@ -59,6 +89,23 @@ _UNREACHABLE_NAMES = frozenset({
     "ServerDisconnectedError",
     "ReadTimeoutError",
 })
+
+#: S3 error codes of a refused request: credentials not valid, or lacking a permission (a
+#: ``HEAD`` answers ``403`` alone, without a body to tell which).
+_DENIED_CODES = frozenset({
+    "403",
+    "AccessDenied",
+    "AllAccessDisabled",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+})
+
+#: S3's error codes for a failing service (beside the HTTP 5xx statuses).
+_SERVICE_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown",
+                            "ServiceException"})
 
 #: botocore's "no usable credentials" errors (by name: botocore is imported by s3fs only).
 _NO_CREDENTIALS_NAMES = frozenset({
@@ -118,6 +165,18 @@ def bucket_error(bucket: str, where: str, endpoint: str | None) -> BucketNotFoun
            f"accessing {where}): create it (e.g. `aws s3 mb s3://{bucket}`), or fix the "
            f"bucket name in the path or storage root")
     return BucketNotFoundError(msg)
+
+
+def permission_error(where: str, endpoint: str | None,
+                     codes: set[str]) -> StoragePermissionError:
+    """Return the error for a request the object store refused (S3's 403)."""
+    named = ", ".join(sorted(c for c in codes if not c.isdigit())) or "403 Forbidden"
+    msg = (f"{_endpoint_text(endpoint)} refused access to {where} ({named}): the "
+           f"credentials are not valid (a wrong, expired or rotated key) or lack the "
+           f"permission this needs; check the key given (storage_options, AWS_PROFILE, "
+           f"AWS_ACCESS_KEY_ID) and the bucket policy ('For a team' in the README lists "
+           f"what each role needs)")
+    return StoragePermissionError(msg)
 
 
 def credentials_error(where: str, endpoint: str | None,
@@ -181,12 +240,13 @@ def storage_errors(where: str, endpoint: str | None = None) -> Iterator[None]:
     ``where`` names the path or key in the message; ``endpoint`` names the server.
     Unreachable endpoints become :class:`StorageUnreachableError`, botocore's missing
     credentials :class:`CredentialsError`, S3's ``NoSuchBucket``
-    :class:`BucketNotFoundError`; each message says what to do.
+    :class:`BucketNotFoundError`, a refused request (``403``: a wrong key, or one without
+    the permission) :class:`StoragePermissionError`; each message says what to do.
     """
     try:
         yield
     except (StorageUnreachableError, StorageObjectMissingError, BucketNotFoundError,
-            CredentialsError):
+            CredentialsError, StoragePermissionError):
         raise
     except Exception as exc:
         if _is_unreachable(exc):
@@ -199,6 +259,15 @@ def storage_errors(where: str, endpoint: str | None = None) -> Iterator[None]:
                         None)
         if botocore is not None:
             raise credentials_error(where, endpoint, str(botocore)) from exc
-        if "NoSuchBucket" in error_codes(exc):
+        codes = set(error_codes(exc))
+        if "NoSuchBucket" in codes:
             raise bucket_error(_bucket_of(where) or where, where, endpoint) from exc
+        if codes & _DENIED_CODES or "AWS Error ACCESS_DENIED" in str(exc):  # (pyarrow's)
+            raise permission_error(where, endpoint, codes & _DENIED_CODES) from exc
+        failed = sorted(c for c in codes if c in _SERVICE_CODES or (c.isdigit() and c >= "500"))
+        if failed:
+            msg = (f"{_endpoint_text(endpoint)} kept failing while accessing {where} "
+                   f"(S3 error {', '.join(failed)}, after bounded retries): the storage "
+                   f"service is in trouble; retry later")
+            raise StorageServiceError(msg) from exc
         raise

@@ -10,6 +10,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
+from lamin_io._faults import kill_point
 from lamin_io.storage._progress import ProgressCallback
 
 if TYPE_CHECKING:
@@ -87,6 +88,7 @@ def hash_path(path: UPath, *, mute: bool = False) -> tuple[str, int, Manifest | 
             cb.set_size(size)
             with fs.open(root, "rb", block_size=BLOCK_SIZE) as f:
                 digest, n = hash_stream(f, cb)
+        kill_point("hashing")
         return digest, n, None
     entries = []
     with ProgressCallback(f"hashing {path.name}", mute=mute) as cb:
@@ -95,5 +97,6 @@ def hash_path(path: UPath, *, mute: bool = False) -> tuple[str, int, Manifest | 
             with fs.open(f"{root}/{rel}", "rb", block_size=BLOCK_SIZE) as f:
                 digest, n = hash_stream(f, cb)
             entries.append((rel, n, digest))
+            kill_point("hashing")
     manifest = Manifest(tuple(entries))
     return manifest_hash(manifest), manifest.size, manifest

@@ -12,6 +12,7 @@ from upath import UPath
 from lamin_io.errors import InvalidArgumentError
 from lamin_io.storage._filesystem import refresh_if_credentials_changed
 from lamin_io.storage._options import S3_DEFAULTS
+from lamin_io.storage._redact import protect_logs
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -62,6 +63,9 @@ def to_upath(path: PathLike, storage_options: Mapping[str, Any] | None = None) -
     options = dict(storage_options or {})
     if protocol in ("s3", "s3a"):
         options = _merge_defaults(options, S3_DEFAULTS)
+        import s3fs  # noqa: F401 (its libraries' loggers exist once it is imported)
+
+        protect_logs(options.get(name) for name in ("secret", "token", "password"))
     refresh_if_credentials_changed(protocol)
     return UPath(s.rstrip("/"), **options)
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from lamin_io.errors import StorageModifiedError, StorageObjectMissingError
 from lamin_io.storage._filesystem import error_codes
 from lamin_io.storage._options import credential_fingerprint
+from lamin_io.storage._redact import protect_logs
 
 if TYPE_CHECKING:
     from upath import UPath
@@ -51,10 +52,15 @@ _lock = threading.Lock()
 _STEP = 64 * 1024
 
 
+def forget_clients() -> None:
+    """Drop the cached botocore clients and direct senders (see ``reset_clients``)."""
+    _client.cache_clear()
+    _signed_gets.cache_clear()
+
+
 def _forget_clients_after_fork() -> None:
     global _lock
-    _client.cache_clear()  # a client's connections are not the child's
-    _signed_gets.cache_clear()
+    forget_clients()  # a client's connections are not the child's
     _lock = threading.Lock()
 
 
@@ -81,6 +87,7 @@ def _client(access: S3Access, profile: str | None, sources: str) -> Any:
                     signature_version=UNSIGNED if access.anon else None)
     session = _aws_session(profile, sources)
     explicit = {} if access.anon else access.aws_credentials()
+    protect_logs(explicit.values())
     with _lock:  # (sessions are not safe to use from several threads at once)
         return session.create_client("s3", endpoint_url=access.endpoint_url,
                                      region_name=access.region, config=config, **explicit)

@@ -27,14 +27,18 @@ class ProgressCallback(Callback):
         Never show a bar.
     threshold
         Smallest total size, in bytes, that gets a bar.
+    unit
+        ``"bytes"`` (sizes and speed) or ``"rows"`` (a count: ``12,000/100,000``).
     """
 
     def __init__(self, description: str, *, mute: bool = False,
-                 threshold: int = DEFAULT_THRESHOLD, **kwargs: Any) -> None:
+                 threshold: int = DEFAULT_THRESHOLD, unit: str = "bytes",
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.description = description
         self.enabled = not mute and sys.stderr.isatty()
         self.threshold = threshold
+        self.unit = unit
         self._progress: Any = None
         self._task: Any = None
 
@@ -44,14 +48,17 @@ class ProgressCallback(Callback):
         from rich.progress import (
             BarColumn,
             DownloadColumn,
+            MofNCompleteColumn,
             Progress,
             TimeRemainingColumn,
             TransferSpeedColumn,
         )
 
+        amount = (MofNCompleteColumn(),) if self.unit == "rows" else (
+            DownloadColumn(), TransferSpeedColumn())
         self._progress = Progress(
-            "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-            TransferSpeedColumn(), TimeRemainingColumn(), transient=False,
+            "[progress.description]{task.description}", BarColumn(), *amount,
+            TimeRemainingColumn(), transient=False,
         )
         self._progress.start()
         self._task = self._progress.add_task(self.description, total=self.size)

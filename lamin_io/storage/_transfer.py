@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
+from lamin_io._faults import kill_point
 from lamin_io.errors import (
     CorruptArtifactError,
     ObjectExistsError,
@@ -29,10 +30,12 @@ from lamin_io.storage._progress import ProgressCallback
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from datetime import datetime
 
     from upath import UPath
 
-__all__ = ["download", "download_hashed", "fingerprint", "folder_states", "remove", "upload"]
+__all__ = ["abort_upload", "download", "download_hashed", "fingerprint", "folder_states",
+           "open_uploads", "remove", "upload"]
 
 T = TypeVar("T")
 
@@ -112,6 +115,7 @@ def _publish_s3(src_fs: Any, src_root: str, entries: list[tuple[str, int, str]],
             _copy_verified(src_fs, f"{src_root}/{rel}" if rel else src_root, fout, digest,
                            cb)
             fout.close()  # its last part goes up; nothing is visible yet
+            kill_point("upload")  # (an open multipart upload, parts sent, not completed)
         for fout in uploads:
             fout.commit()
     except BaseException as exc:
@@ -150,6 +154,7 @@ def _publish_local(src_fs: Any, src_root: str, entries: list[tuple[str, int, str
             with target.open("wb") as fout:
                 _copy_verified(src_fs, f"{src_root}/{rel}" if rel else src_root,
                                fout, digest, cb)
+            kill_point("upload")
         try:
             if rel:  # a folder: rename fails when dest exists and is not empty
                 os.rename(tmp, dest)
@@ -265,9 +270,7 @@ def _swap_in(dest: Path, write: Callable[[Path], T]) -> T:
         out = write(tmp)
         if dest.is_dir():
             shutil.rmtree(dest)
-        elif dest.exists():
-            dest.unlink()
-        os.replace(tmp, dest)
+        os.replace(tmp, dest)  # (a file is replaced in one step: never missing meanwhile)
         return out
     finally:
         if tmp.is_dir():
@@ -342,3 +345,32 @@ def remove(path: UPath) -> None:
             fs.rm_file(path.path)
     except FileNotFoundError:
         pass
+
+
+def open_uploads(prefix: UPath) -> list[tuple[str, str, datetime]]:
+    """Return the unfinished S3 multipart uploads under ``prefix``: path, id, start time.
+
+    A save killed mid-upload leaves one (its parts are stored, and billed, until it is
+    aborted). Local storage has none.
+    """
+    if is_local(prefix):
+        return []
+    fs = prefix.fs
+    bucket, _, key_prefix = prefix.path.rstrip("/").partition("/")
+    found: list[tuple[str, str, datetime]] = []
+    markers: dict[str, str] = {}
+    while True:
+        page = fs.call_s3("list_multipart_uploads", Bucket=bucket,
+                          Prefix=f"{key_prefix}/" if key_prefix else "", **markers)
+        found += [(f"{bucket}/{u['Key']}", u["UploadId"], u["Initiated"])
+                  for u in page.get("Uploads", [])]
+        if not page.get("IsTruncated"):
+            return found
+        markers = {"KeyMarker": page["NextKeyMarker"],
+                   "UploadIdMarker": page["NextUploadIdMarker"]}
+
+
+def abort_upload(prefix: UPath, path: str, upload_id: str) -> None:
+    """Abort the multipart upload ``upload_id`` of ``path`` (``bucket/key``)."""
+    bucket, _, key = path.partition("/")
+    prefix.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
