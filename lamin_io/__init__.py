@@ -33,6 +33,7 @@ __all__ = [
     "gc",
     "import_registry",
     "open",
+    "probe",
     "save_tiledbsoma_experiment",
     "track",
 ]
@@ -51,11 +52,12 @@ _LAZY = {
     "gc": "lamin_io.registry",
     "import_registry": "lamin_io.registry",
     "open": "lamin_io.accessors",
+    "probe": "lamin_io.accessors",
     "save_tiledbsoma_experiment": "lamin_io.registry",
 }
 
 if TYPE_CHECKING:
-    from lamin_io.accessors import open
+    from lamin_io.accessors import open, probe
     from lamin_io.registry import (
         Artifact,
         ArtifactSet,

@@ -21,6 +21,7 @@ POINTS = (
     "commit",        # a save, inside the transaction that marks the record ready
     "delete",        # a delete, the record marked deleting, the bytes partly removed
     "migration",     # a schema migration, its first step done, not committed
+    "probe",         # lamin_io.probe's child, about to read (a reader that crashes)
 )
 
 

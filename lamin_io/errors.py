@@ -38,6 +38,7 @@ __all__ = [
     "StorageObjectMissingError",
     "StoragePermissionError",
     "StorageServiceError",
+    "StorageTimeoutError",
     "StorageUnreachableError",
     "UnsupportedFormatError",
     "UnsupportedLayoutError",
@@ -143,6 +144,13 @@ class StorageError(LaminIOError, OSError):
 
 class StorageUnreachableError(StorageError, ConnectionError):
     """The storage endpoint did not answer after bounded retries."""
+
+
+class StorageTimeoutError(StorageUnreachableError, TimeoutError):
+    """The storage endpoint accepted no connection, or sent no answer, within the timeouts.
+
+    Every attempt the retry budget allows timed out: a black-holed or hung endpoint.
+    """
 
 
 class StorageServiceError(StorageError, ConnectionError):

@@ -272,8 +272,9 @@ def snapshot(conn: Any) -> tuple[list[tuple[Any, ...]], list[str]]:
     from lamin_io.registry import _schema as s
 
     with conn.db.read() as c:
-        rows = sorted(tuple(r) for r in c.execute(select(s.artifact)).all())
-        rows += sorted(tuple(r) for r in c.execute(select(s.collection)).all())
+        rows = [row for table in (s.artifact, s.collection, s.collection_artifact, s.transform,
+                                  s.run, s.run_input)
+                for row in sorted(tuple(r) for r in c.execute(select(table)).all())]
     root = conn.root
     try:
         names = sorted(str(p) for p in root.fs.find(root.path))

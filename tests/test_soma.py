@@ -398,7 +398,14 @@ def test_tiledb_config_translates_storage_settings() -> None:
         "vfs.s3.use_virtual_addressing": "false", "vfs.s3.region": "eu-west-1",
         "vfs.s3.aws_access_key_id": "AKIAEXAMPLE",
         "vfs.s3.aws_secret_access_key": "s3cr3t-value"}
-    assert config["vfs.s3.connect_timeout_ms"] == "5000"  # bounded, like fsspec's settings
+    # bounded like every client (lamin_io.storage._options): TileDB's reads at most 3 s
+    assert (config["vfs.s3.connect_timeout_ms"], config["vfs.s3.request_timeout_ms"],
+            config["vfs.s3.connect_max_tries"]) == ("3000", "3000", "3")
+    tuned = tiledb_config(to_upath("s3://bucket/x.tiledbsoma", {"anon": True, "config_kwargs": {
+        "connect_timeout": 1, "read_timeout": 2, "retries": {"total_max_attempts": 6}}}))
+    assert tuned is not None
+    assert (tuned["vfs.s3.connect_timeout_ms"], tuned["vfs.s3.request_timeout_ms"],
+            tuned["vfs.s3.connect_max_tries"]) == ("1000", "2000", "5")
     anon = tiledb_config(to_upath("s3://bucket/x.tiledbsoma", {"anon": True}))
     assert anon is not None
     assert anon["vfs.s3.no_sign_request"] == "true"

@@ -39,7 +39,11 @@ def test_to_upath_normalizes(tmp_path, monkeypatch):
     assert to_upath(f"file://{tmp_path}/c.csv").path == str(tmp_path / "c.csv")
     s3 = to_upath("s3://bucket/key.csv/", {"endpoint_url": "http://127.0.0.1:1"})
     assert str(s3) == "s3://bucket/key.csv"
-    assert s3.storage_options["config_kwargs"]["retries"]["max_attempts"] == 2
+    # bounded retries and timeouts (3 retries: 4 attempts), and s3fs adds none of its own
+    assert s3.storage_options["config_kwargs"] == {
+        "connect_timeout": 3, "read_timeout": 5,
+        "retries": {"max_attempts": 3, "mode": "standard"}}
+    assert s3.fs.retries == 1
     assert relative_key(to_upath(tmp_path / "r" / "x" / "y.csv"), to_upath(tmp_path / "r")) \
         == "x/y.csv"
     assert relative_key(to_upath(tmp_path / "rr.csv"), to_upath(tmp_path / "r")) is None

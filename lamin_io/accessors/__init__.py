@@ -8,6 +8,7 @@ from lamin_io.accessors._formats import (
     supported_suffixes,
 )
 from lamin_io.accessors._open import open
+from lamin_io.accessors._probe import probe
 from lamin_io.accessors._soma import WritableSOMA
 from lamin_io.accessors._tables import open_many
 
@@ -18,6 +19,7 @@ __all__ = [
     "formats",
     "open",
     "open_many",
+    "probe",
     "register_format",
     "supported_suffixes",
 ]

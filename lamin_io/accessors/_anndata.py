@@ -357,12 +357,13 @@ def _stored_keys(store: _Store, key: str) -> list[str]:
 
     A group's members, or the fields of a structured array (``obsm``/``varm`` before 0.7).
     """
-    if not store.has(key):
-        return []
-    elem = store.get(key)
-    if is_group(elem):
-        return sorted(elem.keys())
-    return list(elem.dtype.names or ())
+    with store.reading(key):  # (listing a damaged group fails in HDF5 too)
+        if not store.has(key):
+            return []
+        elem = store.get(key)
+        if is_group(elem):
+            return sorted(elem.keys())
+        return list(elem.dtype.names or ())
 
 
 class _ElementMap(Mapping[str, Any]):

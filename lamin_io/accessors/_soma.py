@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import threading
 import warnings
 from typing import TYPE_CHECKING, Any
 
 from lamin_io.accessors._formats import parameters
 from lamin_io.errors import (
+    CorruptArtifactError,
     InvalidArgumentError,
     MissingDependencyError,
     NameNotFoundError,
@@ -62,14 +65,35 @@ def _tiledbsoma() -> ModuleType:
     return tiledbsoma
 
 
+#: Contexts kept per process and set of TileDB settings (see :func:`soma_context`).
+_CONTEXTS = 16
+_contexts: dict[tuple[int, tuple[tuple[str, str], ...]], Any] = {}
+_contexts_lock = threading.Lock()
+
+
 def soma_context(path: UPath) -> Any:
     """Return a ``tiledbsoma.SOMATileDBContext`` that reaches ``path``.
 
     Local paths get a default context; ``s3://`` paths one configured from the path's
     storage settings (endpoint, region, credentials), as :func:`tiledb_config` spells them.
+
+    One context is made per process and set of settings, and shared by every open with
+    them: a context owns TileDB's thread pools and S3 client, which are costly to make and
+    were seen to abort the process when many were dropped while others ran. At most
+    :data:`_CONTEXTS` are kept per process (new credentials make a new set of settings);
+    those a forked process inherits are kept, never torn down in it.
     """
-    tiledbsoma = _tiledbsoma()
-    return tiledbsoma.SOMATileDBContext(tiledb_config=tiledb_config(path) or {})
+    config = tiledb_config(path) or {}
+    key = (os.getpid(), tuple(sorted(config.items())))
+    with _contexts_lock:
+        context = _contexts.get(key)
+        if context is None:
+            context = _tiledbsoma().SOMATileDBContext(tiledb_config=config)
+            mine = [k for k in _contexts if k[0] == key[0]]
+            if len(mine) >= _CONTEXTS:
+                del _contexts[mine[0]]  # (the oldest: dicts keep insertion order)
+            _contexts[key] = context
+    return context
 
 
 def _uri(path: UPath) -> str:
@@ -78,7 +102,12 @@ def _uri(path: UPath) -> str:
 
 @contextlib.contextmanager
 def _soma_errors(path: UPath) -> Iterator[None]:
-    """Translate tiledbsoma's "nothing there" into lamin-io errors naming the path."""
+    """Translate tiledbsoma's failures to read a store into lamin-io errors naming the path.
+
+    "Nothing there" is a missing path or an :class:`UnsupportedFormatError`; any other
+    failure of TileDB to read what is there (a fragment that is truncated, missing or
+    cannot be decoded) a :class:`CorruptArtifactError`.
+    """
     tiledbsoma = _tiledbsoma()
     try:
         yield
@@ -89,6 +118,11 @@ def _soma_errors(path: UPath) -> Iterator[None]:
                                ) from exc
         msg = f"{path} holds no TileDB-SOMA object (no TileDB group or array metadata)"
         raise UnsupportedFormatError(msg) from exc
+    except tiledbsoma.SOMAError as exc:
+        reason = "" if is_local(path) else ", or the storage did not answer as TileDB expects"
+        msg = (f"{path} cannot be read as a TileDB-SOMA store ({exc}); it is damaged or "
+               f"incomplete{reason}: restore it from its source")
+        raise CorruptArtifactError(msg) from exc
 
 
 def soma_keywords(what: str, suffix: str, kwargs: Mapping[str, Any], *,
@@ -172,7 +206,8 @@ def load_soma(path: UPath, *, measurement_name: str = "RNA", **kwargs: Any) -> a
             msg = (f"{path} has no measurement {measurement_name!r} (measurements: {names}); "
                    f"pass measurement_name=")
             raise NameNotFoundError(msg)
-        return tiledbsoma.io.to_anndata(exp, measurement_name, **kwargs)
+        with _soma_errors(path):
+            return tiledbsoma.io.to_anndata(exp, measurement_name, **kwargs)
 
 
 def count_observations(path: UPath) -> int | None:

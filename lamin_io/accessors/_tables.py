@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from lamin_io.accessors._formats import parameters
 from lamin_io.errors import (
     InvalidArgumentError,
+    LaminIOError,
     MissingDependencyError,
     UnsupportedFormatError,
     WriteNotSupportedError,
@@ -44,13 +45,14 @@ from lamin_io.storage import (
     polars_credential_provider,
     polars_storage_options,
     pyarrow_filesystem,
+    storage_error,
     storage_errors,
     suffix_of,
     to_upath,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping
+    from collections.abc import Callable, Iterable, Iterator, Mapping
 
     import pandas as pd
     import polars as pl
@@ -315,6 +317,29 @@ def resolve_table(path: UPath) -> TableSource:
     return TableSource(path, fmt, tuple(files.values()), folder=True, hive=hive)
 
 
+@contextlib.contextmanager
+def _decoding(path: UPath, what: str) -> Iterator[None]:
+    """Report a reader's failure to decode a table as :class:`CorruptArtifactError`.
+
+    Storage failures are translated first (:func:`storage_errors`); a file gone meanwhile
+    is a missing path; an error raised by lamin-io's own code surfaces as itself.
+    """
+    from lamin_io.accessors.readpath.source import reader_error
+
+    try:
+        with storage_errors(str(path), dict(path.storage_options).get("endpoint_url")):
+            yield
+    except LaminIOError:
+        raise
+    except (OSError, ValueError, EOFError) as exc:
+        if isinstance(exc, FileNotFoundError) and not path.exists():
+            raise missing_path(path) from exc
+        typed = reader_error(exc, what, "")
+        if typed is None:
+            raise
+        raise typed from exc
+
+
 def is_table_folder(path: UPath) -> bool:
     """Probe for suffix ``""``: whether ``path`` is a folder holding table files."""
     try:
@@ -419,7 +444,9 @@ class PolarsScan:
 
     The scan is built on entering, with the storage settings translated into polars' own
     object-store options (or, with ``use_fsspec=True``, over file handles of our fsspec
-    filesystem that are closed on exit). Collect inside the ``with`` block.
+    filesystem that are closed on exit). Collect inside the ``with`` block: a storage
+    failure of polars' requests there leaves it as a typed error
+    (:class:`~lamin_io.errors.StorageTimeoutError`, ``StorageServiceError``, ...).
 
     Examples
     --------
@@ -452,9 +479,16 @@ class PolarsScan:
         self._stacks.append(stack)
         return lf
 
-    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
         if self._stacks:
             self._stacks.pop().close()
+        if exc is not None:  # polars' own requests, sent by a collect in the block
+            first = self._sources[0].path
+            typed = storage_error(exc, str(first),
+                                  dict(first.storage_options).get("endpoint_url"))
+            if typed is not None:
+                raise typed from exc
         if exc_type is None and self._after is not None:
             # polars sent its own requests, with no version pinned: the registry's check
             # (the objects' ETags, or files' states, against the record) says whether what
@@ -597,7 +631,8 @@ def open_many(paths: Iterable[PathLike], *, engine: str = "pyarrow", use_fsspec:
         fmt = _entry(sources[0].format)
         fmt.check_keywords("open", fmt.suffixes[0], {"engine": engine, **kwargs})
     first = sources[0].path
-    with storage_errors(str(first), dict(first.storage_options).get("endpoint_url")):
+    more = f" and {len(sources) - 1} more" if len(sources) > 1 else ""
+    with _decoding(first, f"{first}{more} as a {sources[0].format.name} table"):
         return ENGINES[engine].open(sources, use_fsspec=use_fsspec, kwargs=kwargs,
                                     after=after_scan)
 
@@ -644,20 +679,21 @@ def load_table(path: UPath, **kwargs: Any) -> pd.DataFrame:
     if kwargs:
         entry = _entry(source.format)
         entry.check_keywords("load", entry.suffixes[0], kwargs, folder=source.folder)
-    if source.folder:
-        return open_many([path], engine="pyarrow", **kwargs).to_table().to_pandas()
-    fmt = source.format
-    options: dict[str, Any] = dict(fmt.pandas_options)
-    if fmt.delimiter is not None:
-        options["sep"] = fmt.delimiter
-    options.update(kwargs)
-    reader = getattr(pd, fmt.pandas)
-    if is_local(path):
-        return reader(str(path.path), **options)
-    if fmt.pandas_remote == "file":
-        with path.fs.open(path.path, "rb") as f:
-            return reader(f, **options)
-    return reader(str(path), storage_options=dict(path.storage_options), **options)
+    with _decoding(path, f"{path} as a {source.format.name} table"):
+        if source.folder:
+            return open_many([path], engine="pyarrow", **kwargs).to_table().to_pandas()
+        fmt = source.format
+        options: dict[str, Any] = dict(fmt.pandas_options)
+        if fmt.delimiter is not None:
+            options["sep"] = fmt.delimiter
+        options.update(kwargs)
+        reader = getattr(pd, fmt.pandas)
+        if is_local(path):
+            return reader(str(path.path), **options)
+        if fmt.pandas_remote == "file":
+            with path.fs.open(path.path, "rb") as f:
+                return reader(f, **options)
+        return reader(str(path), storage_options=dict(path.storage_options), **options)
 
 
 # -- the support matrix -------------------------------------------------------------------

@@ -57,6 +57,8 @@ from lamin_io.storage import (
     Manifest,
     fingerprint,
     hash_path,
+    is_local,
+    link_outside,
     missing_path,
     remove,
     storage_errors,
@@ -168,6 +170,8 @@ class Artifact(Versioned, ArtifactReads):
             msg = (f"{source} is an object lamin-io manages under {RESERVED_PREFIX!r}; "
                    f"get its artifact with Artifact.get(...) instead of registering it again")
             raise InvalidKeyError(msg)
+        if located is not None and is_local(source):
+            self._refuse_in_place_links(conn, located[0])
         key = self._key
         if key is None and located is not None:
             key = validate_key(located[1], suffix=self._suffix)
@@ -175,6 +179,10 @@ class Artifact(Versioned, ArtifactReads):
             check_key_length(key, conn.settings.root)
         with storage_errors(str(source), conn.settings.endpoint_url):
             digest, size, manifest = hash_path(source, mute=mute)
+        if manifest is not None and not manifest.entries:
+            msg = (f"cannot save {source}: it is an empty folder (no file to store; object "
+                   f"stores cannot hold an empty folder); write its content first")
+            raise InvalidArgumentError(msg)
         n_observations = _count_observations(source, self._suffix)
         fp = None  # registered in place: its state now (before any registry lock)
         if located is not None:
@@ -208,6 +216,22 @@ class Artifact(Versioned, ArtifactReads):
         self._registry = conn.registry
         self._warn_if_key_moved()
         return self
+
+    def _refuse_in_place_links(self, conn: Connection, storage_id: int) -> None:
+        """Refuse to register in place a folder holding links that lead out of its root.
+
+        Its record would point at bytes outside the storage root (reads refuse them, see
+        :meth:`verify`). A file given by a link is resolved first: a link inside the root
+        to a file outside is saved as a copy, like any file outside.
+        """
+        root = to_upath(conn.settings_for(storage_id).root).path
+        found = link_outside(self._source.path, root)
+        if found is not None:
+            msg = (f"cannot register {self._source} in place: {found[0]} is a symbolic link "
+                   f"to {found[1]}, outside the storage root {root}; lamin-io registers and "
+                   f"reads nothing outside the root: copy the content in, or save the folder "
+                   f"from a path outside the root (a copy is stored)")
+            raise InvalidArgumentError(msg)
 
     def _warn_if_key_moved(self) -> None:
         """Say so when a new version of ``revises`` moved its family to another key."""

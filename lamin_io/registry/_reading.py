@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from lamin_io.errors import (
     CorruptArtifactError,
     InvalidArgumentError,
+    LaminIOError,
     StorageModifiedError,
     StorageObjectMissingError,
     WriteNotSupportedError,
@@ -27,10 +28,11 @@ from lamin_io.storage import (
     Manifest,
     cached_copy,
     cached_download,
+    check_stored,
     fingerprint,
     folder_states,
-    hash_path,
     is_local,
+    link_outside,
     missing_path,
     storage_errors,
     to_upath,
@@ -55,6 +57,10 @@ def format_size(n: int) -> str:
         size /= 1000
     return f"{n} B"  # pragma: no cover
 
+
+#: Files a desktop adds to folders it shows, which no reader reads: a registered folder may
+#: gain them without counting as modified.
+_DESKTOP_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 
 #: Default of ``LAMIN_IO_LOAD_WARN_BYTES``: ``load()`` warns above this size.
 LOAD_WARN_BYTES = 10_000_000_000
@@ -98,19 +104,30 @@ class ArtifactReads:
     def verify(self) -> UPath:
         """Check that the stored object still matches the record; return its path.
 
+        Cheap: no content is read while the object's state matches the record's (on S3
+        the ETag, of each file for a folder; locally size, modification time and inode,
+        the hash only once those moved). :meth:`cache` and :meth:`load` hash the content
+        too, once per state (see "The record is the truth" in the README).
+
         Raises
         ------
         StorageObjectMissingError
             The stored object is gone.
         StorageModifiedError
-            It was changed behind the registry's back.
+            It was changed behind the registry's back (a folder: a file rewritten, or one
+            added that its manifest does not list).
         CorruptArtifactError
-            A folder lacks a file its manifest lists (never read as fill values).
+            A folder lacks a file its manifest lists (never read as fill values), or the
+            stored object (or a file below it) is a symbolic link leading out of the
+            storage root (nothing outside the root is read).
         """
         conn = self._conn()
         row = self._saved()
         path = stored_path(conn, row)
-        with storage_errors(str(path), conn.settings_for(row.storage_id).endpoint_url):
+        settings = conn.settings_for(row.storage_id)
+        with storage_errors(str(path), settings.endpoint_url):
+            if is_local(path):  # before any byte is read through the link
+                self._refuse_links_out(to_upath(settings.root).path, row.storage_key)
             if row.manifest is not None:
                 self._verify_folder(path)
             else:
@@ -131,6 +148,15 @@ class ArtifactReads:
         etag = recorded.get("etag")
         return str(etag) if etag else None
 
+    def _refuse_links_out(self, root: str, key: str) -> None:
+        """Raise if the stored object, or a file below it, is a link leading out of ``root``."""
+        found = link_outside(os.path.join(root, key), root)
+        if found is not None:
+            msg = (f"{self._what()}: {found[0]} is a symbolic link to {found[1]}, outside "
+                   f"the storage root {root}; lamin-io reads nothing outside the root: "
+                   f"put the content itself there, or delete the record")
+            raise CorruptArtifactError(msg)
+
     def _verify_file(self, path: UPath) -> None:
         row = self._saved()
         try:
@@ -144,7 +170,7 @@ class ArtifactReads:
             "etag" in recorded and now.get("etag") != recorded["etag"])
         if not changed and any(k in recorded and now.get(k) != recorded[k]
                                for k in ("mtime_ns", "inode")):  # touched or replaced locally
-            changed = hash_path(path, mute=True)[0] != row.hash
+            changed = check_stored(Path(path.path), sha256=row.hash, manifest=None) is not None
         if changed:
             msg = (f"{self._what()}: the stored object {path} no longer matches the record "
                    f"(overwritten or truncated outside lamin-io); save the new content as a "
@@ -162,20 +188,37 @@ class ArtifactReads:
         # each file's state at save (records from before these states: sizes alone)
         recorded = json.loads(row.fingerprint or "{}").get("files", {})
         local = is_local(path)
-        for rel, size, digest in manifest.entries:
+        listed = {rel for rel, _, _ in manifest.entries}
+        added = sorted(rel for rel in listing if rel not in listed
+                       and PurePosixPath(rel).name not in _DESKTOP_FILES)
+        if added:  # (a reader may read them: a zarr chunk, a TileDB fragment)
+            msg = (f"{self._what()}: file {added[0]!r} in {path} is not in the record's "
+                   f"manifest{f' (and {len(added) - 1} more)' if len(added) > 1 else ''}: "
+                   f"added outside lamin-io; remove it, or save the new content as a new "
+                   f"version")
+            raise StorageModifiedError(msg)
+        touched = set()  # local files of the recorded size whose time or inode moved
+        for rel, size, _ in manifest.entries:
             if rel not in listing:
                 msg = (f"{self._what()}: file {rel!r} listed in its manifest is missing from "
                        f"{path}; the folder is incomplete and is not read")
                 raise CorruptArtifactError(msg)
             now = listing[rel]
-            changed = now[0] != size
-            if not changed and rel in recorded and now != recorded[rel]:
-                # an ETag names the content; a local file's new time or inode may not
-                changed = not local or hash_path(path / rel, mute=True)[0] != digest
-            if changed:
-                msg = (f"{self._what()}: file {rel!r} in {path} no longer matches the record "
-                       f"(rewritten outside lamin-io); save the new content as a new version")
-                raise StorageModifiedError(msg)
+            # an ETag names the content; a local file's new time or inode may not
+            if now[0] != size or (rel in recorded and now != recorded[rel] and not local):
+                self._modified_file(rel, path)
+            if rel in recorded and now != recorded[rel]:
+                touched.add(rel)
+        if touched:  # hashed in one go (each state once, see check_stored)
+            bad = check_stored(Path(path.path), sha256=row.hash, manifest=manifest,
+                               only=touched)
+            if bad is not None:
+                self._modified_file(bad, path)
+
+    def _modified_file(self, rel: str, path: UPath) -> None:
+        msg = (f"{self._what()}: file {rel!r} in {path} no longer matches the record "
+               f"(rewritten outside lamin-io); save the new content as a new version")
+        raise StorageModifiedError(msg)
 
     def cache(self, *, mute: bool = False, is_run_input: bool | None = None) -> Path:
         """Return a local path to the content, downloading S3 objects once.
@@ -203,12 +246,39 @@ class ArtifactReads:
             return self._cache_unsaved(mute=mute)
         path = self.verify()
         if is_local(path):
-            return Path(path.path)
+            local = Path(path.path)
+            self._check_content(local, mute=mute)
+            return local
         row = self._saved()
         name = PurePosixPath(row.key).name if row.key else f"{row.uid}{row.suffix}"
         with storage_errors(str(path), self._conn().settings_for(row.storage_id).endpoint_url):
             return cached_copy(path, sha256=row.hash, name=name, manifest=self.manifest,
                                what=self._what(), mute=mute, versions=self._versions())
+
+    def _check_content(self, local: Path, *, mute: bool) -> None:
+        """Hash locally stored content against the record, once per state of its files.
+
+        What :meth:`verify` cannot see: bytes damaged in place while size, modification time
+        and inode stayed as recorded (a disk error, a write that restored the time). The
+        states whose bytes matched are remembered in the cache (:func:`check_stored`).
+        """
+        row = self._saved()
+        bad = check_stored(local, sha256=row.hash, manifest=self.manifest, mute=mute)
+        if bad is None:
+            return
+        where = f"file {bad!r} in {local}" if bad else str(local)
+        msg = (f"{self._what()}: the stored bytes of {where} no longer hash to the record's "
+               f"SHA-256 although the file's size, time and inode did not move: damaged in "
+               f"place (a disk error, or a write that kept them); restore it from a copy, or "
+               f"delete the record")
+        raise CorruptArtifactError(msg)
+
+    def _stored_at(self, local: Path) -> str:
+        """Say where a saved artifact is stored when ``local`` is a copy of it, for a note."""
+        if self._row is None:
+            return ""
+        stored = stored_path(self._conn(), self._saved())
+        return "" if is_local(stored) and Path(stored.path) == local else f", stored at {stored}"
 
     def _cache_unsaved(self, *, mute: bool) -> Path:
         """Return the unsaved source: itself if local, else a copy in the cache.
@@ -283,10 +353,11 @@ class ArtifactReads:
             _warn_if_large(self._what(), self._source_size())
         else:
             _warn_if_large(self._what(), self.size)
+        local = self._local_copy(mute=mute)
         try:
-            loaded = loader(to_upath(self._local_copy(mute=mute)), **kwargs)
-        except CorruptArtifactError as exc:
-            exc.add_note(f"while loading {self._what()}")
+            loaded = loader(to_upath(local), **kwargs)
+        except LaminIOError as exc:  # (the reader named the local copy)
+            exc.add_note(f"while loading {self._what()}{self._stored_at(local)}")
             raise
         self._read_as_input(is_run_input=is_run_input)
         return loaded
@@ -320,9 +391,13 @@ class ArtifactReads:
         if mode == "r" or self.n_files is None:
             # read-only openers that cannot pin their reads (a polars scan) call the check
             # again when they finish; the others ignore it
-            opened = open_path(path, mode, on_close=self.verify if mode == "r" else None,
-                               versions=self._versions() if mode == "r" else None,
-                               **kwargs)
+            try:
+                opened = open_path(path, mode, on_close=self.verify if mode == "r" else None,
+                                   versions=self._versions() if mode == "r" else None,
+                                   **kwargs)
+            except LaminIOError as exc:
+                exc.add_note(f"while opening {self._what()}")
+                raise
             self._read_as_input(is_run_input=is_run_input)
             return opened
         fmt = format_for(self.suffix, path, what="open")

@@ -3,7 +3,7 @@
 This layer knows files and objects only: no registry records and no formats.
 """
 
-from lamin_io.storage._cache import cache_dir, cached_copy, cached_download
+from lamin_io.storage._cache import cache_dir, cached_copy, cached_download, check_stored
 from lamin_io.storage._engines import (
     POLARS_CREDENTIALS_TTL,
     AwsCredentialProvider,
@@ -15,14 +15,18 @@ from lamin_io.storage._engines import (
     tiledb_config,
 )
 from lamin_io.storage._filesystem import (
+    bound_retries,
+    broken_answer,
     error_codes,
     missing_path,
     refresh_if_credentials_changed,
     reset_clients,
+    storage_error,
     storage_errors,
 )
 from lamin_io.storage._hashing import Manifest, hash_path, manifest_hash
 from lamin_io.storage._options import (
+    RETRIES,
     StorageOptions,
     StorageSettings,
     resolve_endpoint,
@@ -31,6 +35,7 @@ from lamin_io.storage._options import (
 from lamin_io.storage._paths import (
     PathLike,
     is_local,
+    link_outside,
     make_local_dir,
     relative_key,
     suffix_of,
@@ -49,6 +54,7 @@ from lamin_io.storage._transfer import (
 )
 
 __all__ = [
+    "RETRIES",
     "protect_logs",
     "redact",
     "abort_upload",
@@ -61,15 +67,19 @@ __all__ = [
     "S3Access",
     "StorageOptions",
     "StorageSettings",
+    "bound_retries",
+    "broken_answer",
     "cache_dir",
     "cached_copy",
     "cached_download",
+    "check_stored",
     "download",
     "error_codes",
     "fingerprint",
     "folder_states",
     "hash_path",
     "is_local",
+    "link_outside",
     "make_local_dir",
     "manifest_hash",
     "missing_path",
@@ -82,6 +92,7 @@ __all__ = [
     "reset_clients",
     "resolve_endpoint",
     "s3_access",
+    "storage_error",
     "storage_errors",
     "suffix_of",
     "tiledb_config",

@@ -1,8 +1,15 @@
 """The local cache: one verified copy per content hash.
 
-Layout: ``<cache dir>/<sha256>/<name>`` plus a ``.stat.json`` sidecar recording the size and
-modification times seen right after the verified download. A copy whose files no longer
-match the sidecar (missing, edited, truncated) is fetched again.
+Layout: ``<cache dir>/<sha256>/<name>`` plus a ``.stat.json`` sidecar recording the size,
+modification time and inode of every file seen right after the verified download. A copy
+whose files no longer match the sidecar (missing, edited, truncated, replaced) is fetched
+again.
+
+Content stored locally is read where it lies, without a copy; its entry then holds only a
+``.verified.json`` sidecar: for each stored path, the size, modification time and inode of
+every file at the moment its bytes last hashed to the record's (see :func:`check_stored`).
+Either way the rule is one full hash per cache entry: repeated reads cost one ``stat`` a
+file, and any change of size, modification time or inode hashes the content again.
 
 One entry is filled by one caller at a time: threads of a process and processes sharing
 the cache wait for the first download of the same content (a lock per entry: a thread
@@ -21,18 +28,21 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lamin_io.storage._hashing import BLOCK_SIZE, hash_stream
+from lamin_io.storage._progress import ProgressCallback
 from lamin_io.storage._transfer import download, download_hashed
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Collection, Iterator
 
     from upath import UPath
 
     from lamin_io.storage._hashing import Manifest
 
-__all__ = ["cache_dir", "cached_copy", "cached_download"]
+__all__ = ["cache_dir", "cached_copy", "cached_download", "check_stored"]
 
 SIDECAR = ".stat.json"
+VERIFIED = ".verified.json"
 LOCK = ".lock"
 
 _locks_guard = threading.Lock()
@@ -68,15 +78,19 @@ def cache_dir() -> Path:
     return Path(user_cache_dir("lamin-io"))
 
 
+def _state(path: Path) -> list[int]:
+    """Return what tells that a file changed without reading it: size, mtime, inode."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
 def _stat_tree(path: Path) -> dict[str, Any]:
     if path.is_file():
-        st = path.stat()
-        return {"": [st.st_size, st.st_mtime_ns]}
+        return {"": _state(path)}
     out = {}
     for p in sorted(path.rglob("*")):
         if p.is_file():
-            st = p.stat()
-            out[p.relative_to(path).as_posix()] = [st.st_size, st.st_mtime_ns]
+            out[p.relative_to(path).as_posix()] = _state(p)
     return out
 
 
@@ -138,3 +152,97 @@ def cached_download(src: UPath, *, name: str, what: str, mute: bool = False) -> 
 def _remember(local: Path) -> None:
     """Record the state of a verified copy in its sidecar (see :func:`_is_valid`)."""
     (local.parent / SIDECAR).write_text(json.dumps(_stat_tree(local)))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def check_stored(path: Path, *, sha256: str, manifest: Manifest | None,
+                 only: Collection[str] | None = None, mute: bool = True) -> str | None:
+    """Check content stored locally against its record, hashing only what was not checked.
+
+    The rule behind ``cache()`` and ``load()`` of local storage: a file's bytes are hashed
+    once for each state (size, modification time, inode) it is found in. The states whose
+    bytes matched are kept in ``<cache dir>/<sha256>/.verified.json`` under the stored path,
+    so reading again costs one ``stat`` a file until one of them changes. A cache directory
+    that cannot be written only means the next read hashes again.
+
+    Parameters
+    ----------
+    path
+        The stored file or folder.
+    sha256
+        The record's hash (of the file, or of the folder's manifest).
+    manifest
+        The record's manifest of a folder; ``None`` for a file.
+    only
+        The folder's files to check (relative paths); default: every file it lists.
+    mute
+        Hide the progress bar while hashing.
+
+    Returns
+    -------
+    str | None
+        The relative path of the first file whose bytes differ from the record (``""`` for
+        a file; a listed file that is gone counts), or ``None`` when all match.
+    """
+    if manifest is None:
+        entries = [("", sha256)]
+    else:
+        entries = [(rel, digest) for rel, _, digest in manifest.entries
+                   if only is None or rel in only]
+    entry = cache_dir() / sha256
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(_entry_lock(entry))
+        except OSError:  # (a read-only cache: checked, not remembered)
+            return _check(path, entries, None, mute=mute)
+        return _check(path, entries, entry / VERIFIED, mute=mute)
+    return None  # pragma: no cover (mypy: the stack does not swallow)
+
+
+def _check(path: Path, entries: list[tuple[str, str]], sidecar: Path | None, *,
+           mute: bool) -> str | None:
+    """Hash the files of ``entries`` whose state ``sidecar`` does not hold as verified."""
+    where = str(path)
+    known = _read_json(sidecar).get(where, {}) if sidecar is not None else {}
+    states: dict[str, list[int]] = {}
+    todo = []
+    for rel, digest in entries:
+        try:
+            states[rel] = _state(path / rel if rel else path)
+        except FileNotFoundError:
+            return rel
+        if known.get(rel) != states[rel]:
+            todo.append((rel, digest))
+    if not todo:
+        return None
+    with ProgressCallback(f"verifying {path.name}", mute=mute) as cb:
+        cb.set_size(sum(states[rel][0] for rel, _ in todo))
+        for rel, digest in todo:
+            file = path / rel if rel else path
+            try:
+                with file.open("rb", buffering=BLOCK_SIZE) as f:
+                    found, _ = hash_stream(f, cb)
+                after = _state(file)
+            except FileNotFoundError:
+                return rel
+            if found != digest:
+                return rel
+            if after != states[rel]:  # changed while it was read: matched, not remembered
+                del states[rel]
+    if sidecar is not None:
+        data = _read_json(sidecar)
+        data[where] = {**(data.get(where) or {}), **states}
+        tmp = sidecar.with_name(f"{VERIFIED}.{os.getpid()}-{threading.get_ident()}")
+        try:
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, sidecar)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+    return None

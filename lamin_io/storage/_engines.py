@@ -24,7 +24,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from lamin_io.storage._filesystem import credentials_error
-from lamin_io.storage._options import credential_fingerprint, mask, resolve_endpoint
+from lamin_io.storage._options import (
+    CONNECT_TIMEOUT,
+    POLARS_REQUEST_TIMEOUT,
+    POLARS_RETRY_WINDOW,
+    READ_TIMEOUT,
+    RETRIES,
+    credential_fingerprint,
+    mask,
+    resolve_endpoint,
+)
 from lamin_io.storage._paths import is_local
 from lamin_io.storage._redact import protect_logs
 
@@ -46,6 +55,10 @@ S3_PROTOCOLS = frozenset({"s3", "s3a"})
 #: ``credential_process`` or a variable is in use within this time. Asking costs ~40 us
 #: (botocore answers from memory until it renews), once per scan and period.
 POLARS_CREDENTIALS_TTL = 5
+
+#: TileDB's longest wait for the next bytes of an answer (its own default, and the AWS C++
+#: SDK's): a shorter read timeout in the storage options wins.
+TILEDB_REQUEST_TIMEOUT = 3.0
 
 #: Where an :class:`S3Access`'s credentials come from (see :attr:`S3Access.credentials`).
 CredentialSource = Literal["anonymous", "given", "chain", "role", "frozen"]
@@ -113,9 +126,9 @@ class S3Access:
     key: str | None = None
     secret: str | None = None
     token: str | None = None
-    connect_timeout: float | None = None
-    read_timeout: float | None = None
-    max_attempts: int | None = None
+    connect_timeout: float = CONNECT_TIMEOUT
+    read_timeout: float = READ_TIMEOUT
+    retries: int = RETRIES
     credentials: CredentialSource = "chain"
     profile: str | None = None
     role_arn: str | None = None
@@ -256,18 +269,27 @@ def s3_access(path: UPath) -> S3Access:
             if source == "frozen":
                 key, secret, token = frozen.access_key, frozen.secret_key, frozen.token
     config = dict(options.get("config_kwargs") or {})
-    attempts = (config.get("retries") or {}).get("max_attempts")
     return S3Access(
         endpoint_url=endpoint, region=region or "us-east-1", anon=anon,
         key=key, secret=secret, token=token,
-        connect_timeout=_seconds(config.get("connect_timeout")),
-        read_timeout=_seconds(config.get("read_timeout")),
-        max_attempts=None if attempts is None else int(attempts),
+        connect_timeout=float(config.get("connect_timeout", CONNECT_TIMEOUT)),
+        read_timeout=float(config.get("read_timeout", READ_TIMEOUT)),
+        retries=_retries(config.get("retries")),
         credentials=source, profile=profile, **role)
 
 
-def _seconds(value: Any) -> float | None:
-    return None if value is None else float(value)
+def _retries(config: Any) -> int:
+    """Return the retries botocore's ``retries`` setting allows after a first attempt.
+
+    ``max_attempts`` counts retries, ``total_max_attempts`` attempts (it wins when both
+    are given), as in botocore.
+    """
+    config = dict(config or {})
+    if config.get("total_max_attempts") is not None:
+        return max(0, int(config["total_max_attempts"]) - 1)
+    if config.get("max_attempts") is not None:
+        return max(0, int(config["max_attempts"]))
+    return RETRIES
 
 
 def tiledb_config(path: UPath) -> dict[str, str] | None:
@@ -314,12 +336,12 @@ def tiledb_config(path: UPath) -> dict[str, str] | None:
         config.update({f"vfs.s3.{k}": v for k, v in named if v})
     else:  # no keys for the chain: TileDB's own AWS SDK resolves and renews them
         config.update({f"vfs.s3.{k}": v for k, v in access.aws_credentials().items()})
-    for seconds, name in ((access.connect_timeout, "vfs.s3.connect_timeout_ms"),
-                          (access.read_timeout, "vfs.s3.request_timeout_ms")):
-        if seconds is not None:
-            config[name] = str(int(seconds * 1000))
-    if access.max_attempts is not None:
-        config["vfs.s3.connect_max_tries"] = str(access.max_attempts)
+    config["vfs.s3.connect_timeout_ms"] = str(int(access.connect_timeout * 1000))
+    # TileDB waits for every request of a batch it sends in parallel, each with its own
+    # retries: never longer than its own default of 3 s a read
+    config["vfs.s3.request_timeout_ms"] = str(
+        int(min(access.read_timeout, TILEDB_REQUEST_TIMEOUT) * 1000))
+    config["vfs.s3.connect_max_tries"] = str(access.retries)  # (retries, as botocore's)
     return config
 
 
@@ -395,7 +417,10 @@ def _s3_filesystem(access: S3Access, sources: str) -> pyarrow.fs.S3FileSystem:
     options: dict[str, Any] = {"region": access.region, "scheme": access.scheme,
                                "endpoint_override": access.endpoint_host,
                                "connect_timeout": access.connect_timeout,
-                               "request_timeout": access.read_timeout}
+                               "request_timeout": access.read_timeout,
+                               # (pyarrow's max_attempts counts the first attempt too)
+                               "retry_strategy": pafs.AwsStandardS3RetryStrategy(
+                                   max_attempts=access.retries + 1)}
     if access.anon:
         options["anonymous"] = True
     elif access.credentials == "role":
@@ -405,19 +430,18 @@ def _s3_filesystem(access: S3Access, sources: str) -> pyarrow.fs.S3FileSystem:
         options.update(access_key=access.key, secret_key=access.secret,
                        session_token=access.token)
         protect_logs([access.secret, access.token])
-    if access.max_attempts is not None:
-        options["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(
-            max_attempts=access.max_attempts)
     return pafs.S3FileSystem(**options)
 
 
-def polars_storage_options(path: UPath) -> dict[str, str] | None:
+def polars_storage_options(path: UPath) -> dict[str, Any] | None:
     """Return polars' ``storage_options`` (object_store keys) for ``path``; ``None`` if local.
 
     For ``s3://`` paths: ``aws_endpoint_url``, ``aws_region``, the credentials given in the
     options (``aws_access_key_id``, ``aws_secret_access_key``, ``aws_session_token``) or
     ``aws_skip_signature`` for anonymous access, ``aws_allow_http`` for an ``http://``
-    endpoint, and the connect timeout. Credentials from the AWS chain are not here: pass
+    endpoint, and the timeouts and retries (``connect_timeout``, ``read_timeout``,
+    ``timeout``, ``max_retries``, ``retry_timeout_ms``; see
+    :mod:`lamin_io.storage._options`). Credentials from the AWS chain are not here: pass
     :func:`polars_credential_provider` as ``credential_provider=``. Other remote protocols
     return ``None``: polars then resolves them itself (or read them with
     ``use_fsspec=True``).
@@ -432,7 +456,7 @@ def polars_storage_options(path: UPath) -> dict[str, str] | None:
     if is_local(path) or path.protocol not in S3_PROTOCOLS:
         return None
     access = s3_access(path)
-    options: dict[str, str] = {"aws_region": str(access.region)}
+    options: dict[str, Any] = {"aws_region": str(access.region)}
     if access.endpoint_url:
         options["aws_endpoint_url"] = access.endpoint_url
     if access.scheme == "http":
@@ -441,8 +465,14 @@ def polars_storage_options(path: UPath) -> dict[str, str] | None:
         options["aws_skip_signature"] = "true"
     elif access.credentials == "given":
         options.update(access.aws_credentials())
-    if access.connect_timeout is not None:
-        options["connect_timeout"] = f"{access.connect_timeout:g}s"
+    # no retry starts after the retry window: polars may send a failing request twice
+    # (a read, then a second try of its own), each within the window and one timeout
+    scale = access.read_timeout / READ_TIMEOUT
+    options.update(connect_timeout=f"{access.connect_timeout:g}s",
+                   read_timeout=f"{access.read_timeout:g}s",
+                   timeout=f"{max(POLARS_REQUEST_TIMEOUT, access.read_timeout):g}s",
+                   retry_timeout_ms=int(POLARS_RETRY_WINDOW * scale * 1000),
+                   max_retries=access.retries)
     return options
 
 

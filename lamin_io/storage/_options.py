@@ -14,19 +14,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
-__all__ = ["S3_DEFAULTS", "StorageOptions", "StorageSettings", "credential_fingerprint",
-           "without_credentials"]
+__all__ = ["CONNECT_TIMEOUT", "POLARS_REQUEST_TIMEOUT", "POLARS_RETRY_WINDOW", "READ_TIMEOUT",
+           "RETRIES", "S3FS_TRIES", "S3_DEFAULTS", "StorageOptions", "StorageSettings",
+           "credential_fingerprint", "without_credentials"]
 
 #: Keys whose values are secrets and are never shown or stored.
 SECRET_KEYS = frozenset({"key", "secret", "token", "password", "aws_secret_access_key",
                          "aws_access_key_id", "aws_session_token", "session_token"})
 
-#: Bounded retries and timeouts so an unreachable endpoint fails in seconds, not minutes.
+#: Seconds to wait for a TCP connection to the S3 endpoint (every client).
+CONNECT_TIMEOUT = 3
+#: Seconds to wait for the next bytes of an answer, once a request is sent (every client;
+#: TileDB at most its own default, 3 s).
+READ_TIMEOUT = 5
+#: Retries of a failed request after its first attempt (4 attempts in all): a transient
+#: error, reset or timeout is retried; the same one 4 times running is an error.
+RETRIES = 3
+#: polars' limit on one whole request, answer and body, beside the read timeout.
+POLARS_REQUEST_TIMEOUT = 60
+#: polars starts no retry later than this after a request's first attempt (scaled with the
+#: read timeout): a request that hangs is tried twice, one that cannot connect three times.
+POLARS_RETRY_WINDOW = 1.5 * READ_TIMEOUT
+#: s3fs's own tries of a call, around botocore's retries (1: none of its own, so that one
+#: retry budget holds; s3fs's default of 5 multiplies botocore's attempts by 5).
+S3FS_TRIES = 1
+
+#: Bounded retries and timeouts so an unreachable endpoint fails in seconds, not minutes
+#: (botocore's ``Config``: ``retries.max_attempts`` counts retries, not attempts).
 S3_DEFAULTS: dict[str, Any] = {
     "config_kwargs": {
-        "connect_timeout": 5,
-        "read_timeout": 60,
-        "retries": {"max_attempts": 2, "mode": "standard"},
+        "connect_timeout": CONNECT_TIMEOUT,
+        "read_timeout": READ_TIMEOUT,
+        "retries": {"max_attempts": RETRIES, "mode": "standard"},
     },
 }
 

@@ -10,14 +10,15 @@ from typing import TYPE_CHECKING, Any
 from upath import UPath
 
 from lamin_io.errors import InvalidArgumentError
-from lamin_io.storage._filesystem import refresh_if_credentials_changed
+from lamin_io.storage._filesystem import bound_retries, refresh_if_credentials_changed
 from lamin_io.storage._options import S3_DEFAULTS
 from lamin_io.storage._redact import protect_logs
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["PathLike", "is_local", "make_local_dir", "relative_key", "suffix_of", "to_upath"]
+__all__ = ["PathLike", "is_local", "link_outside", "make_local_dir", "relative_key", "suffix_of",
+           "to_upath"]
 
 PathLike = str | os.PathLike[str] | UPath
 
@@ -41,13 +42,16 @@ def to_upath(path: PathLike, storage_options: Mapping[str, Any] | None = None) -
     """Normalize a path or URL (``str``, ``Path``, ``UPath``) into an absolute ``UPath``.
 
     Local paths are expanded and made absolute; ``s3://`` URLs get bounded retries and
-    timeouts unless ``storage_options`` override them. Filesystem instances are shared per
+    timeouts unless ``storage_options`` override them (see :mod:`lamin_io.storage._options`),
+    and s3fs adds no retries of its own to botocore's. Filesystem instances are shared per
     (protocol, options) through fsspec's instance cache, which is cleared when the ambient
     AWS credentials change.
     """
     if isinstance(path, UPath) and not storage_options:
         if path.protocol in ("", "file", "local"):
             return UPath(Path(path.path).expanduser().resolve())
+        if path.protocol in ("s3", "s3a"):
+            bound_retries(path.fs)
         return path
     if not isinstance(path, str | os.PathLike):
         msg = f"expected a path or URL string, got {type(path).__name__}: {path!r}"
@@ -67,7 +71,10 @@ def to_upath(path: PathLike, storage_options: Mapping[str, Any] | None = None) -
 
         protect_logs(options.get(name) for name in ("secret", "token", "password"))
     refresh_if_credentials_changed(protocol)
-    return UPath(s.rstrip("/"), **options)
+    upath = UPath(s.rstrip("/"), **options)
+    if protocol in ("s3", "s3a"):
+        bound_retries(upath.fs)
+    return upath
 
 
 def is_local(path: UPath) -> bool:
@@ -104,6 +111,45 @@ def relative_key(path: UPath, root: UPath) -> str | None:
     p, r = str(path.path).rstrip("/"), str(root.path).rstrip("/")
     if p.startswith(r + "/"):
         return p[len(r) + 1 :]
+    return None
+
+
+def link_outside(path: str | os.PathLike[str], root: str | os.PathLike[str]
+                 ) -> tuple[str, str] | None:
+    """Find a symbolic link at or below a local path that leads out of ``root``.
+
+    Checks ``path`` itself (or a folder above it, up to ``root``) and, for a folder, every
+    entry below it (one ``scandir`` a folder; links that stay inside are followed, once).
+
+    Returns
+    -------
+    tuple[str, str] | None
+        ``(the link, where it leads)`` for the first one found, ``None`` when nothing leads
+        out.
+    """
+    base = os.path.realpath(root)
+
+    def outside(p: str) -> bool:
+        real = os.path.realpath(p)
+        return real != base and not real.startswith(base.rstrip(os.sep) + os.sep)
+
+    start = os.fspath(path)
+    if outside(start):
+        return start, os.path.realpath(start)
+    if not os.path.isdir(start):
+        return None
+    seen = {os.path.realpath(start)}
+    todo = [start]
+    while todo:
+        with os.scandir(todo.pop()) as entries:
+            for entry in entries:
+                if entry.is_symlink() and outside(entry.path):
+                    return entry.path, os.path.realpath(entry.path)
+                if entry.is_dir():
+                    real = os.path.realpath(entry.path)
+                    if real not in seen:
+                        seen.add(real)
+                        todo.append(entry.path)
     return None
 
 

@@ -32,7 +32,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from lamin_io.errors import StorageModifiedError, StorageObjectMissingError
-from lamin_io.storage._filesystem import error_codes
+from lamin_io.storage._filesystem import broken_answer, error_codes
 from lamin_io.storage._options import credential_fingerprint
 from lamin_io.storage._redact import protect_logs
 
@@ -79,10 +79,9 @@ def _client(access: S3Access, profile: str | None, sources: str) -> Any:
 
     from lamin_io.storage._engines import _aws_session
 
-    retries = {"max_attempts": access.max_attempts, "mode": "standard"} \
-        if access.max_attempts is not None else {"mode": "standard"}
-    config = Config(max_pool_connections=_POOL, connect_timeout=access.connect_timeout or 60,
-                    read_timeout=access.read_timeout or 60, retries=retries,
+    config = Config(max_pool_connections=_POOL, connect_timeout=access.connect_timeout,
+                    read_timeout=access.read_timeout,
+                    retries={"max_attempts": access.retries, "mode": "standard"},
                     s3={"addressing_style": "path"} if access.endpoint_url else {},
                     signature_version=UNSIGNED if access.anon else None)
     session = _aws_session(profile, sources)
@@ -109,12 +108,12 @@ class _SignedGets:
         self._aws = access.endpoint_url is None
         self._endpoint = (access.endpoint_url or
                           f"https://s3.{self._region}.amazonaws.com").rstrip("/")
-        attempts = access.max_attempts if access.max_attempts is not None else 3
+        # connections that fail or time out are retried here; an error answer (a 5xx) is
+        # asked again through the client, whose retries (with their backoff) say what failed
         self._pool = urllib3.PoolManager(
             maxsize=_POOL, block=False,
-            timeout=urllib3.Timeout(connect=access.connect_timeout or 60,
-                                    read=access.read_timeout or 60),
-            retries=urllib3.Retry(total=attempts, status_forcelist=(500, 502, 503, 504),
+            timeout=urllib3.Timeout(connect=access.connect_timeout, read=access.read_timeout),
+            retries=urllib3.Retry(total=access.retries, status=0,
                                   allowed_methods=frozenset({"GET"}), backoff_factor=0.1,
                                   raise_on_status=False, redirect=False),
             ca_certs=os.environ.get("AWS_CA_BUNDLE") or get_cert_path(verify=True))
@@ -190,6 +189,7 @@ class PinnedObject:
 
         self._where = str(path)
         access, profile = s3_access(path), dict(path.storage_options).get("profile")
+        self._retries = access.retries
         sources = credential_fingerprint()
         self._client = _client(access, profile, sources)
         self._direct = _signed_gets(access, profile, sources)
@@ -243,34 +243,35 @@ class PinnedObject:
         """Return ``n`` bytes at ``start`` (fewer only at the end of the object)."""
         if n <= 0:
             return b""
-        body = self._get(n, start)
-        try:
-            data = bytes(body.read())
-        except BaseException:
-            _close(body)
-            raise
-        _done(body)
-        return data
+        buffer = bytearray(n)
+        del buffer[self.read_into(start, memoryview(buffer)):]
+        return bytes(buffer)
 
     def read_into(self, start: int, view: memoryview) -> int:
         """Fill ``view`` with the bytes at ``start``; return how many there were.
 
-        The response is read into place as it arrives: no second buffer of the range.
+        The response is read into place as it arrives: no second buffer of the range. A
+        connection broken mid-answer (a reset, a short body) asks for the rest again, up to
+        the retries of the storage settings; a read that times out is not asked again (its
+        request's own retries were spent before the answer started).
         """
-        if not len(view):
-            return 0
-        body = self._get(len(view), start)
-        done = 0
-        try:
-            while done < len(view):
-                n = body.readinto(view[done:done + _STEP])
-                if not n:
-                    break
-                done += n
-        except BaseException:
-            _close(body)
-            raise
-        _done(body)
+        done, broken = 0, 0
+        while done < len(view):
+            body = self._get(len(view) - done, start + done)
+            try:
+                while done < len(view):
+                    n = body.readinto(view[done:done + _STEP])
+                    if not n:
+                        break
+                    done += n
+            except Exception as exc:
+                _close(body)
+                if broken >= self._retries or not broken_answer(exc):
+                    raise
+                broken += 1
+                continue
+            _done(body)
+            break  # (fewer bytes only at the end of the object)
         return done
 
 

@@ -6,17 +6,15 @@ import posixpath
 import subprocess
 import sys
 import unicodedata
-from typing import Any
 from urllib.parse import unquote
 
 import pytest
+from conftest import snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import select
 
 import lamin_io as ln
 from lamin_io.errors import InvalidKeyError
-from lamin_io.registry import _schema as s
 from lamin_io.registry._keys import validate_key
 
 _CONTROL = [chr(c) for c in (*range(0x00, 0x20), 0x7F)]
@@ -51,31 +49,19 @@ def test_there_are_enough_hostile_keys():
     assert len(set(HOSTILE)) >= 40
 
 
-def _state(conn: Any) -> tuple[list[Any], list[str]]:
-    with conn.db.read() as c:
-        rows = [tuple(r) for table in (s.artifact, s.collection, s.run_input)
-                for r in c.execute(select(table)).all()]
-    root = conn.root
-    try:
-        names = sorted(str(p) for p in root.fs.find(root.path))
-    except FileNotFoundError:
-        names = []
-    return rows, names
-
-
 @pytest.mark.parametrize("key", sorted(set(HOSTILE)), ids=ascii)
 def test_hostile_key_is_refused_and_nothing_written(key, tmp_path):
     conn = ln.connect(tmp_path / "registry.db", tmp_path / "storage")
     source = tmp_path / "x.csv"
     source.write_text("a\n1\n")
     existing = ln.Artifact(tmp_path / "x.csv", key="ok/x.csv").save(mute=True)
-    before = _state(conn)
+    before = snapshot(conn)
     (tmp_path / "y.csv").write_text("a\n2\n")
     with pytest.raises(InvalidKeyError):
         ln.Artifact(tmp_path / "y.csv", key=key).save(mute=True)
     with pytest.raises(InvalidKeyError):
         ln.Collection([existing], key=key.removesuffix(".csv") or key).save()
-    assert _state(conn) == before
+    assert snapshot(conn) == before
 
 
 def test_long_key_limit_counts_the_storage_prefix(tmp_path, s3_endpoint):
@@ -84,10 +70,10 @@ def test_long_key_limit_counts_the_storage_prefix(tmp_path, s3_endpoint):
     (tmp_path / "y.csv").write_text("a\n2\n")
     key = "k" * 550 + ".csv"  # fine under a short prefix, too long under this one
     validate_key(key, suffix=".csv")
-    before = _state(conn)
+    before = snapshot(conn)
     with pytest.raises(InvalidKeyError, match="1024-byte key limit"):
         ln.Artifact(tmp_path / "y.csv", key=key).save(mute=True)
-    assert _state(conn) == before
+    assert snapshot(conn) == before
 
 
 def test_cli_refuses_in_one_line(tmp_path, cli_env):

@@ -363,7 +363,9 @@ class Source:
         try:
             with storage_errors(self.path, self.endpoint):
                 yield
-        except LaminIOError:
+        except LaminIOError as exc:
+            if isinstance(exc, CorruptArtifactError) and str(self.path) not in str(exc):
+                exc.add_note(f"while reading element {key!r} of {self.path}")
             raise
         except Exception as exc:
             self._check_unchanged()  # a file changed under the read explains its failure
