@@ -1,7 +1,10 @@
 """Tables: parquet, csv, tsv, Arrow IPC/Feather, JSON Lines and ORC, as files or folders.
 
 ``open()`` gives a ``pyarrow.dataset.Dataset`` (the default engine) or, with
-``engine="polars"``, a :class:`PolarsScan`: a context manager yielding a ``polars.LazyFrame``.
+``engine="polars"``, a :class:`PolarsScan`: a context manager yielding a ``polars.LazyFrame``;
+past one machine, ``engine="dask"`` gives a Dask DataFrame and ``engine="ray"`` a Ray
+Dataset over the same files and storage settings (computed on whatever cluster the caller
+started: lamin-io starts none).
 ``load()`` gives a pandas DataFrame. Which engine reads which format is the data in
 :data:`TABLE_FORMATS` and :data:`ENGINES`, not a chain of branches.
 
@@ -95,6 +98,10 @@ class TableFormat:
         ``pyarrow.dataset`` format name, or ``None`` if pyarrow cannot read it.
     polars
         ``polars`` scan function, or ``None`` if polars cannot scan it.
+    dask
+        ``dask.dataframe`` reader, or ``None`` if Dask cannot read it.
+    ray
+        ``ray.data`` reader, or ``None`` if Ray cannot read it.
     delimiter
         Field separator of delimited text, given to every engine in its own spelling.
     hive
@@ -112,6 +119,8 @@ class TableFormat:
     pandas: str
     pyarrow: str | None = None
     polars: str | None = None
+    dask: str | None = None
+    ray: str | None = None
     delimiter: str | None = None
     hive: tuple[str, ...] = ("pyarrow",)
     polars_options: Mapping[str, Any] = field(default_factory=dict)
@@ -139,6 +148,10 @@ class Engine:
         the format's reader of this engine (its :class:`TableFormat` field of that name).
     fsspec_hive
         Whether it still reads hive partitions with ``use_fsspec=True``.
+    decodes
+        Whether opening reads the files (a schema, a footer), so that a reader's failure
+        then means damage; engines that only plan (Dask, Ray) decode later, on their
+        workers, and their errors at open are about the call.
     """
 
     name: str
@@ -147,6 +160,7 @@ class Engine:
     open: Callable[..., Any]
     reader: str
     fsspec_hive: bool = True
+    decodes: bool = True
 
 
 def _formats_of(engine: str) -> list[str]:
@@ -439,6 +453,69 @@ def _polars_scan(sources: list[TableSource], *, use_fsspec: bool, kwargs: dict[s
     return frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
 
 
+def _open_dask(sources: list[TableSource], *, use_fsspec: bool, kwargs: dict[str, Any],
+               after: Callable[[], Any] | None = None) -> Any:
+    """Open the sources as one Dask DataFrame (lazy: each worker reads its own files).
+
+    Remote files are read by URL through fsspec with the path's storage options (the same
+    timeouts, retries and credentials as every other read; workers that find no keys in
+    them resolve the AWS chain themselves). Columns and filters are pushed down by Dask's
+    own optimizer (``df[df.x > 1][["x"]]``) or given as ``columns=`` / ``filters=``.
+    ``use_fsspec`` changes nothing: Dask always reads through fsspec.
+    """
+    import dask.dataframe as dd
+
+    fmt = sources[0].format
+    reader = getattr(dd, str(fmt.dask))
+
+    def one(batch: list[TableSource]) -> Any:
+        first = batch[0]
+        options: dict[str, Any] = {}
+        if fmt.delimiter is not None:
+            options["sep"] = fmt.delimiter
+        files = [f for s in batch for f in s.files]
+        if not is_local(first.path):
+            files = [first.path.fs.unstrip_protocol(f) for f in files]
+            options["storage_options"] = dict(first.path.storage_options)
+        options.update(kwargs)
+        return reader(files, **options)
+
+    frames = [one(b) for b in _batches(sources)]
+    return frames[0] if len(frames) == 1 else dd.concat(frames)
+
+
+def _open_ray(sources: list[TableSource], *, use_fsspec: bool, kwargs: dict[str, Any],
+              after: Callable[[], Any] | None = None) -> Any:
+    """Open the sources as one Ray Dataset (lazy: read by Ray's tasks when consumed).
+
+    Ray is handed the explicit files and the pyarrow filesystem every pyarrow read uses
+    (:func:`lamin_io.storage.pyarrow_filesystem`: native S3 with the storage settings'
+    timeouts and retries, credentials from the AWS chain resolved by each worker). Columns
+    and filters are pushed down by Ray's optimizer (``select_columns``, ``filter(expr=)``)
+    or given as ``columns=`` (filters: ``.filter(expr=...)`` on the dataset, which Ray's
+    optimizer moves into the read).
+    """
+    import ray.data
+
+    fmt = sources[0].format
+    reader = getattr(ray.data, str(fmt.ray))
+
+    def one(batch: list[TableSource]) -> Any:
+        first = batch[0]
+        options: dict[str, Any] = {
+            "filesystem": pyarrow_filesystem(first.path, use_fsspec=use_fsspec),
+            "file_extensions": None}  # (the files are named already)
+        if fmt.delimiter is not None:
+            import pyarrow.csv
+
+            options["parse_options"] = pyarrow.csv.ParseOptions(delimiter=fmt.delimiter)
+        options.update(kwargs)
+        return reader([f for s in batch for f in s.files], **options)
+
+    datasets = [one(b) for b in _batches(sources)]
+    return datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
+
+
 class PolarsScan:
     """What ``open(..., engine="polars")`` returns: a context manager yielding a LazyFrame.
 
@@ -586,7 +663,9 @@ def open_many(paths: Iterable[PathLike], *, engine: str = "pyarrow", use_fsspec:
         order their rows come back.
     engine
         ``"pyarrow"`` (default): return a ``pyarrow.dataset.Dataset``; ``"polars"``: return a
-        :class:`PolarsScan`, a context manager yielding a ``polars.LazyFrame``.
+        :class:`PolarsScan`, a context manager yielding a ``polars.LazyFrame``; ``"dask"``: a
+        ``dask.dataframe.DataFrame``; ``"ray"``: a ``ray.data.Dataset`` (parquet, csv and tsv;
+        no hive folders).
     use_fsspec
         Read remote files through our fsspec filesystem instead of the engine's native
         object-store client (for stores the engine cannot reach); ignored for local files.
@@ -632,9 +711,18 @@ def open_many(paths: Iterable[PathLike], *, engine: str = "pyarrow", use_fsspec:
         fmt.check_keywords("open", fmt.suffixes[0], {"engine": engine, **kwargs})
     first = sources[0].path
     more = f" and {len(sources) - 1} more" if len(sources) > 1 else ""
-    with _decoding(first, f"{first}{more} as a {sources[0].format.name} table"):
-        return ENGINES[engine].open(sources, use_fsspec=use_fsspec, kwargs=kwargs,
-                                    after=after_scan)
+    spec = ENGINES[engine]
+    if spec.decodes:
+        with _decoding(first, f"{first}{more} as a {sources[0].format.name} table"):
+            return spec.open(sources, use_fsspec=use_fsspec, kwargs=kwargs, after=after_scan)
+    try:  # (only plans: what fails here is the call, or reaching the storage)
+        with storage_errors(str(first), dict(first.storage_options).get("endpoint_url")):
+            return spec.open(sources, use_fsspec=use_fsspec, kwargs=kwargs, after=after_scan)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, LaminIOError):
+            raise
+        msg = f"engine {engine!r} refused to open {first}{more}: {exc}"
+        raise InvalidArgumentError(msg) from exc
 
 
 def open_table(path: UPath, *, mode: str = "r", on_close: Callable[[], Any] | None = None,
@@ -703,11 +791,12 @@ _GLOB_OFF = {"glob": False}  # we hand polars explicit file names, never pattern
 #: The support matrix: a format's engines are the ``Engine`` names it gives a reader for.
 TABLE_FORMATS: dict[str, TableFormat] = {f.name: f for f in (
     TableFormat("parquet", pyarrow="parquet", polars="scan_parquet", pandas="read_parquet",
-                hive=("pyarrow", "polars"), polars_options=_GLOB_OFF),
-    TableFormat("csv", pyarrow="csv", polars="scan_csv", pandas="read_csv", delimiter=",",
+                dask="read_parquet", ray="read_parquet", hive=("pyarrow", "polars"),
                 polars_options=_GLOB_OFF),
-    TableFormat("tsv", pyarrow="csv", polars="scan_csv", pandas="read_csv", delimiter="\t",
-                polars_options=_GLOB_OFF),
+    TableFormat("csv", pyarrow="csv", polars="scan_csv", pandas="read_csv", dask="read_csv",
+                ray="read_csv", delimiter=",", polars_options=_GLOB_OFF),
+    TableFormat("tsv", pyarrow="csv", polars="scan_csv", pandas="read_csv", dask="read_csv",
+                ray="read_csv", delimiter="\t", polars_options=_GLOB_OFF),
     TableFormat("ipc", pyarrow="ipc", polars="scan_ipc", pandas="read_feather",
                 hive=("pyarrow", "polars"), polars_options=_GLOB_OFF),
     TableFormat("json", pyarrow="json", polars="scan_ndjson", pandas="read_json",
@@ -722,4 +811,8 @@ ENGINES: dict[str, Engine] = {e.name: e for e in (
            reader="pyarrow.dataset:dataset"),
     Engine("polars", "polars", "polars", open=PolarsScan, reader="polars:{reader}",
            fsspec_hive=False),
+    Engine("dask", "dask.dataframe", "dask", open=_open_dask,
+           reader="dask.dataframe:{reader}", decodes=False),
+    Engine("ray", "ray.data", "ray", open=_open_ray, reader="ray.data:{reader}",
+           decodes=False),
 )}

@@ -512,7 +512,9 @@ class ArtifactSet(RecordSet[Artifact]):
         """Open all artifacts (table files and folders) as one table, lazily.
 
         ``engine="pyarrow"`` (default) returns one ``pyarrow.dataset.Dataset``;
-        ``engine="polars"`` a context manager yielding one ``polars.LazyFrame``. Rows come
+        ``engine="polars"`` a context manager yielding one ``polars.LazyFrame``;
+        ``engine="dask"`` a Dask DataFrame and ``engine="ray"`` a Ray Dataset, computed on
+        the cluster the caller started (extras ``lamin-io[dask]``, ``lamin-io[ray]``). Rows come
         in the order of the artifacts. Artifacts of different formats raise
         ``UnsupportedFormatError``; artifacts on different storages are combined (a
         pyarrow union dataset, ``polars.concat``). ``use_fsspec=True`` and other keywords
