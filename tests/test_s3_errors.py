@@ -242,3 +242,44 @@ def test_no_credentials_in_the_cli(cli_env: dict[str, str], tmp_path: Path,
     assert lines[1].startswith("error: no AWS credentials found")
     assert "anon=True" in lines[1]
     assert "testing" not in proc.stderr  # no secret of the parent's environment
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then closed: connections are refused)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_pyarrow_network_failure_is_unreachable_not_unknown() -> None:
+    """pyarrow names its network failure ``AWS Error NETWORK_CONNECTION``: no S3 error code."""
+    from lamin_io.storage import pyarrow_filesystem, storage_error, to_upath
+
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    url = "s3://bucket/k.parquet"
+    fs = pyarrow_filesystem(to_upath(url, {"endpoint_url": endpoint, "anon": True,
+                                           "config_kwargs": {"retries": {"max_attempts": 0}}}))
+    with pytest.raises(OSError, match="AWS Error") as info:  # (pyarrow's own, unwrapped)
+        fs.open_input_file("bucket/k.parquet")
+    typed = storage_error(info.value, url, endpoint)
+    assert isinstance(typed, errors.StorageUnreachableError), (repr(info.value), typed)
+    assert endpoint in str(typed)
+
+
+def test_errors_of_the_callers_own_code_in_a_polars_block_pass_unchanged(
+        tmp_path: Path, s3_endpoint: str) -> None:
+    pytest.importorskip("polars")
+    ln.connect(tmp_path / "r.db", f"s3://{BUCKET}/{uuid.uuid4().hex}", endpoint_url=s3_endpoint)
+    artifact = ln.Artifact(write_bytes(tmp_path / "t.csv", b"a\n1\n"), key="t.csv").save(
+        mute=True)
+    def collect_then_fail(mine: Exception) -> None:
+        with artifact.open(engine="polars") as lf:
+            assert lf.collect()["a"].to_list() == [1]
+            raise mine
+
+    for mine in (TimeoutError("the caller's deadline"), BrokenPipeError("the caller's pipe")):
+        with pytest.raises(type(mine)) as info:
+            collect_then_fail(mine)
+        assert info.value is mine  # not reported as the storage's failure

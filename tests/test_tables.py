@@ -492,3 +492,12 @@ def test_missing_polars_names_the_extra(truth, tmp_path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "polars", None)
     with pytest.raises(errors.MissingDependencyError, match=r"lamin-io\[polars\]"):
         ln.open(path, engine="polars")
+
+
+def test_a_keyword_the_table_does_not_fit_is_the_callers_mistake(conn, truth, tmp_path) -> None:
+    """A reader's ValueError about the caller's keywords is not reported as damage."""
+    df = truth.drop(columns="year")
+    artifact = ln.Artifact(write(df, tmp_path / "t.csv"), key="t.csv").save(mute=True)
+    with pytest.raises(errors.InvalidArgumentError, match="usecols="):
+        artifact.load(usecols=["no_such_column"])
+    assert_same(artifact.load(), df)  # the file itself reads

@@ -126,7 +126,8 @@ def _child() -> None:
     url, options, answer = pickle.loads(sys.stdin.buffer.read())  # noqa: S301 (our parent)
     path = to_upath(url, options)
     try:
-        _walk(path)
+        with storage_errors(url, options.get("endpoint_url")):  # (a storage failure: typed)
+            _walk(path)
     except LaminIOError as exc:
         _write(answer, ("typed", exc))
     except Exception as exc:  # noqa: BLE001 (any failure to read is reported, typed)

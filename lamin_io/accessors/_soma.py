@@ -27,7 +27,7 @@ from lamin_io.errors import (
     UnsupportedFormatError,
     WriteNotSupportedError,
 )
-from lamin_io.storage import is_local, missing_path, tiledb_config
+from lamin_io.storage import is_local, missing_path, storage_error, tiledb_config
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -119,6 +119,9 @@ def _soma_errors(path: UPath) -> Iterator[None]:
         msg = f"{path} holds no TileDB-SOMA object (no TileDB group or array metadata)"
         raise UnsupportedFormatError(msg) from exc
     except tiledbsoma.SOMAError as exc:
+        typed = storage_error(exc, str(path), dict(path.storage_options).get("endpoint_url"))
+        if typed is not None:  # (S3 unreachable, refusing or failing: not the store's fault)
+            raise typed from exc
         reason = "" if is_local(path) else ", or the storage did not answer as TileDB expects"
         msg = (f"{path} cannot be read as a TileDB-SOMA store ({exc}); it is damaged or "
                f"incomplete{reason}: restore it from its source")

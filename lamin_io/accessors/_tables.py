@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -332,11 +333,13 @@ def resolve_table(path: UPath) -> TableSource:
 
 
 @contextlib.contextmanager
-def _decoding(path: UPath, what: str) -> Iterator[None]:
+def _decoding(path: UPath, what: str, keywords: Mapping[str, Any]) -> Iterator[None]:
     """Report a reader's failure to decode a table as :class:`CorruptArtifactError`.
 
     Storage failures are translated first (:func:`storage_errors`); a file gone meanwhile
-    is a missing path; an error raised by lamin-io's own code surfaces as itself.
+    is a missing path; an error raised by lamin-io's own code surfaces as itself. With
+    ``keywords`` given by the caller, a reader's ``ValueError`` (a column that is not
+    there, a wrong type) is most likely about them: an :class:`InvalidArgumentError`.
     """
     from lamin_io.accessors.readpath.source import reader_error
 
@@ -348,6 +351,10 @@ def _decoding(path: UPath, what: str) -> Iterator[None]:
     except (OSError, ValueError, EOFError) as exc:
         if isinstance(exc, FileNotFoundError) and not path.exists():
             raise missing_path(path) from exc
+        if keywords and isinstance(exc, ValueError) and not isinstance(exc, OSError):
+            msg = (f"reading {what} with {', '.join(f'{k}=' for k in sorted(keywords))} "
+                   f"failed: {exc}; check those keywords")
+            raise InvalidArgumentError(msg) from exc
         typed = reader_error(exc, what, "")
         if typed is None:
             raise
@@ -516,6 +523,15 @@ def _open_ray(sources: list[TableSource], *, use_fsspec: bool, kwargs: dict[str,
     return datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
 
 
+def _raised_in_polars(exc: BaseException) -> bool:
+    """Whether polars raised ``exc`` (its innermost frame is in the polars package)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and (
+        f"{os.sep}polars{os.sep}" in tb.tb_frame.f_code.co_filename)
+
+
 class PolarsScan:
     """What ``open(..., engine="polars")`` returns: a context manager yielding a LazyFrame.
 
@@ -560,7 +576,8 @@ class PolarsScan:
                  tb: object) -> None:
         if self._stacks:
             self._stacks.pop().close()
-        if exc is not None:  # polars' own requests, sent by a collect in the block
+        if exc is not None and _raised_in_polars(exc):
+            # polars' own requests, sent by a collect in the block (not the caller's errors)
             first = self._sources[0].path
             typed = storage_error(exc, str(first),
                                   dict(first.storage_options).get("endpoint_url"))
@@ -713,7 +730,7 @@ def open_many(paths: Iterable[PathLike], *, engine: str = "pyarrow", use_fsspec:
     more = f" and {len(sources) - 1} more" if len(sources) > 1 else ""
     spec = ENGINES[engine]
     if spec.decodes:
-        with _decoding(first, f"{first}{more} as a {sources[0].format.name} table"):
+        with _decoding(first, f"{first}{more} as a {sources[0].format.name} table", kwargs):
             return spec.open(sources, use_fsspec=use_fsspec, kwargs=kwargs, after=after_scan)
     try:  # (only plans: what fails here is the call, or reaching the storage)
         with storage_errors(str(first), dict(first.storage_options).get("endpoint_url")):
@@ -767,7 +784,7 @@ def load_table(path: UPath, **kwargs: Any) -> pd.DataFrame:
     if kwargs:
         entry = _entry(source.format)
         entry.check_keywords("load", entry.suffixes[0], kwargs, folder=source.folder)
-    with _decoding(path, f"{path} as a {source.format.name} table"):
+    with _decoding(path, f"{path} as a {source.format.name} table", kwargs):
         if source.folder:
             return open_many([path], engine="pyarrow", **kwargs).to_table().to_pandas()
         fmt = source.format

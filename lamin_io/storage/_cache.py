@@ -102,7 +102,12 @@ def _is_valid(local: Path) -> bool:
         recorded = json.loads(sidecar.read_text())
     except (OSError, ValueError):
         return False
-    return bool(recorded == _stat_tree(local))
+    now = _stat_tree(local)
+    if not isinstance(recorded, dict) or recorded.keys() != now.keys():
+        return False
+    # (sidecars written before inodes were recorded hold size and mtime only)
+    return all(isinstance(state, list) and len(state) >= 2
+               and now[rel][:len(state)] == state for rel, state in recorded.items())
 
 
 def cached_copy(src: UPath, *, sha256: str, name: str, manifest: Manifest | None,

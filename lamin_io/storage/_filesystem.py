@@ -237,9 +237,11 @@ def engine_codes(exc: BaseException) -> Iterator[str]:
             continue
         text = str(e)
         yield from _STATUS_TEXT.findall(text)
-        for groups in _CODE_TEXT.findall(text):
-            code = next(g for g in groups if g)
-            yield _SDK_CODES.get(code, code)
+        for s3_code, tiledb_code, sdk_name in _CODE_TEXT.findall(text):
+            if s3_code or tiledb_code:
+                yield s3_code or tiledb_code
+            elif sdk_name in _SDK_CODES:  # (not NETWORK_CONNECTION, REQUEST_TIMEOUT, ...)
+                yield _SDK_CODES[sdk_name]
 
 
 def error_codes(exc: BaseException) -> Iterator[str]:
