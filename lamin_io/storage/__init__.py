@@ -30,6 +30,7 @@ from lamin_io.storage._options import (
     StorageOptions,
     StorageSettings,
     resolve_endpoint,
+    retries_in,
     without_credentials,
 )
 from lamin_io.storage._paths import (
@@ -91,6 +92,7 @@ __all__ = [
     "remove",
     "reset_clients",
     "resolve_endpoint",
+    "retries_in",
     "s3_access",
     "storage_error",
     "storage_errors",

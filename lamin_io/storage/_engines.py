@@ -33,6 +33,7 @@ from lamin_io.storage._options import (
     credential_fingerprint,
     mask,
     resolve_endpoint,
+    retries_in,
 )
 from lamin_io.storage._paths import is_local
 from lamin_io.storage._redact import protect_logs
@@ -274,22 +275,8 @@ def s3_access(path: UPath) -> S3Access:
         key=key, secret=secret, token=token,
         connect_timeout=float(config.get("connect_timeout", CONNECT_TIMEOUT)),
         read_timeout=float(config.get("read_timeout", READ_TIMEOUT)),
-        retries=_retries(config.get("retries")),
+        retries=retries_in(options),
         credentials=source, profile=profile, **role)
-
-
-def _retries(config: Any) -> int:
-    """Return the retries botocore's ``retries`` setting allows after a first attempt.
-
-    ``max_attempts`` counts retries, ``total_max_attempts`` attempts (it wins when both
-    are given), as in botocore.
-    """
-    config = dict(config or {})
-    if config.get("total_max_attempts") is not None:
-        return max(0, int(config["total_max_attempts"]) - 1)
-    if config.get("max_attempts") is not None:
-        return max(0, int(config["max_attempts"]))
-    return RETRIES
 
 
 def tiledb_config(path: UPath) -> dict[str, str] | None:

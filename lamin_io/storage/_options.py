@@ -12,11 +12,14 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 __all__ = ["CONNECT_TIMEOUT", "POLARS_REQUEST_TIMEOUT", "POLARS_RETRY_WINDOW", "READ_TIMEOUT",
            "RETRIES", "S3FS_TRIES", "S3_DEFAULTS", "StorageOptions", "StorageSettings",
-           "credential_fingerprint", "without_credentials"]
+           "credential_fingerprint", "retries_in", "without_credentials"]
 
 #: Keys whose values are secrets and are never shown or stored.
 SECRET_KEYS = frozenset({"key", "secret", "token", "password", "aws_secret_access_key",
@@ -80,6 +83,21 @@ class StorageOptions(TypedDict, total=False):
     profile: str
     client_kwargs: dict[str, Any]
     config_kwargs: dict[str, Any]
+
+
+def retries_in(options: Mapping[str, Any]) -> int:
+    """Return the retries after a first attempt that fsspec-style S3 options allow.
+
+    Read from botocore's ``config_kwargs["retries"]``: ``max_attempts`` counts retries,
+    ``total_max_attempts`` attempts (it wins when both are given); :data:`RETRIES` when
+    neither is set. Every client lamin-io drives gets this budget.
+    """
+    config = dict(dict(options.get("config_kwargs") or {}).get("retries") or {})
+    if config.get("total_max_attempts") is not None:
+        return max(0, int(config["total_max_attempts"]) - 1)
+    if config.get("max_attempts") is not None:
+        return max(0, int(config["max_attempts"]))
+    return RETRIES
 
 
 def credential_fingerprint(*, files_only: bool = False) -> str:

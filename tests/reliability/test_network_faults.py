@@ -247,6 +247,22 @@ def test_up_to_three_transient_faults_then_the_right_data(name: str, fault: str,
     assert proxy.stats.requests > 3
 
 
+@pytest.mark.parametrize("name", ["botocore", "s3fs"])
+def test_a_tuned_retry_budget_holds_for_cut_answers(name: str, stored: Stored,
+                                                    proxy: FaultProxy) -> None:
+    """With no retries in the storage options, one answer cut short fails the read, typed.
+
+    (The lazy readers ask a cut answer again themselves: they follow the same budget.)
+    """
+    client = CLIENTS[name]
+    options = {"endpoint_url": proxy.endpoint, "config_kwargs": {"retries": {"max_attempts": 0}}}
+    opened = client.open(stored.url(client.stored), options)
+    proxy.cut(1, when=lambda r: r.method == "GET" and client.mine(r))
+    error, _ = _run(lambda: client.read(opened))
+    assert isinstance(error, errors.StorageUnreachableError), repr(error)
+    assert proxy.stats.faults == 1
+
+
 # -- a persistent 503: a typed error naming the endpoint and the code ----------------------------
 
 
