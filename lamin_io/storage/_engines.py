@@ -454,11 +454,10 @@ def polars_storage_options(path: UPath) -> dict[str, Any] | None:
         options.update(access.aws_credentials())
     # no retry starts after the retry window: polars may send a failing request twice
     # (a read, then a second try of its own), each within the window and one timeout
-    scale = access.read_timeout / READ_TIMEOUT
     options.update(connect_timeout=f"{access.connect_timeout:g}s",
                    read_timeout=f"{access.read_timeout:g}s",
                    timeout=f"{max(POLARS_REQUEST_TIMEOUT, access.read_timeout):g}s",
-                   retry_timeout_ms=int(POLARS_RETRY_WINDOW * scale * 1000),
+                   retry_timeout_ms=int(POLARS_RETRY_WINDOW * access.read_timeout * 1000),
                    max_retries=access.retries)
     return options
 

@@ -35,9 +35,9 @@ READ_TIMEOUT = 5
 RETRIES = 3
 #: polars' limit on one whole request, answer and body, beside the read timeout.
 POLARS_REQUEST_TIMEOUT = 60
-#: polars starts no retry later than this after a request's first attempt (scaled with the
-#: read timeout): a request that hangs is tried twice, one that cannot connect three times.
-POLARS_RETRY_WINDOW = 1.5 * READ_TIMEOUT
+#: polars starts no retry later than this many read timeouts after a request's first
+#: attempt: a request that hangs is tried twice, one that cannot connect three times.
+POLARS_RETRY_WINDOW = 1.5
 #: s3fs's own tries of a call, around botocore's retries (1: none of its own, so that one
 #: retry budget holds; s3fs's default of 5 multiplies botocore's attempts by 5).
 S3FS_TRIES = 1
