@@ -9,6 +9,7 @@ import sys
 import uuid
 from typing import TYPE_CHECKING, Any
 
+import _environ
 import pytest
 
 if TYPE_CHECKING:
@@ -16,6 +17,10 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 BUCKET = "lamin-io-test"
+
+# Every test process adds environment variables while polars may read the environment from
+# a thread of its own: see tests/_environ.py.
+_environ.install()
 
 
 def upload(local: Path, endpoint: str) -> Any:
