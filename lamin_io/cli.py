@@ -11,6 +11,7 @@ import logging
 import re
 import sys
 from datetime import UTC
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import click
@@ -328,13 +329,34 @@ def export(directory: str, mute: bool) -> None:  # noqa: FBT001
     click.echo(str(export_registry(directory, mute=mute)))
 
 
-def _storage_map(entries: tuple[str, ...]) -> dict[str, str]:
+def _storage_map(entries: tuple[str, ...], roots: list[str]) -> dict[str, str]:
+    """Return ``OLD=NEW`` entries as a dict.
+
+    Each is split at the ``=`` that ends a root of ``roots`` (a path may hold ``=``
+    itself), else at the first.
+    """
+    from lamin_io.registry._connection import _normalize_root
+
+    def is_root(text: str) -> bool:
+        try:
+            return _normalize_root(text) in known
+        except errors.InvalidArgumentError:  # no storage root at all
+            return False
+
+    known = set(roots)
     moves = {}
     for entry in entries:
-        old, sep, new = entry.partition("=")
-        if not sep or not old or not new:
+        splits = [(entry[:i], entry[i + 1:]) for i, c in enumerate(entry) if c == "="]
+        splits = [(old, new) for old, new in splits if old and new]
+        if not splits:
             msg = f"--storage-map takes OLD=NEW (two storage roots), got {entry!r}"
             raise click.UsageError(msg)
+        named = [(old, new) for old, new in splits if is_root(old)]
+        if len(named) > 1:
+            msg = (f"--storage-map {entry!r} can be split after {named[0][0]!r} or after "
+                   f"{named[1][0]!r}: give the two roots' moves one at a time")
+            raise click.UsageError(msg)
+        old, new = (named or splits)[0]
         moves[old] = new
     return moves
 
@@ -347,7 +369,7 @@ def _storage_map(entries: tuple[str, ...]) -> dict[str, str]:
 @click.option("--dry-run", is_flag=True, help="Check and import, then roll back: only report.")
 @click.option("--storage-map", "storage_map", multiple=True, metavar="OLD=NEW",
               help="Re-point records of storage root OLD to NEW, where the bytes were moved "
-              "(repeat; split at the first '=').")
+              "(repeat; split at the '=' that ends a storage root of the export).")
 @click.option("--mute", is_flag=True, help="No progress bars.")
 @_run
 def import_(directory: str, if_exists: str, dry_run: bool, storage_map: tuple[str, ...],  # noqa: FBT001
@@ -358,9 +380,11 @@ def import_(directory: str, if_exists: str, dry_run: bool, storage_map: tuple[st
     re-mapped, and counts and checksums compared after loading.
     """
     from lamin_io.registry import import_registry
+    from lamin_io.registry._export_check import export_roots
 
-    report = import_registry(directory, if_exists, storage_map=_storage_map(storage_map),
-                             dry_run=dry_run, mute=mute)
+    moves = _storage_map(storage_map, export_roots(Path(directory)) if storage_map else [])
+    report = import_registry(directory, if_exists, storage_map=moves, dry_run=dry_run,
+                             mute=mute)
     for line in report.renumbered:
         click.echo(("would place " if dry_run else "placed ") + line)
     click.echo(str(report))

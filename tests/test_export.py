@@ -669,3 +669,22 @@ def test_cli_export_and_import(cli_env, tmp_path):
     _cli(cli_env, "import", str(tmp_path / "export2"), "--storage-map",
          f"{tmp_path / 'store'}={tmp_path / 'moved'}")
     assert str(tmp_path / "moved") in _cli(cli_env, "describe", "p/t.csv").stdout
+
+
+def test_cli_storage_map_splits_after_the_root_of_the_export(cli_env, tmp_path):
+    """Paths may hold '=': the entry is split where the export's storage root ends."""
+    old, new = tmp_path / "run=1" / "store", tmp_path / "run=2" / "moved"
+    _cli(cli_env, "connect", "--registry", str(tmp_path / "a.db"), "--storage", str(old))
+    _cli(cli_env, "save", str(write_bytes(tmp_path / "t.csv", b"a\n1\n")), "--key", "p/t.csv")
+    _cli(cli_env, "export", str(tmp_path / "export"))
+    shutil.copytree(old, new)
+    _cli(cli_env, "connect", "--registry", str(tmp_path / "b.db"), "--storage", str(new))
+    _cli(cli_env, "import", str(tmp_path / "export"), "--storage-map", f"{old}={new}")
+    described = _cli(cli_env, "describe", "p/t.csv").stdout
+    assert str(new) in described
+    assert str(old) not in described
+    assert _cli(cli_env, "cache", "p/t.csv").stdout.strip()
+    # an entry whose every split names no root of the export: the first '=' splits it
+    err = _cli(cli_env, "import", str(tmp_path / "export"), "--if-exists", "replace",
+               "--storage-map", f"{tmp_path}/x=y={new}", rc=1).stderr
+    assert f"storage_map names {tmp_path}/x, no storage root of the export" in err

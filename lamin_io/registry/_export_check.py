@@ -82,6 +82,24 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
+def export_roots(folder: Path) -> list[str]:
+    """Return the storage roots an export's records point at (its ``storage`` table).
+
+    An empty list where the export cannot be read: importing it says what is wrong.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        entry = read_manifest(folder)["tables"].get(s.storage.name)
+        if entry is None:
+            return []
+        table = pq.read_table(folder / entry["file"], columns=["root"])
+    except (ExportError, SchemaVersionError, OSError, KeyError, pa.ArrowException):
+        return []
+    return [str(root) for root in table.column("root").to_pylist()]
+
+
 def _entry_ok(name: Any, entry: Any) -> bool:
     return (isinstance(entry, dict) and isinstance(entry.get("file"), str)
             and entry["file"] == Path(entry["file"]).name and entry["file"].endswith(".parquet")
