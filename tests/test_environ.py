@@ -98,8 +98,8 @@ with S3Server("environ-race") as server:
 
 @pytest.mark.slow
 def test_adding_variables_while_polars_reads_the_environment(tmp_path: Path) -> None:
-    """Unguarded, this child died of SIGSEGV in 1 of 3 runs of 20 s (about 6 million
-    changes each); guarded, it must live."""
+    """Unguarded, this child died of SIGSEGV (in ``getenv``, on polars' thread) in 2 of 7
+    runs of 20-30 s, 6-9 million changes each; guarded, it must live."""
     code = RACE.format(tests=str(Path(__file__).parent), path=str(tmp_path / "t.parquet"),
                        seconds=30)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
