@@ -242,7 +242,12 @@ def _walk_soma(obj: Any) -> None:
         for _ in obj.read().tables():
             pass
     elif isinstance(obj, tiledbsoma.DenseNDArray):
-        obj.read()
+        shape = tuple(int(n) for n in obj.shape)
+        if shape and shape[0]:
+            width = obj.schema.field("soma_data").type.bit_width // 8
+            step = _band(shape, None, width)
+            for start in range(0, shape[0], step):  # (SOMA's slices include their end)
+                obj.read(coords=(slice(start, min(start + step, shape[0]) - 1),))
     else:  # a collection: Experiment, Measurement, Collection
         for key in obj:
             _walk_soma(obj[key])

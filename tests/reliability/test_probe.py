@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from _damage import FORMATS, write_sources
@@ -84,3 +84,34 @@ def test_a_file_on_s3(sources: dict[str, Path], s3_endpoint: str) -> None:
     remote.fs.pipe(remote.path, sources["h5ad"].read_bytes()[:4096])
     with pytest.raises(errors.CorruptArtifactError):
         ln.probe(url, storage_options={"endpoint_url": s3_endpoint})
+
+
+def test_a_dense_soma_array_is_read_a_band_at_a_time(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """All of it is read, never more than a band of rows in memory at once."""
+    import numpy as np
+    import pyarrow as pa
+    import tiledbsoma
+
+    from lamin_io.accessors import _probe
+
+    path = tmp_path / "dense.tiledbsoma"
+    values = np.arange(3000.0).reshape(300, 10)
+    with tiledbsoma.DenseNDArray.create(str(path), type=pa.float64(),
+                                        shape=values.shape) as array:
+        array.write((slice(0, 299), slice(0, 9)), pa.Tensor.from_numpy(values))
+    assert ln.probe(path) is None
+
+    monkeypatch.setattr(_probe, "_BLOCK_BYTES", 100 * 10 * 8)  # 100 rows a band
+    read, bands = tiledbsoma.DenseNDArray.read, []
+
+    def counted(self: Any, coords: Any = (), **kwargs: Any) -> Any:
+        got = read(self, coords, **kwargs)
+        bands.append(got.to_numpy())
+        return got
+
+    monkeypatch.setattr(tiledbsoma.DenseNDArray, "read", counted)
+    with tiledbsoma.open(str(path)) as array:
+        _probe._walk_soma(array)
+    assert [band.shape for band in bands] == [(100, 10)] * 3
+    np.testing.assert_array_equal(np.concatenate(bands), values)
