@@ -331,6 +331,33 @@ def test_append_places_diverged_versions_after_the_newest(target_url, tmp_path):
     assert dump(target) == held
 
 
+def test_append_refuses_a_family_whose_key_another_family_has(target_url, tmp_path):
+    """Two registries saved different files under one key: appending one to the other would
+    give that key two families, each with a latest version."""
+    ln.connect(tmp_path / "a.db", tmp_path / "store")
+    theirs = ln.Artifact(write_bytes(tmp_path / "1.csv", b"v\n1\n"), key="p/t.csv").save()
+    ln.Artifact(write_bytes(tmp_path / "o.csv", b"v\n0\n"), key="p/other.csv").save()
+    ln.export_registry(tmp_path / "export", mute=True)
+
+    target = ln.connect(target_url, tmp_path / "target-store")
+    mine = ln.Artifact(write_bytes(tmp_path / "2.csv", b"v\n2\n"), key="p/t.csv").save()
+    held = dump(target)
+    with pytest.raises(errors.ImportConflictError) as info:
+        ln.import_registry(tmp_path / "export", if_exists="append", mute=True)
+    message = str(info.value)
+    assert f"artifact {theirs.uid} has key 'p/t.csv' in the export" in message
+    assert f"artifact {mine.uid} of another family has that key" in message
+    assert dump(target) == held
+    assert ln.Artifact.get(key="p/t.csv") == mine
+
+    # once the family moved to another key, the export appends
+    moved = ln.Artifact(write_bytes(tmp_path / "3.csv", b"v\n3\n"), key="p/mine.csv",
+                        revises=mine).save()
+    ln.import_registry(tmp_path / "export", if_exists="append", mute=True)
+    assert ln.Artifact.get(key="p/t.csv").uid == theirs.uid
+    assert ln.Artifact.get(key="p/mine.csv") == moved
+
+
 def test_dry_run_writes_nothing(target_url, tmp_path):
     _source(tmp_path)
     ln.export_registry(tmp_path / "export", mute=True)

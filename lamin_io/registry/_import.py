@@ -391,9 +391,10 @@ class _Load:
             top, taken, labels = held.setdefault(family, (0, set(), {}))
             held[family] = (max(top, index), taken | {index}, {**labels, label: uid})
         incoming: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
-        for uid, family, index, label in self.source.versions.get(name, []):
+        for uid, family, index, label, _ in self.source.versions.get(name, []):
             if (uid,) not in self.ids[name] and family in held:
                 incoming[family].append((index, uid, label))
+        self._check_keys(spec, set(held))
         out: dict[tuple[Any, ...], dict[str, Any]] = {}
         for family, rows in incoming.items():
             top, taken, labels = held[family]
@@ -413,6 +414,29 @@ class _Load:
                            f"another version label")
                     raise ImportConflictError(msg)
         return out
+
+    def _check_keys(self, spec: TableSpec, held: set[str]) -> None:
+        """Refuse a new family whose key is the key of another family in the target.
+
+        Saving under a key makes a version of the family that has it; two families of
+        one key would leave ``get(key=)`` two latest versions to choose from.
+        """
+        t, name = spec.table, spec.name
+        owners = {key: (family, uid) for key, family, uid in self.c.execute(
+            select(t.c.key, t.c.family_uid, t.c.uid).where(t.c.is_latest.is_(True),
+                                                           t.c.key.is_not(None)))}
+        newest: dict[str, tuple[int, str, str | None]] = {}
+        for uid, family, index, _, key in self.source.versions.get(name, []):
+            if family not in held and index >= newest.get(family, (-1, "", None))[0]:
+                newest[family] = (index, uid, key)
+        for family, (_, uid, key) in sorted(newest.items()):
+            if key is not None and key in owners and owners[key][0] != family:
+                msg = (f"{name} {uid} has key {key!r} in the export, and {name} "
+                       f"{owners[key][1]} of another family has that key in registry "
+                       f"{self.report.registry}: nothing was imported; move one of them to "
+                       f"another key first (save a version with revises= and key=), or "
+                       f"import into another registry")
+                raise ImportConflictError(msg)
 
     def _verify(self) -> None:
         """Read every imported table back; its count and checksum must be the export's."""
