@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from typing import Any
 
 _libc = ctypes.CDLL(None)
@@ -32,7 +33,9 @@ _libc.getenv.argtypes = [ctypes.c_char_p]
 _environ = ctypes.c_void_p.in_dll(_libc, "environ")
 _WORD = ctypes.sizeof(ctypes.c_void_p)
 
-_putenv = os.putenv
+_putenv, _unsetenv = os.putenv, os.unsetenv
+#: One change at a time: ctypes lets go of the GIL in the middle of :func:`_add`.
+_lock = threading.Lock()
 
 
 def _entries() -> tuple[Any, int]:
@@ -77,13 +80,20 @@ def _safe_putenv(name: Any, value: Any) -> None:
     """``os.putenv``, adding new variables through :func:`_add`."""
     key = os.fsencode(name)
     data = os.fsencode(value)
-    if not key or b"=" in key or b"\0" in key + data or _holds(key):
-        _putenv(name, value)  # errors as os.putenv raises them; a replacement is in place
-    else:
-        _add(key, data)
+    with _lock:
+        if not key or b"=" in key or b"\0" in key + data or _holds(key):
+            _putenv(name, value)  # errors as os.putenv raises them; a replacement is in place
+        else:
+            _add(key, data)
+
+
+def _safe_unsetenv(name: Any) -> None:
+    """``os.unsetenv``, never in the middle of :func:`_add`."""
+    with _lock:
+        _unsetenv(name)
 
 
 def install() -> None:
-    """Route additions through ``os.environ`` (``os.putenv``) to :func:`_add` (glibc only)."""
+    """Route additions through ``os.environ`` to :func:`_add`, one change at a time (Linux)."""
     if os.name == "posix" and os.uname().sysname == "Linux":
-        os.putenv = _safe_putenv
+        os.putenv, os.unsetenv = _safe_putenv, _safe_unsetenv

@@ -14,6 +14,7 @@ import ctypes
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import _environ
@@ -26,6 +27,31 @@ _libc.getenv.argtypes = [ctypes.c_char_p]
 
 def test_the_guard_is_installed_in_test_processes() -> None:
     assert os.putenv is _environ._safe_putenv
+    assert os.unsetenv is _environ._safe_unsetenv
+
+
+def test_changes_from_several_threads_are_none_lost() -> None:
+    names = [[f"LAMIN_IO_THREAD_{t}_{i}" for i in range(300)] for t in range(4)]
+
+    def change(mine: list[str]) -> None:
+        for name in mine:
+            os.environ[name] = "1"
+        for name in mine[::2]:
+            del os.environ[name]
+
+    threads = [threading.Thread(target=change, args=(mine,)) for mine in names]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for mine in names:
+            for i, name in enumerate(mine):
+                assert (_libc.getenv(name.encode()) is None) == (i % 2 == 0), name
+    finally:
+        for mine in names:
+            for name in mine:
+                os.environ.pop(name, None)
 
 
 def test_variables_set_added_and_removed_as_os_environ_promises(
