@@ -340,7 +340,7 @@ def _storage_map(entries: tuple[str, ...], roots: list[str]) -> dict[str, str]:
     def is_root(text: str) -> bool:
         try:
             return _normalize_root(text) in known
-        except errors.InvalidArgumentError:  # no storage root at all
+        except (errors.InvalidArgumentError, OSError, RuntimeError):  # no root at all
             return False
 
     known = set(roots)
@@ -382,7 +382,8 @@ def import_(directory: str, if_exists: str, dry_run: bool, storage_map: tuple[st
     from lamin_io.registry import import_registry
     from lamin_io.registry._export_check import export_roots
 
-    moves = _storage_map(storage_map, export_roots(Path(directory)) if storage_map else [])
+    roots = export_roots(Path(directory).expanduser()) if storage_map else []
+    moves = _storage_map(storage_map, roots)
     report = import_registry(directory, if_exists, storage_map=moves, dry_run=dry_run,
                              mute=mute)
     for line in report.renumbered:

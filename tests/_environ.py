@@ -2,7 +2,7 @@
 
 Once a process has read from S3 with polars, a thread of polars' runtime reads an environment
 variable every 100 ms for the rest of the process's life (its cloud reads' concurrency
-control loop). glibc before 2.40 grows the environment's array of pointers with ``realloc``
+control loop). glibc before 2.41 grows the environment's array of pointers with ``realloc``
 when a variable is added, which may free the array that thread is walking: it then reads
 freed memory and the process dies of SIGSEGV inside ``getenv`` (seen in CI: a pytest worker
 lost mid-run; ``tests/test_environ.py`` reproduces it). Replacing or removing a variable
@@ -10,51 +10,53 @@ rewrites pointers in place and is safe.
 
 The tests add variables all the time (``monkeypatch.setenv`` in the autouse fixture of
 ``conftest.py``, credentials, settings), so :func:`install` routes every addition made
-through ``os.environ`` to :func:`_add`, which publishes a new array in one pointer store and
-never frees the old one: a reader walks either array, both stay valid. The cost is a few
-kilobytes leaked per addition. lamin-io itself never changes the environment; the README
-tells users what this means for them.
+through ``os.environ`` to :func:`_add`, as glibc 2.41 does it: the array has spare slots
+(all NULL), an addition fills the first one in one pointer store, and a full array is
+copied into one twice as large, published in one pointer store, the old one never freed. A
+reader walks either array, both stay valid. Changes through ``os.environ`` are made one at
+a time; native code that calls ``setenv`` itself is not covered. lamin-io itself never
+changes the environment; the README tells users what this means for them.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import threading
 from typing import Any
 
-_libc = ctypes.CDLL(None)
-_libc.malloc.restype = ctypes.c_void_p
-_libc.malloc.argtypes = [ctypes.c_size_t]
-_libc.strdup.restype = ctypes.c_void_p
-_libc.strdup.argtypes = [ctypes.c_char_p]
-_libc.getenv.restype = ctypes.c_void_p
-_libc.getenv.argtypes = [ctypes.c_char_p]
-_environ = ctypes.c_void_p.in_dll(_libc, "environ")
+#: glibc (through ctypes) and its ``environ``; set by :func:`install` on Linux.
+_libc: Any = None
+_environ: Any = None
 _WORD = ctypes.sizeof(ctypes.c_void_p)
 
 _putenv, _unsetenv = os.putenv, os.unsetenv
 #: One change at a time: ctypes lets go of the GIL in the middle of :func:`_add`.
 _lock = threading.Lock()
 
+#: The last array :func:`_add` allocated, and how many slots it has.
+_published: list[Any] = [None, 0]
+#: The ``NAME=value`` strings made so far, reused as glibc reuses its own (never freed: a
+#: reader may hold one).
+_strings: dict[bytes, int] = {}
+
 
 def _entries() -> tuple[Any, int]:
-    """The C environment's array of ``NAME=value`` pointers, and how many it holds."""
+    """Return the C environment's array of ``NAME=value`` pointers and how many it holds."""
+    if not _environ.value:  # (after a native clearenv())
+        return None, 0
     array = ctypes.cast(_environ.value, ctypes.POINTER(ctypes.c_void_p))
     if _environ.value == _published[0]:
-        # our array, shortened in place by removals at most: os.environ counts the same
-        # unless native code changed the environment; check the guess inside our array
+        # our array, every slot inside it readable: os.environ counts the same unless
+        # native code changed the environment; check the guess
         n = len(os.environ)
-        if 0 < n <= _published[1] and array[n - 1] and not array[n]:
+        if 0 < n < _published[1] and array[n - 1] and not array[n]:
             return array, n
     n = 0
     while array[n]:
         n += 1
     return array, n
-
-
-#: The last array :func:`_add` published, and how many entries it had.
-_published: list[Any] = [None, 0]
 
 
 def _holds(name: bytes) -> bool:
@@ -63,17 +65,25 @@ def _holds(name: bytes) -> bool:
 
 
 def _add(name: bytes, value: bytes) -> None:
-    """Add ``name=value`` by publishing a copy of the array one entry longer."""
+    """Add ``name=value``: into a spare slot of our array, else into a copy twice as large."""
     array, n = _entries()
-    grown = _libc.malloc((n + 2) * _WORD)
+    text = name + b"=" + value
+    entry = _strings.get(text) or _libc.strdup(text)
+    if not entry:
+        raise MemoryError("no memory for the environment")
+    _strings[text] = entry
+    if _environ.value and _environ.value == _published[0] and n + 2 <= _published[1]:
+        array[n] = entry  # slot n + 1 is NULL already: readers see the end, or this entry
+        return
+    size = max(2 * (n + 2), 64)
+    grown = _libc.calloc(size, _WORD)
     if not grown:
         raise MemoryError("no memory for the environment")
-    ctypes.memmove(grown, ctypes.cast(array, ctypes.c_void_p), n * _WORD)
-    slots = ctypes.cast(grown, ctypes.POINTER(ctypes.c_void_p))
-    slots[n] = _libc.strdup(name + b"=" + value)
-    slots[n + 1] = None
+    if n:
+        ctypes.memmove(grown, ctypes.cast(array, ctypes.c_void_p), n * _WORD)
+    ctypes.cast(grown, ctypes.POINTER(ctypes.c_void_p))[n] = entry
     _environ.value = grown  # one aligned store: readers see the old array or this one
-    _published[:] = [grown, n + 1]
+    _published[:] = [grown, size]
 
 
 def _safe_putenv(name: Any, value: Any) -> None:
@@ -93,7 +103,24 @@ def _safe_unsetenv(name: Any) -> None:
         _unsetenv(name)
 
 
+def _new_lock() -> None:
+    """A forked child gets a free lock (another thread of the parent may have held it)."""
+    global _lock  # noqa: PLW0603
+    _lock = threading.Lock()
+
+
 def install() -> None:
-    """Route additions through ``os.environ`` to :func:`_add`, one change at a time (Linux)."""
-    if os.name == "posix" and os.uname().sysname == "Linux":
-        os.putenv, os.unsetenv = _safe_putenv, _safe_unsetenv
+    """Route changes through ``os.environ`` to the functions above (Linux; else nothing)."""
+    global _libc, _environ  # noqa: PLW0603
+    if not sys.platform.startswith("linux") or os.putenv is _safe_putenv:
+        return
+    _libc = ctypes.CDLL(None)
+    _libc.calloc.restype = ctypes.c_void_p
+    _libc.calloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
+    _libc.strdup.restype = ctypes.c_void_p
+    _libc.strdup.argtypes = [ctypes.c_char_p]
+    _libc.getenv.restype = ctypes.c_void_p
+    _libc.getenv.argtypes = [ctypes.c_char_p]
+    _environ = ctypes.c_void_p.in_dll(_libc, "environ")
+    os.register_at_fork(after_in_child=_new_lock)
+    os.putenv, os.unsetenv = _safe_putenv, _safe_unsetenv

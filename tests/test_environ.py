@@ -20,6 +20,9 @@ from pathlib import Path
 import _environ
 import pytest
 
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="the guard is installed on Linux only")
+
 _libc = ctypes.CDLL(None)
 _libc.getenv.restype = ctypes.c_char_p
 _libc.getenv.argtypes = [ctypes.c_char_p]
@@ -73,8 +76,47 @@ def test_variables_set_added_and_removed_as_os_environ_promises(
         assert _libc.getenv(name.encode()) == "é ü".encode()
     finally:
         del os.environ[name]
-    everything = {k: v for k, v in os.environ.items()}
-    assert everything == dict(os.environ)  # nothing lost on the way
+    _assert_environments_agree()
+
+
+def _assert_environments_agree() -> None:
+    """C's environment holds what os.environ holds (and, of our names, nothing more).
+
+    Native code may add variables behind Python's back (readline sets ``LINES`` and
+    ``COLUMNS`` when it starts), so only the names os.environ knows and ours are compared.
+    """
+    c = _c_environment()
+    assert {k: c.get(k) for k in os.environb} == dict(os.environb)
+    ours = {k for k in c if k.startswith(b"LAMIN_IO_")}
+    assert ours == {k for k in os.environb if k.startswith(b"LAMIN_IO_")}
+
+
+def _c_environment() -> dict[bytes, bytes]:
+    """The variables in C's ``environ``, walked as ``getenv`` walks them."""
+    array = ctypes.cast(ctypes.c_void_p.in_dll(_libc, "environ").value,
+                        ctypes.POINTER(ctypes.c_char_p))
+    out, i = {}, 0
+    while array[i] is not None:
+        name, _, value = array[i].partition(b"=")
+        out[name] = value
+        i += 1
+    return out
+
+
+def test_many_additions_keep_both_environments_equal() -> None:
+    """Spare slots fill, the array doubles, removals shift it: nothing lost or repeated."""
+    names = [f"LAMIN_IO_MANY_{i}" for i in range(500)]
+    try:
+        for round_ in range(3):
+            for name in names:
+                os.environ[name] = str(round_)
+            for name in names[round_::3]:
+                del os.environ[name]
+            _assert_environments_agree()
+    finally:
+        for name in names:
+            os.environ.pop(name, None)
+    _assert_environments_agree()
 
 
 @pytest.mark.parametrize(("name", "error", "match"), [
@@ -124,8 +166,9 @@ with S3Server("environ-race") as server:
 
 @pytest.mark.slow
 def test_adding_variables_while_polars_reads_the_environment(tmp_path: Path) -> None:
-    """Unguarded, this child died of SIGSEGV (in ``getenv``, on polars' thread) in 2 of 7
-    runs of 20-30 s, 6-9 million changes each; guarded, it must live."""
+    """A smoke test: unguarded, this child died of SIGSEGV (in ``getenv``, on polars'
+    thread) in 2 of 7 runs of 20-30 s (6-9 million changes each), so a broken guard fails
+    it about one run in three; guarded, it must live."""
     code = RACE.format(tests=str(Path(__file__).parent), path=str(tmp_path / "t.parquet"),
                        seconds=30)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -342,12 +342,14 @@ def test_append_refuses_a_family_whose_key_another_family_has(target_url, tmp_pa
     target = ln.connect(target_url, tmp_path / "target-store")
     mine = ln.Artifact(write_bytes(tmp_path / "2.csv", b"v\n2\n"), key="p/t.csv").save()
     held = dump(target)
-    with pytest.raises(errors.ImportConflictError) as info:
-        ln.import_registry(tmp_path / "export", if_exists="append", mute=True)
-    message = str(info.value)
-    assert f"artifact {theirs.uid} has key 'p/t.csv' in the export" in message
-    assert f"artifact {mine.uid} of another family has that key" in message
-    assert dump(target) == held
+    for dry_run in (True, False):
+        with pytest.raises(errors.ImportConflictError) as info:
+            ln.import_registry(tmp_path / "export", if_exists="append", dry_run=dry_run,
+                               mute=True)
+        message = str(info.value)
+        assert "key 'p/t.csv' would name the latest versions of 2 families" in message
+        assert f"(artifact {theirs.uid} and artifact {mine.uid})" in message
+        assert dump(target) == held
     assert ln.Artifact.get(key="p/t.csv") == mine
 
     # once the family moved to another key, the export appends
@@ -356,6 +358,40 @@ def test_append_refuses_a_family_whose_key_another_family_has(target_url, tmp_pa
     ln.import_registry(tmp_path / "export", if_exists="append", mute=True)
     assert ln.Artifact.get(key="p/t.csv").uid == theirs.uid
     assert ln.Artifact.get(key="p/mine.csv") == moved
+
+
+def test_append_judges_keys_once_loaded(target_url, tmp_path):
+    """A family the export moves off a key frees it for another; a family the export moves
+    onto a key the registry's own family has is refused."""
+    ln.connect(tmp_path / "a.db", tmp_path / "store")
+    f1 = ln.Artifact(write_bytes(tmp_path / "f1.csv", b"v\nf1\n"), key="a.csv").save()
+    ln.export_registry(tmp_path / "first", mute=True)
+    ln.Artifact(write_bytes(tmp_path / "f2.csv", b"v\nf2\n"), key="b.csv", revises=f1).save()
+    n1 = ln.Artifact(write_bytes(tmp_path / "n1.csv", b"v\nn1\n"), key="c.csv").save()
+    n2 = ln.Artifact(write_bytes(tmp_path / "n2.csv", b"v\nn2\n"), key="a.csv",
+                     revises=n1).save()
+    ln.export_registry(tmp_path / "second", mute=True)
+
+    target = ln.connect(target_url, tmp_path / "target-store")
+    ln.import_registry(tmp_path / "first", mute=True)
+    ln.import_registry(tmp_path / "second", if_exists="append", mute=True)
+    assert ln.Artifact.get(key="a.csv").uid == n2.uid
+
+    # the registry's own family has k.csv; the export moves f onto it
+    ln.connect(tmp_path / "c.db", tmp_path / "store-c")
+    g1 = ln.Artifact(write_bytes(tmp_path / "g1.csv", b"v\ng1\n"), key="f.csv").save()
+    ln.export_registry(tmp_path / "g-first", mute=True)
+    g2 = ln.Artifact(write_bytes(tmp_path / "g2.csv", b"v\ng2\n"), key="k.csv",
+                     revises=g1).save()
+    ln.export_registry(tmp_path / "g-second", mute=True)
+    target = ln.connect(target_url, tmp_path / "target-store")
+    ln.import_registry(tmp_path / "g-first", if_exists="append", mute=True)
+    own = ln.Artifact(write_bytes(tmp_path / "k.csv", b"v\nown\n"), key="k.csv").save()
+    held = dump(target)
+    with pytest.raises(errors.ImportConflictError,
+                       match=f"key 'k.csv' would name.*artifact {g2.uid} and artifact {own.uid}"):
+        ln.import_registry(tmp_path / "g-second", if_exists="append", mute=True)
+    assert dump(target) == held
 
 
 def test_dry_run_writes_nothing(target_url, tmp_path):

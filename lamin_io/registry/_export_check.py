@@ -173,8 +173,8 @@ class CheckedExport:
         #: their count and checksum (the target's table then holds these rows alone).
         self.expected: dict[str, dict[tuple[Any, ...], bytes]] = {}
         self.totals: dict[str, tuple[int, str]] = {}
-        #: Versioned tables' ``(uid, family, version_index, version, key)`` (append only).
-        self.versions: dict[str, list[tuple[str, str, int, str, str | None]]] = {}
+        #: Versioned tables' ``(uid, family, version_index, version)`` (append only).
+        self.versions: dict[str, list[tuple[str, str, int, str]]] = {}
         #: Whether two exported roots end up as one (their keys may then collide).
         self.merged_roots = False
 
@@ -301,8 +301,7 @@ class CheckedExport:
             expected[nk] = spec.digest(ready, self.mapped, wanted)
         if self.append and spec.versioned:
             self.versions.setdefault(spec.name, []).append(
-                (row["uid"], row["family_uid"], int(row["version_index"]), str(row["version"]),
-                 row.get("key")))
+                (row["uid"], row["family_uid"], int(row["version_index"]), str(row["version"])))
 
     def _check_moves(self) -> None:
         if not self.moved:  # (the natural keys as exported are those imported)

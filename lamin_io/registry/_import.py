@@ -247,6 +247,10 @@ class _Load:
             table = next(spec.table for spec in self.all if spec.name == name)
             for family in families:
                 refresh_latest(self.c, table, family)
+        if self.append:
+            for spec in self.all:
+                if spec.versioned and "key" in spec.table.c:
+                    self._check_keys(spec)
         # what only loading needed goes before the tables are read back
         self.ids, self.content, self.keys = {}, {}, {}
         self.matched.clear()
@@ -391,10 +395,9 @@ class _Load:
             top, taken, labels = held.setdefault(family, (0, set(), {}))
             held[family] = (max(top, index), taken | {index}, {**labels, label: uid})
         incoming: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
-        for uid, family, index, label, _ in self.source.versions.get(name, []):
+        for uid, family, index, label in self.source.versions.get(name, []):
             if (uid,) not in self.ids[name] and family in held:
                 incoming[family].append((index, uid, label))
-        self._check_keys(spec, set(held))
         out: dict[tuple[Any, ...], dict[str, Any]] = {}
         for family, rows in incoming.items():
             top, taken, labels = held[family]
@@ -415,27 +418,33 @@ class _Load:
                     raise ImportConflictError(msg)
         return out
 
-    def _check_keys(self, spec: TableSpec, held: set[str]) -> None:
-        """Refuse a new family whose key is the key of another family in the target.
+    def _check_keys(self, spec: TableSpec) -> None:
+        """Refuse an append after which one key names the latest versions of two families.
 
-        Saving under a key makes a version of the family that has it; two families of
-        one key would leave ``get(key=)`` two latest versions to choose from.
+        Saving under a key makes a version of the family whose latest version has it; two
+        would leave ``get(key=)`` two latest versions to choose from. Checked once loaded
+        (families the export moves to other keys free theirs), for keys of families the
+        export brings.
         """
         t, name = spec.table, spec.name
-        owners = {key: (family, uid) for key, family, uid in self.c.execute(
-            select(t.c.key, t.c.family_uid, t.c.uid).where(t.c.is_latest.is_(True),
-                                                           t.c.key.is_not(None)))}
-        newest: dict[str, tuple[int, str, str | None]] = {}
-        for uid, family, index, _, key in self.source.versions.get(name, []):
-            if family not in held and index >= newest.get(family, (-1, "", None))[0]:
-                newest[family] = (index, uid, key)
-        for family, (_, uid, key) in sorted(newest.items()):
-            if key is not None and key in owners and owners[key][0] != family:
-                msg = (f"{name} {uid} has key {key!r} in the export, and {name} "
-                       f"{owners[key][1]} of another family has that key in registry "
-                       f"{self.report.registry}: nothing was imported; move one of them to "
-                       f"another key first (save a version with revises= and key=), or "
-                       f"import into another registry")
+        incoming = {family for _, family, _, _ in self.source.versions.get(name, [])}
+        if not incoming:
+            return
+        latest: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        for key, family, uid in self.c.execute(
+                select(t.c.key, t.c.family_uid, t.c.uid).where(t.c.is_latest.is_(True),
+                                                               t.c.key.is_not(None))):
+            latest[key].append((family, uid))
+        for key, rows in sorted(latest.items()):
+            families = {family for family, _ in rows}
+            if len(families) > 1 and families & incoming:
+                uids = " and ".join(f"{name} {uid}" for _, uid in sorted(
+                    rows, key=lambda r: r[0] not in incoming))
+                msg = (f"after this import, key {key!r} would name the latest versions of "
+                       f"{len(families)} families in registry {self.report.registry} "
+                       f"({uids}): nothing was imported; move one of them to another key "
+                       f"first (save a version with revises= and key=), or import into "
+                       f"another registry")
                 raise ImportConflictError(msg)
 
     def _verify(self) -> None:
