@@ -354,7 +354,8 @@ def _storage_map(entries: tuple[str, ...], roots: list[str]) -> dict[str, str]:
         named = [(old, new) for old, new in splits if is_root(old)]
         if len(named) > 1:
             msg = (f"--storage-map {entry!r} can be split after {named[0][0]!r} or after "
-                   f"{named[1][0]!r}: give the two roots' moves one at a time")
+                   f"{named[1][0]!r}, both storage roots of the export: pass "
+                   f"storage_map={{old: new}} to lamin_io.import_registry() instead")
             raise click.UsageError(msg)
         old, new = (named or splits)[0]
         moves[old] = new

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anndata as ad
+import click
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -751,3 +752,16 @@ def test_cli_storage_map_splits_after_the_root_of_the_export(cli_env, tmp_path):
     err = _cli(cli_env, "import", str(tmp_path / "export"), "--if-exists", "replace",
                "--storage-map", f"{tmp_path}/x=y={new}", rc=1).stderr
     assert f"storage_map names {tmp_path}/x, no storage root of the export" in err
+
+
+def test_storage_map_entries_split_where_a_root_of_the_export_ends(tmp_path):
+    from lamin_io.cli import _storage_map
+
+    a, ab = str(tmp_path / "a"), str(tmp_path / "a=b")
+    assert _storage_map((f"{ab}=/new",), [ab]) == {ab: "/new"}
+    assert _storage_map((f"{a}=b=/new",), [a]) == {a: "b=/new"}
+    assert _storage_map(("s3://x/y=s3://z",), []) == {"s3://x/y": "s3://z"}  # the first '='
+    with pytest.raises(click.UsageError, match="both storage roots of the export"):
+        _storage_map((f"{ab}=/new",), [a, ab])
+    with pytest.raises(click.UsageError, match="takes OLD=NEW"):
+        _storage_map(("=/new",), [a])
